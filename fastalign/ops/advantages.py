@@ -1,0 +1,95 @@
+"""Advantage estimators: GRPO group normalization, RLOO, GAE, and masked whitening."""
+
+from __future__ import annotations
+
+import torch
+
+from . import dispatch
+from . import reference as ref
+from . import validation as v
+
+SCALES = ("group", "batch", "none")
+
+
+def _check_groups(rewards, group_size, minimum):
+    v.float_tensor("rewards", rewards, dim=1)
+    v.integer("group_size", group_size, minimum=minimum)
+    if rewards.numel() % group_size != 0:
+        raise ValueError(
+            f"group_size must divide the number of rewards: got group_size={group_size} "
+            f"for {rewards.numel()} rewards")
+
+
+def group_advantages(rewards, group_size, *, scale="group", eps=1e-4):
+    """GRPO advantages ``(r - group mean) / (std + eps)``; the G samples of a prompt contiguous.
+
+    ``scale="group"``: unbiased std within each group; ``"batch"``: std over all rewards;
+    ``"none"``: no division (Dr. GRPO). A group of equal rewards gets exactly 0; a one-sample
+    group has std 0.
+    """
+    _check_groups(rewards, group_size, 1)
+    v.choice("scale", scale, SCALES)
+    v.positive("eps", eps, allow_zero=True)
+    _, impl = dispatch.select("group_advantages", rewards.device)
+    return impl(rewards, group_size, scale=scale, eps=float(eps))
+
+
+def rloo_advantages(rewards, group_size):
+    """RLOO: each reward minus the mean of the other ``group_size - 1`` rewards of its group."""
+    _check_groups(rewards, group_size, 2)
+    _, impl = dispatch.select("rloo_advantages", rewards.device)
+    return impl(rewards, group_size)
+
+
+def _check_bt(rewards, values, mask):
+    v.float_tensor("rewards", rewards, dim=2)
+    v.float_tensor("values", values, dim=2)
+    v.same_shape("values", values, rewards.shape, ref="rewards")
+    v.same_device("values", values, rewards, "rewards")
+    v.mask_tensor("mask", mask, rewards.shape, rewards)
+
+
+def gae(rewards, values, mask, *, gamma=1.0, lam=0.95):
+    """Generalized advantage estimation over ``[B, T]``; returns ``(advantages, returns)``.
+
+    The recursion runs over the unmasked positions of each row only: masked positions get 0 in
+    both outputs and do not break the chain. ``returns = advantages + values``.
+    """
+    _check_bt(rewards, values, mask)
+    v.in_range("gamma", gamma, 0.0, 1.0)
+    v.in_range("lam", lam, 0.0, 1.0)
+    _, impl = dispatch.select("gae", rewards.device)
+    return impl(rewards, values, mask, gamma=float(gamma), lam=float(lam))
+
+
+def whiten(x, mask, *, shift_mean=True, eps=1e-8):
+    """Whiten ``x`` with the mean and unbiased variance of its masked positions (0 elsewhere)."""
+    v.float_tensor("x", x)
+    v.mask_tensor("mask", mask, x.shape, x)
+    v.positive("eps", eps, allow_zero=True)
+    if v.check_values_enabled() and x.numel() and not bool((mask != 0).any()):
+        raise ValueError("mask must select at least one position, got an all-zero mask")
+    _, impl = dispatch.select("whiten", x.device)
+    return impl(x, mask, shift_mean=bool(shift_mean), eps=float(eps))
+
+
+dispatch.register("group_advantages", "torch")(ref.group_advantages)
+dispatch.register("rloo_advantages", "torch")(ref.rloo_advantages)
+dispatch.register("whiten", "torch")(ref.whiten)
+
+
+@dispatch.register("gae", "torch")
+def _gae_torch(rewards, values, mask, *, gamma, lam):
+    # Vectorized over the batch, one step per time index; a masked step carries the running
+    # advantage and the next value through unchanged.
+    r, val, m = rewards.float(), values.float(), mask != 0
+    adv = torch.zeros_like(r)
+    running = torch.zeros_like(r[:, 0])
+    next_value = torch.zeros_like(r[:, 0])
+    for t in range(r.shape[1] - 1, -1, -1):
+        step = r[:, t] + gamma * next_value - val[:, t] + gamma * lam * running
+        running = torch.where(m[:, t], step, running)
+        next_value = torch.where(m[:, t], val[:, t], next_value)
+        adv[:, t] = torch.where(m[:, t], running, torch.zeros_like(running))
+    returns = torch.where(m, adv + val, torch.zeros_like(adv))
+    return adv, returns

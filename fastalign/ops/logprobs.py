@@ -1,0 +1,87 @@
+"""Per-token log-probs and entropy: from hidden states and an LM head, or from logits."""
+
+from __future__ import annotations
+
+from . import dispatch
+from . import reference as ref
+from . import validation as v
+
+
+def _check_temperature_ignore(temperature, ignore_index):
+    v.positive("temperature", temperature)
+    v.integer("ignore_index", ignore_index)
+
+
+def token_logprobs(hidden, weight, labels, *, bias=None, temperature=1.0, ignore_index=-100,
+                   return_entropy=False, chunk_size=None):
+    """log_softmax((hidden @ weight.T + bias) / temperature)[label] per position, never N x V.
+
+    hidden ``[..., H]``, weight ``[V, H]``, labels ``[...]`` integer. Returns fp32 ``logp [...]``
+    (0.0 where ``labels == ignore_index``) and, with ``return_entropy=True``, ``(logp, entropy)``.
+    Differentiable w.r.t. hidden, weight and bias through both outputs. No label shifting inside.
+    ``chunk_size`` caps the tokens per chunk (default: chosen from ``FASTALIGN_MEM_BUDGET``).
+    """
+    v.float_tensor("hidden", hidden, min_dim=1)
+    v.float_tensor("weight", weight, dim=2)
+    v.int_tensor("labels", labels)
+    if weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(
+            f"weight must have shape [V, {hidden.shape[-1]}] (H = hidden.shape[-1]), got {tuple(weight.shape)}")
+    if weight.shape[0] < 1:
+        raise ValueError(f"weight must have at least one row (V >= 1), got shape {tuple(weight.shape)}")
+    v.same_shape("labels", labels, hidden.shape[:-1], ref="hidden without its last dim")
+    v.same_device("weight", weight, hidden, "hidden")
+    v.same_device("labels", labels, hidden, "hidden")
+    if bias is not None:
+        v.float_tensor("bias", bias, dim=1)
+        v.same_shape("bias", bias, (weight.shape[0],), ref="[V]")
+        v.same_device("bias", bias, hidden, "hidden")
+    _check_temperature_ignore(temperature, ignore_index)
+    if chunk_size is not None:
+        v.integer("chunk_size", chunk_size, minimum=1)
+    v.labels_in_range(labels, weight.shape[0], ignore_index)
+    _, impl = dispatch.select("token_logprobs", hidden.device)
+    return impl(hidden, weight, labels, bias=bias, temperature=float(temperature),
+                ignore_index=ignore_index, return_entropy=bool(return_entropy), chunk_size=chunk_size)
+
+
+def logprobs_from_logits(logits, labels, *, temperature=1.0, ignore_index=-100, return_entropy=False,
+                         inplace_backward=False):
+    """The same outputs as :func:`token_logprobs` from materialized ``logits [..., V]``.
+
+    ``inplace_backward=True`` lets the backward write d(logits) into the logits buffer (the
+    caller promises not to read ``logits`` afterwards), halving peak memory on backends that
+    support it.
+    """
+    v.float_tensor("logits", logits, min_dim=1)
+    v.int_tensor("labels", labels)
+    if logits.shape[-1] < 1:
+        raise ValueError(f"logits must have a vocabulary dimension >= 1, got shape {tuple(logits.shape)}")
+    v.same_shape("labels", labels, logits.shape[:-1], ref="logits without its last dim")
+    v.same_device("labels", labels, logits, "logits")
+    _check_temperature_ignore(temperature, ignore_index)
+    v.labels_in_range(labels, logits.shape[-1], ignore_index)
+    _, impl = dispatch.select("logprobs_from_logits", logits.device)
+    return impl(logits, labels, temperature=float(temperature), ignore_index=ignore_index,
+                return_entropy=bool(return_entropy), inplace_backward=bool(inplace_backward))
+
+
+def sequence_logprobs(token_logp, mask, *, average=False):
+    """Sum (or, with ``average=True``, mean) of ``token_logp [B, T]`` over ``mask`` → ``[B]``."""
+    v.float_tensor("token_logp", token_logp, dim=2)
+    v.mask_tensor("mask", mask, token_logp.shape, token_logp)
+    if average:
+        v.nonempty_rows("mask", mask)
+    _, impl = dispatch.select("sequence_logprobs", token_logp.device)
+    return impl(token_logp, mask, average=bool(average))
+
+
+# The references are the torch backend, except where a dedicated torch algorithm registers later.
+dispatch.register("token_logprobs", "torch")(ref.token_logprobs)
+dispatch.register("sequence_logprobs", "torch")(ref.sequence_logprobs)
+
+
+@dispatch.register("logprobs_from_logits", "torch")
+def _logprobs_from_logits_torch(logits, labels, *, temperature, ignore_index, return_entropy, inplace_backward):
+    return ref.logprobs_from_logits(logits, labels, temperature=temperature, ignore_index=ignore_index,
+                                    return_entropy=return_entropy)

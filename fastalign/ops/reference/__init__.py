@@ -1,0 +1,17 @@
+"""Pure-PyTorch reference implementations: the spec every fast backend is tested against.
+
+They favour clarity over speed (token_logprobs materializes the full logits here), accumulate in
+float32 and take already-validated inputs with the same keywords as the public ops.
+"""
+
+from .advantages import gae, group_advantages, rloo_advantages, whiten
+from .kl import kl_penalty
+from .logprobs import logprobs_from_logits, sequence_logprobs, token_logprobs
+from .policy import policy_loss, value_loss
+from .preference import bradley_terry_loss, dpo_loss, simpo_loss
+
+__all__ = [
+    "token_logprobs", "logprobs_from_logits", "sequence_logprobs", "kl_penalty",
+    "group_advantages", "rloo_advantages", "gae", "whiten", "policy_loss", "value_loss",
+    "dpo_loss", "simpo_loss", "bradley_terry_loss",
+]

@@ -1,0 +1,73 @@
+"""Spec: group-normalized (GRPO), leave-one-out (RLOO) and GAE advantages, masked whitening."""
+
+from __future__ import annotations
+
+import torch
+
+
+def _group_mean(r: torch.Tensor) -> torch.Tensor:
+    # Shifted by the group's first reward so that a group of equal rewards has a mean equal to
+    # that reward bit for bit, and its advantages are exactly 0.
+    first = r[:, :1]
+    return first + (r - first).mean(dim=1, keepdim=True)
+
+
+def _unbiased_std(x: torch.Tensor, mean: torch.Tensor, dim=None) -> torch.Tensor:
+    # torch.std with one sample is NaN; a single sample has no spread, so its std is 0 here.
+    n = x.shape[dim] if dim is not None else x.numel()
+    if n < 2:
+        return torch.zeros_like(mean)
+    sq = (x - mean) ** 2
+    return (sq.sum(dim=dim, keepdim=dim is not None) / (n - 1)).sqrt()
+
+
+def group_advantages(rewards, group_size, *, scale="group", eps=1e-4):
+    r = rewards.float().view(-1, group_size)
+    mean = _group_mean(r)
+    adv = r - mean
+    if scale == "group":
+        adv = adv / (_unbiased_std(r, mean, dim=1) + eps)
+    elif scale == "batch":
+        flat = rewards.float()
+        adv = adv / (_unbiased_std(flat, flat.mean()) + eps)
+    return adv.reshape(rewards.shape)
+
+
+def rloo_advantages(rewards, group_size):
+    r = rewards.float().view(-1, group_size)
+    baseline = (r.sum(dim=1, keepdim=True) - r) / (group_size - 1)
+    return (r - baseline).reshape(rewards.shape)
+
+
+def gae(rewards, values, mask, *, gamma=1.0, lam=0.95):
+    """Reverse recursion over the unmasked positions of each row; masked positions get 0."""
+    r, v, m = rewards.float(), values.float(), mask.bool()
+    adv = torch.zeros_like(r)
+    batch, length = r.shape
+    for b in range(batch):
+        next_value = torch.zeros((), dtype=r.dtype, device=r.device)
+        running = torch.zeros((), dtype=r.dtype, device=r.device)
+        for t in range(length - 1, -1, -1):
+            if not m[b, t]:
+                continue
+            delta = r[b, t] + gamma * next_value - v[b, t]
+            running = delta + gamma * lam * running
+            adv[b, t] = running
+            next_value = v[b, t]
+    returns = torch.where(m, adv + v, torch.zeros_like(adv))
+    return adv, returns
+
+
+def whiten(x, mask, *, shift_mean=True, eps=1e-8):
+    """(x - mean) / sqrt(var + eps) over the masked positions (unbiased var); 0 elsewhere."""
+    m = mask.to(torch.float32)
+    xf = x.float()
+    n = m.sum()
+    mean = (xf * m).sum() / n
+    var = (((xf - mean) ** 2) * m).sum() / n
+    if n > 1:
+        var = var * n / (n - 1)
+    out = (xf - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        out = out + mean
+    return out * m

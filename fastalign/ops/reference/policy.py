@@ -1,0 +1,66 @@
+"""Spec: clipped policy-gradient loss (PPO/GRPO family) and clipped value loss."""
+
+from __future__ import annotations
+
+import torch
+
+from .kl import kl_penalty
+
+
+def _masked_mean(x, m):
+    return (x * m).sum() / m.sum().clamp(min=1.0)
+
+
+def policy_loss(logp, old_logp, advantages, mask, *, ref_logp=None, beta=0.0, kl_kind="k3",
+                clip_low=0.2, clip_high=None, loss_type="grpo", max_completion_length=None,
+                num_items=None):
+    clip_high = clip_low if clip_high is None else clip_high
+    m = mask.to(torch.float32)
+    lp = logp.float()
+    adv = advantages.float()
+    if adv.dim() == 1:
+        adv = adv.unsqueeze(1)
+    ratio = torch.exp(lp - old_logp.detach().float())
+    clipped = torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
+    per_token = -torch.minimum(ratio * adv, clipped * adv)
+    kl = None
+    if beta > 0.0:
+        kl = kl_penalty(lp, ref_logp, kind=kl_kind)
+        per_token = per_token + beta * kl
+    if loss_type == "grpo":
+        loss = ((per_token * m).sum(-1) / m.sum(-1).clamp(min=1.0)).mean()
+    elif loss_type == "bnpo":
+        loss = (per_token * m).sum() / m.sum().clamp(min=1.0)
+    elif loss_type == "dr_grpo":
+        length = logp.shape[-1] if max_completion_length is None else max_completion_length
+        loss = (per_token * m).sum() / (logp.shape[0] * length)
+    else:  # dapo
+        count = m.sum() if num_items is None else torch.as_tensor(num_items, dtype=torch.float32)
+        loss = (per_token * m).sum() / torch.clamp(count.to(per_token.device), min=1.0)
+    with torch.no_grad():
+        low = (ratio < 1.0 - clip_low) & (adv < 0)
+        high = (ratio > 1.0 + clip_high) & (adv > 0)
+        metrics = {
+            "clip_fraction": _masked_mean((low | high).float(), m),
+            "ratio_mean": _masked_mean(ratio, m),
+        }
+        if kl is not None:
+            metrics["kl_mean"] = _masked_mean(kl, m)
+    return loss, metrics
+
+
+def value_loss(values, old_values, returns, mask, *, clip=0.2):
+    m = mask.to(torch.float32)
+    v = values.float()
+    old = old_values.detach().float()
+    ret = returns.detach().float()
+    v_clipped = old + torch.clamp(v - old, -clip, clip)
+    unclipped = (v - ret) ** 2
+    clipped = (v_clipped - ret) ** 2
+    loss = 0.5 * _masked_mean(torch.maximum(unclipped, clipped), m)
+    with torch.no_grad():
+        metrics = {
+            "clip_fraction": _masked_mean((clipped > unclipped).float(), m),
+            "value_mean": _masked_mean(v, m),
+        }
+    return loss, metrics
