@@ -13,13 +13,15 @@ def _check_temperature_ignore(temperature, ignore_index):
 
 
 def token_logprobs(hidden, weight, labels, *, bias=None, temperature=1.0, ignore_index=-100,
-                   return_entropy=False, chunk_size=None):
+                   return_entropy=False, chunk_size=None, mem_budget=None, grad_filter_eps=0.0):
     """log_softmax((hidden @ weight.T + bias) / temperature)[label] per position, never N x V.
 
     hidden ``[..., H]``, weight ``[V, H]``, labels ``[...]`` integer. Returns fp32 ``logp [...]``
     (0.0 where ``labels == ignore_index``) and, with ``return_entropy=True``, ``(logp, entropy)``.
     Differentiable w.r.t. hidden, weight and bias through both outputs. No label shifting inside.
-    ``chunk_size`` caps the tokens per chunk (default: chosen from ``FASTALIGN_MEM_BUDGET``).
+    ``chunk_size`` caps the tokens per chunk; by default it is chosen from ``mem_budget`` (bytes;
+    default ``FASTALIGN_MEM_BUDGET``). ``grad_filter_eps > 0`` lets GPU backends skip vocabulary
+    blocks whose softmax gradient is below it (an approximation; 0 = exact).
     """
     v.float_tensor("hidden", hidden, min_dim=1)
     v.float_tensor("weight", weight, dim=2)
@@ -39,10 +41,14 @@ def token_logprobs(hidden, weight, labels, *, bias=None, temperature=1.0, ignore
     _check_temperature_ignore(temperature, ignore_index)
     if chunk_size is not None:
         v.integer("chunk_size", chunk_size, minimum=1)
+    if mem_budget is not None:
+        v.integer("mem_budget", mem_budget, minimum=1)
+    v.in_range("grad_filter_eps", grad_filter_eps, 0.0, 1.0)
     v.labels_in_range(labels, weight.shape[0], ignore_index)
     _, impl = dispatch.select("token_logprobs", hidden.device)
     return impl(hidden, weight, labels, bias=bias, temperature=float(temperature),
-                ignore_index=ignore_index, return_entropy=bool(return_entropy), chunk_size=chunk_size)
+                ignore_index=ignore_index, return_entropy=bool(return_entropy), chunk_size=chunk_size,
+                mem_budget=mem_budget, grad_filter_eps=float(grad_filter_eps))
 
 
 def logprobs_from_logits(logits, labels, *, temperature=1.0, ignore_index=-100, return_entropy=False,
@@ -77,7 +83,13 @@ def sequence_logprobs(token_logp, mask, *, average=False):
 
 
 # The references are the torch backend, except where a dedicated torch algorithm registers later.
-dispatch.register("token_logprobs", "torch")(ref.token_logprobs)
+@dispatch.register("token_logprobs", "torch")
+def _token_logprobs_torch(hidden, weight, labels, *, bias, temperature, ignore_index, return_entropy, chunk_size,
+                          mem_budget, grad_filter_eps):
+    return ref.token_logprobs(hidden, weight, labels, bias=bias, temperature=temperature, ignore_index=ignore_index,
+                              return_entropy=return_entropy)
+
+
 dispatch.register("sequence_logprobs", "torch")(ref.sequence_logprobs)
 
 
