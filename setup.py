@@ -13,7 +13,7 @@ import shutil
 import sys
 from glob import glob
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -83,9 +83,8 @@ ext_modules, cmdclass = _extensions()
 
 setup(
     package_dir={"fastalign": "fastalign", "fastalign.triton_kernels": "triton_kernels"},
-    packages=[
-        "fastalign", "fastalign.ops", "fastalign.ops.reference", "fastalign.triton_kernels",
-    ],
+    # Every fastalign.* package is found automatically; triton_kernels/ installs as a subpackage.
+    packages=[*find_packages(include=["fastalign", "fastalign.*"]), "fastalign.triton_kernels"],
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )
