@@ -37,7 +37,44 @@ FA_HD void group_advantages_row(const float* r, float* out, int64_t g, int scale
   for (int64_t i = 0; i < g; ++i) out[i] = (r[i] - mean) / denom;
 }
 
-// One group's RLOO advantages: r_i minus the mean of the other g - 1 rewards.
+// Backward of the std: d/dr_j of -sum_i g_i x_i / D with D = s + eps, s = sqrt(sum x^2 / (n-1)),
+// is -coef * x_j with coef = (sum_i g_i x_i) / (D^2 (n-1) s). At s = 0 (equal rewards) the
+// reference's sqrt backward gives 0/0 = NaN; the limit with sum g x = 0 there is coef = 0.
+FA_HD float std_backward_coef(float sum_gx, float denom, float s, int64_t n) {
+  if (n < 2 || s == 0.0f) return 0.0f;
+  return sum_gx / (denom * denom * static_cast<float>(n - 1) * s);
+}
+
+// sum_i g_i (r_i - mean) over one group.
+FA_HD float centered_dot(const float* r, const float* g, int64_t n, float mean) {
+  float acc = 0.0f;
+  for (int64_t i = 0; i < n; ++i) acc += g[i] * (r[i] - mean);
+  return acc;
+}
+
+// d rewards of one group from d advantages g. For scale == kScaleBatch the batch-wide
+// denominator, std coefficient and mean come in (they need a reduction over every group).
+FA_HD void group_advantages_row_backward(const float* r, const float* g, float* dr, int64_t n, int scale,
+                                         float batch_denom, float batch_coef, float batch_mean, float eps) {
+  const float mean = group_mean(r, n);
+  float g_sum = 0.0f;
+  for (int64_t i = 0; i < n; ++i) g_sum += g[i];
+  const float g_mean = g_sum / static_cast<float>(n);
+  float denom = 1.0f, coef = 0.0f, center = mean;
+  if (scale == kScaleGroup) {
+    const float s = unbiased_std(r, n, mean);
+    denom = s + eps;
+    coef = std_backward_coef(centered_dot(r, g, n, mean), denom, s, n);
+  } else if (scale == kScaleBatch) {
+    denom = batch_denom;
+    coef = batch_coef;
+    center = batch_mean;
+  }
+  for (int64_t i = 0; i < n; ++i) dr[i] = (g[i] - g_mean) / denom - coef * (r[i] - center);
+}
+
+// One group's RLOO advantages: r_i minus the mean of the other g - 1 rewards. The map is linear
+// and symmetric, so the same function is its own backward (d rewards = rloo(d advantages)).
 FA_HD void rloo_advantages_row(const float* r, float* out, int64_t g) {
   float sum = 0.0f;
   for (int64_t i = 0; i < g; ++i) sum += r[i];
@@ -59,6 +96,27 @@ FA_HD void gae_row(const float* rewards, const float* values, const float* mask,
     adv[t] = running;
     ret[t] = running + values[t];
     next_value = values[t];
+  }
+}
+
+// Backward of gae_row: a forward scan. With G_t = g_adv_t + g_ret_t, the gradient reaching
+// delta_t is D_t = G_t + gamma lam D_prev (prev = the previous unmasked step); V_t enters
+// delta_t (-1), delta_prev (+gamma, as its next value) and ret_t (+1). Masked steps get 0.
+// g_ret may be null (no gradient from the returns).
+FA_HD void gae_row_backward(const float* g_adv, const float* g_ret, const float* mask, float* d_rewards,
+                            float* d_values, int64_t len, float gamma, float lam) {
+  float carry = 0.0f;
+  for (int64_t t = 0; t < len; ++t) {
+    if (mask[t] == 0.0f) {
+      d_rewards[t] = 0.0f;
+      d_values[t] = 0.0f;
+      continue;
+    }
+    const float gr = g_ret ? g_ret[t] : 0.0f;
+    const float d = (g_adv ? g_adv[t] : 0.0f) + gr + gamma * lam * carry;
+    d_rewards[t] = d;
+    d_values[t] = gr - d + gamma * carry;
+    carry = d;
   }
 }
 

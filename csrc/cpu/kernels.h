@@ -4,6 +4,7 @@
 #include <cstdint>
 
 #include "../common/dtype.h"
+#include "../common/rl_math.h"
 
 namespace fastalign {
 namespace cpu {
@@ -24,6 +25,62 @@ void group_advantages(const float* rewards, float* out, int64_t n, int64_t group
 void rloo_advantages(const float* rewards, float* out, int64_t n, int64_t group_size);
 void gae(const float* rewards, const float* values, const float* mask, float* adv, float* ret, int64_t batch,
          int64_t len, float gamma, float lam);
+
+// ---- RL and preference ops (advantages.cpp, rl_ops.cpp). All float32; masks are float weights
+// (0 = ignored). Every *_backward takes the forward's inputs and the output gradient(s).
+void group_advantages_backward(const float* rewards, const float* grad, float* d_rewards, int64_t n,
+                               int64_t group_size, int scale, float eps);
+// grad_adv / grad_ret may be null (no gradient from that output).
+void gae_backward(const float* grad_adv, const float* grad_ret, const float* mask, float* d_rewards, float* d_values,
+                  int64_t batch, int64_t len, float gamma, float lam);
+// stats[4] = mean, 1/sqrt(var + eps), mask count, variance divisor: what the backward needs.
+void whiten_forward(const float* x, const float* mask, float* out, float* stats, int64_t n, bool shift_mean,
+                    float eps);
+void whiten_backward(const float* grad, const float* x, const float* mask, const float* stats, float* dx, int64_t n,
+                     bool shift_mean);
+
+void kl_forward(const float* logp, const float* ref_logp, float* out, int64_t n, int kind);
+void kl_backward(const float* grad, const float* logp, const float* ref_logp, float* d_logp, int64_t n, int kind);
+
+void sequence_logprobs_forward(const float* token_logp, const float* mask, float* out, int64_t batch, int64_t len,
+                               bool average);
+void sequence_logprobs_backward(const float* grad, const float* mask, float* d_logp, int64_t batch, int64_t len,
+                                bool average);
+
+// One fused pass: loss (scalar), metrics[3] = clip_fraction, ratio_mean, kl_mean, and
+// row_scale[batch] = d loss / d (row's masked sum of per-token losses), all the backward needs.
+// adv is [batch] or, with adv_per_token, [batch, len]; ref_logp may be null when c.beta == 0;
+// num_items <= 0 means "the local token count" for dapo.
+void policy_loss_forward(const float* logp, const float* old_logp, const float* adv, bool adv_per_token,
+                         const float* mask, const float* ref_logp, int64_t batch, int64_t len, const PolicyConfig& c,
+                         int loss_type, int64_t max_completion_length, float num_items, float* loss, float* metrics,
+                         float* row_scale);
+// d_adv may be null (advantages need no gradient); it has adv's shape.
+void policy_loss_backward(const float* grad_loss, const float* logp, const float* old_logp, const float* adv,
+                          bool adv_per_token, const float* mask, const float* ref_logp, const float* row_scale,
+                          int64_t batch, int64_t len, const PolicyConfig& c, float* d_logp, float* d_adv);
+
+// metrics[2] = clip_fraction, value_mean.
+void value_loss_forward(const float* values, const float* old_values, const float* returns, const float* mask,
+                        int64_t n, float clip, float* loss, float* metrics);
+void value_loss_backward(const float* grad_loss, const float* values, const float* old_values, const float* returns,
+                         const float* mask, int64_t n, float clip, float* d_values);
+
+// d_chosen = d loss / d policy_chosen; the rejected side's gradient is its negative.
+void dpo_forward(const float* policy_chosen, const float* policy_rejected, const float* ref_chosen,
+                 const float* ref_rejected, int64_t n, float beta, int type, float label_smoothing, float* losses,
+                 float* chosen_rewards, float* rejected_rewards);
+void dpo_backward(const float* grad, const float* policy_chosen, const float* policy_rejected, const float* ref_chosen,
+                  const float* ref_rejected, int64_t n, float beta, int type, float label_smoothing, float* d_chosen);
+void simpo_forward(const float* chosen, const float* rejected, int64_t n, float beta, float gamma,
+                   float label_smoothing, float* losses, float* chosen_rewards, float* rejected_rewards);
+void simpo_backward(const float* grad, const float* chosen, const float* rejected, int64_t n, float beta, float gamma,
+                    float label_smoothing, float* d_chosen);
+// margin may be null (then margin_scalar applies to every pair); metrics[2] = accuracy, margin.
+void bradley_terry_forward(const float* chosen, const float* rejected, const float* margin, float margin_scalar,
+                           int64_t n, float center_coef, float* loss, float* metrics);
+void bradley_terry_backward(const float* grad_loss, const float* chosen, const float* rejected, const float* margin,
+                            float margin_scalar, int64_t n, float center_coef, float* d_chosen, float* d_rejected);
 
 }  // namespace cpu
 }  // namespace fastalign

@@ -1,0 +1,205 @@
+// Per-token and per-pair math of the RL and preference losses, shared by the CPU and CUDA
+// launchers: forward values and analytic derivatives. Every derivative follows PyTorch's autograd
+// conventions for the reference formulas (fastalign/ops/reference), including ties:
+// torch.minimum / torch.maximum split the gradient equally between equal operands, torch.clamp
+// passes it on the closed interval [low, high], relu and |x| have derivative 0 at 0.
+//
+// Plain C math (expf, log1pf, ...) rather than std:: overloads: both g++ and nvcc device code have it.
+#pragma once
+
+#include <math.h>
+
+#include <cstdint>
+
+#include "macros.h"
+
+namespace fastalign {
+
+// ------------------------------------------------------------------------------------ scalars
+FA_HD float log_sigmoid(float x) {
+  // min(x, 0) - log1p(exp(-|x|)): never exp() of a large positive number.
+  return (x < 0.0f ? x : 0.0f) - log1pf(expf(-fabsf(x)));
+}
+
+FA_HD float sigmoid(float x) { return 1.0f / (1.0f + expf(-x)); }
+
+// ------------------------------------------------------------------------------------ KL
+enum KlKind : int { kKlK1 = 0, kKlK2 = 1, kKlK3 = 2, kKlAbs = 3 };
+
+// Estimator of KL(policy || ref) from d = ref_logp - logp.
+FA_HD float kl_value(float d, int kind) {
+  switch (kind) {
+    case kKlK1:
+      return -d;
+    case kKlK2:
+      return 0.5f * d * d;
+    case kKlK3:
+      // exp(d) - d - 1 without the cancellation of exp(d) - 1 near d = 0.
+      return expm1f(d) - d;
+    default:
+      return fabsf(d);
+  }
+}
+
+// d kl / d logp (d = ref_logp - logp, so dd/dlogp = -1).
+FA_HD float kl_grad_logp(float d, int kind) {
+  switch (kind) {
+    case kKlK1:
+      return 1.0f;
+    case kKlK2:
+      return -d;
+    case kKlK3:
+      return -expm1f(d);
+    default:
+      return d > 0.0f ? -1.0f : (d < 0.0f ? 1.0f : 0.0f);
+  }
+}
+
+// ------------------------------------------------------------------------------------ policy loss
+enum PolicyLossType : int { kLossGrpo = 0, kLossBnpo = 1, kLossDrGrpo = 2, kLossDapo = 3 };
+
+struct PolicyConfig {
+  float ratio_low;   // 1 - clip_low
+  float ratio_high;  // 1 + clip_high
+  float beta;        // KL weight; 0 disables the KL term (ref_logp unused)
+  int kl_kind;
+};
+
+struct PolicyToken {
+  float loss;     // -min(r A, clip(r) A) + beta kl
+  float ratio;    // exp(logp - old_logp)
+  float kl;       // 0 when beta == 0
+  float clipped;  // 1 where the clip is active in the direction that matters for A's sign
+};
+
+FA_HD PolicyToken policy_token_forward(float logp, float old_logp, float adv, float ref_logp,
+                                       const PolicyConfig& c) {
+  PolicyToken t;
+  t.ratio = expf(logp - old_logp);
+  const float clipped = fminf(fmaxf(t.ratio, c.ratio_low), c.ratio_high);
+  const float a = t.ratio * adv, b = clipped * adv;
+  t.loss = -(a < b ? a : b);
+  t.kl = 0.0f;
+  if (c.beta > 0.0f) {
+    t.kl = kl_value(ref_logp - logp, c.kl_kind);
+    t.loss += c.beta * t.kl;
+  }
+  t.clipped = ((t.ratio < c.ratio_low && adv < 0.0f) || (t.ratio > c.ratio_high && adv > 0.0f)) ? 1.0f : 0.0f;
+  return t;
+}
+
+struct PolicyTokenGrad {
+  float d_logp;  // d loss_token / d logp
+  float d_adv;   // d loss_token / d advantage
+};
+
+FA_HD PolicyTokenGrad policy_token_backward(float logp, float old_logp, float adv, float ref_logp,
+                                            const PolicyConfig& c) {
+  const float ratio = expf(logp - old_logp);
+  const float clipped = fminf(fmaxf(ratio, c.ratio_low), c.ratio_high);
+  const float a = ratio * adv, b = clipped * adv;
+  // torch.minimum's split: all to the smaller operand, half each on a tie.
+  const float wa = a < b ? 1.0f : (a > b ? 0.0f : 0.5f);
+  const float wb = 1.0f - wa;
+  const float inside = (ratio >= c.ratio_low && ratio <= c.ratio_high) ? 1.0f : 0.0f;
+  PolicyTokenGrad g;
+  g.d_logp = -(wa + wb * inside) * adv * ratio;
+  if (c.beta > 0.0f) g.d_logp += c.beta * kl_grad_logp(ref_logp - logp, c.kl_kind);
+  g.d_adv = -(wa * ratio + wb * clipped);
+  return g;
+}
+
+// Per-row partial sums of the policy loss; Acc is double on the CPU, float on the GPU.
+template <typename Acc>
+struct PolicyRowSums {
+  Acc loss = 0, count = 0, clipped = 0, ratio = 0, kl = 0;
+};
+
+// Sums over t = start, start + stride, ... < len of one row (stride 1 on the CPU, a warp's lanes
+// on the GPU). adv_per_token selects advantages[t] over the row's single advantage adv[0].
+template <typename Acc>
+FA_HD PolicyRowSums<Acc> policy_row_sums(const float* logp, const float* old_logp, const float* adv,
+                                         bool adv_per_token, const float* mask, const float* ref_logp,
+                                         int64_t len, int64_t start, int64_t stride, const PolicyConfig& c) {
+  PolicyRowSums<Acc> s;
+  for (int64_t t = start; t < len; t += stride) {
+    const float m = mask[t];
+    if (m == 0.0f) continue;
+    const PolicyToken tok = policy_token_forward(logp[t], old_logp[t], adv_per_token ? adv[t] : adv[0],
+                                                 ref_logp ? ref_logp[t] : 0.0f, c);
+    s.loss += static_cast<Acc>(tok.loss * m);
+    s.count += static_cast<Acc>(m);
+    s.clipped += static_cast<Acc>(tok.clipped * m);
+    s.ratio += static_cast<Acc>(tok.ratio * m);
+    s.kl += static_cast<Acc>(tok.kl * m);
+  }
+  return s;
+}
+
+// ------------------------------------------------------------------------------------ value loss
+struct ValueToken {
+  float loss;     // max((v - R)^2, (clip(v, v_old +- clip) - R)^2), before the 0.5 and the mean
+  float clipped;  // 1 where the clipped term is the larger
+};
+
+FA_HD ValueToken value_token_forward(float v, float old_v, float ret, float clip) {
+  const float vc = old_v + fminf(fmaxf(v - old_v, -clip), clip);
+  const float u = (v - ret) * (v - ret), w = (vc - ret) * (vc - ret);
+  ValueToken t;
+  t.loss = u > w ? u : w;
+  t.clipped = w > u ? 1.0f : 0.0f;
+  return t;
+}
+
+// d max(...) / dv.
+FA_HD float value_token_backward(float v, float old_v, float ret, float clip) {
+  const float diff = v - old_v;
+  const float vc = old_v + fminf(fmaxf(diff, -clip), clip);
+  const float u = (v - ret) * (v - ret), w = (vc - ret) * (vc - ret);
+  const float wu = u > w ? 1.0f : (u < w ? 0.0f : 0.5f);  // torch.maximum's split
+  const float inside = (diff >= -clip && diff <= clip) ? 1.0f : 0.0f;
+  return wu * 2.0f * (v - ret) + (1.0f - wu) * inside * 2.0f * (vc - ret);
+}
+
+// ------------------------------------------------------------------------------------ preference
+enum DpoLossType : int { kDpoSigmoid = 0, kDpoHinge = 1, kDpoIpo = 2, kDpoRobust = 3 };
+
+// DPO loss of one pair from delta = (pc - rc) - (pr - rr).
+FA_HD float dpo_pair_loss(float delta, float beta, int type, float ls) {
+  const float x = beta * delta;
+  switch (type) {
+    case kDpoSigmoid:
+      return -(1.0f - ls) * log_sigmoid(x) - ls * log_sigmoid(-x);
+    case kDpoHinge: {
+      const float h = 1.0f - x;
+      return h > 0.0f ? h : 0.0f;
+    }
+    case kDpoIpo: {
+      const float e = delta - 1.0f / (2.0f * beta);
+      return e * e;
+    }
+    default:
+      return (-(1.0f - ls) * log_sigmoid(x) + ls * log_sigmoid(-x)) / (1.0f - 2.0f * ls);
+  }
+}
+
+// d loss / d delta (d/dx log sigmoid(x) = sigmoid(-x)).
+FA_HD float dpo_pair_grad(float delta, float beta, int type, float ls) {
+  const float x = beta * delta;
+  switch (type) {
+    case kDpoSigmoid:
+      return beta * (-(1.0f - ls) * sigmoid(-x) + ls * sigmoid(x));
+    case kDpoHinge:
+      return 1.0f - x > 0.0f ? -beta : 0.0f;
+    case kDpoIpo:
+      return 2.0f * (delta - 1.0f / (2.0f * beta));
+    default:
+      return beta * (-(1.0f - ls) * sigmoid(-x) - ls * sigmoid(x)) / (1.0f - 2.0f * ls);
+  }
+}
+
+// SimPO from z = beta (avg_w - avg_l) - gamma.
+FA_HD float simpo_pair_loss(float z, float ls) { return -(1.0f - ls) * log_sigmoid(z) - ls * log_sigmoid(-z); }
+FA_HD float simpo_pair_grad_z(float z, float ls) { return -(1.0f - ls) * sigmoid(-z) + ls * sigmoid(z); }
+
+}  // namespace fastalign

@@ -1,0 +1,277 @@
+// CPU launchers of the RL and preference ops: KL estimators, sequence sums, the fused clipped
+// policy loss, the clipped value loss, DPO, SimPO and Bradley-Terry. The per-token math lives in
+// ../common/rl_math.h (shared with CUDA); here are only the loops, OpenMP and the reductions.
+//
+// Reductions are deterministic: partial sums over fixed-size chunks (or rows), in double, then a
+// serial combine, so the result does not depend on the thread count.
+#include <algorithm>
+#include <vector>
+
+#include "../common/rl_math.h"
+#include "kernels.h"
+
+namespace fastalign {
+namespace cpu {
+namespace {
+
+constexpr int64_t kParallelMin = 16384;  // below this, threads cost more than they save
+constexpr int64_t kChunk = 4096;
+
+// out[k] = sum over chunks of the K partial sums body(begin, end, acc) fills in.
+template <int K, typename Body>
+void chunked_sums(int64_t n, Body body, double* out) {
+  const int64_t chunks = (n + kChunk - 1) / kChunk;
+  std::vector<double> partial(static_cast<size_t>(std::max<int64_t>(chunks, 1)) * K, 0.0);
+#pragma omp parallel for schedule(static) if (n > kParallelMin)
+  for (int64_t c = 0; c < chunks; ++c) {
+    body(c * kChunk, std::min(n, (c + 1) * kChunk), partial.data() + c * K);
+  }
+  for (int k = 0; k < K; ++k) out[k] = 0.0;
+  for (int64_t c = 0; c < chunks; ++c)
+    for (int k = 0; k < K; ++k) out[k] += partial[c * K + k];
+}
+
+float clamp_min_one(double x) { return static_cast<float>(x < 1.0 ? 1.0 : x); }
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------- KL
+void kl_forward(const float* logp, const float* ref_logp, float* out, int64_t n, int kind) {
+#pragma omp parallel for schedule(static) if (n > kParallelMin)
+  for (int64_t i = 0; i < n; ++i) out[i] = kl_value(ref_logp[i] - logp[i], kind);
+}
+
+void kl_backward(const float* grad, const float* logp, const float* ref_logp, float* d_logp, int64_t n, int kind) {
+#pragma omp parallel for schedule(static) if (n > kParallelMin)
+  for (int64_t i = 0; i < n; ++i) d_logp[i] = grad[i] * kl_grad_logp(ref_logp[i] - logp[i], kind);
+}
+
+// ---------------------------------------------------------------------------------------- sequence sums
+void sequence_logprobs_forward(const float* token_logp, const float* mask, float* out, int64_t batch, int64_t len,
+                               bool average) {
+#pragma omp parallel for schedule(static) if (batch * len > kParallelMin)
+  for (int64_t b = 0; b < batch; ++b) {
+    const float* lp = token_logp + b * len;
+    const float* m = mask + b * len;
+    double total = 0.0, count = 0.0;
+    for (int64_t t = 0; t < len; ++t) {
+      total += static_cast<double>(lp[t] * m[t]);
+      count += m[t];
+    }
+    out[b] = average ? static_cast<float>(total / count) : static_cast<float>(total);
+  }
+}
+
+void sequence_logprobs_backward(const float* grad, const float* mask, float* d_logp, int64_t batch, int64_t len,
+                                bool average) {
+#pragma omp parallel for schedule(static) if (batch * len > kParallelMin)
+  for (int64_t b = 0; b < batch; ++b) {
+    const float* m = mask + b * len;
+    float scale = grad[b];
+    if (average) {
+      double count = 0.0;
+      for (int64_t t = 0; t < len; ++t) count += m[t];
+      scale = static_cast<float>(grad[b] / count);
+    }
+    for (int64_t t = 0; t < len; ++t) d_logp[b * len + t] = scale * m[t];
+  }
+}
+
+// ---------------------------------------------------------------------------------------- policy loss
+void policy_loss_forward(const float* logp, const float* old_logp, const float* adv, bool adv_per_token,
+                         const float* mask, const float* ref_logp, int64_t batch, int64_t len, const PolicyConfig& c,
+                         int loss_type, int64_t max_completion_length, float num_items, float* loss, float* metrics,
+                         float* row_scale) {
+  std::vector<PolicyRowSums<double>> rows(static_cast<size_t>(batch));
+#pragma omp parallel for schedule(static) if (batch * len > kParallelMin)
+  for (int64_t b = 0; b < batch; ++b) {
+    const int64_t o = b * len;
+    rows[b] = policy_row_sums<double>(logp + o, old_logp + o, adv + (adv_per_token ? o : b), adv_per_token, mask + o,
+                                      ref_logp ? ref_logp + o : nullptr, len, 0, 1, c);
+  }
+  PolicyRowSums<double> total;
+  for (const auto& r : rows) {
+    total.loss += r.loss;
+    total.count += r.count;
+    total.clipped += r.clipped;
+    total.ratio += r.ratio;
+    total.kl += r.kl;
+  }
+  // row_scale[b] = d loss / d (sum_t loss_bt m_bt): the backward needs nothing else from here.
+  double value = 0.0;
+  if (loss_type == kLossGrpo) {
+    for (int64_t b = 0; b < batch; ++b) {
+      const float scale = 1.0f / (static_cast<float>(batch) * clamp_min_one(rows[b].count));
+      row_scale[b] = scale;
+      value += rows[b].loss / clamp_min_one(rows[b].count);
+    }
+    value /= static_cast<double>(batch);
+  } else {
+    double denom;
+    if (loss_type == kLossBnpo) {
+      denom = clamp_min_one(total.count);
+    } else if (loss_type == kLossDrGrpo) {
+      denom = static_cast<double>(batch) * static_cast<double>(max_completion_length);
+    } else {  // dapo: the global token count when given (num_items > 0), else the local one
+      denom = clamp_min_one(num_items > 0.0f ? num_items : total.count);
+    }
+    for (int64_t b = 0; b < batch; ++b) row_scale[b] = static_cast<float>(1.0 / denom);
+    value = total.loss / denom;
+  }
+  *loss = static_cast<float>(value);
+  const double count = clamp_min_one(total.count);
+  metrics[0] = static_cast<float>(total.clipped / count);
+  metrics[1] = static_cast<float>(total.ratio / count);
+  metrics[2] = static_cast<float>(total.kl / count);
+}
+
+void policy_loss_backward(const float* grad_loss, const float* logp, const float* old_logp, const float* adv,
+                          bool adv_per_token, const float* mask, const float* ref_logp, const float* row_scale,
+                          int64_t batch, int64_t len, const PolicyConfig& c, float* d_logp, float* d_adv) {
+  const float g = *grad_loss;
+#pragma omp parallel for schedule(static) if (batch * len > kParallelMin)
+  for (int64_t b = 0; b < batch; ++b) {
+    const float scale = g * row_scale[b];
+    float adv_row_grad = 0.0f;
+    for (int64_t t = 0; t < len; ++t) {
+      const int64_t i = b * len + t;
+      const float m = mask[i];
+      if (m == 0.0f) {
+        d_logp[i] = 0.0f;
+        if (d_adv && adv_per_token) d_adv[i] = 0.0f;
+        continue;
+      }
+      const PolicyTokenGrad tg = policy_token_backward(logp[i], old_logp[i], adv_per_token ? adv[i] : adv[b],
+                                                       ref_logp ? ref_logp[i] : 0.0f, c);
+      d_logp[i] = scale * m * tg.d_logp;
+      if (d_adv) {
+        if (adv_per_token) {
+          d_adv[i] = scale * m * tg.d_adv;
+        } else {
+          adv_row_grad += scale * m * tg.d_adv;
+        }
+      }
+    }
+    if (d_adv && !adv_per_token) d_adv[b] = adv_row_grad;
+  }
+}
+
+// ---------------------------------------------------------------------------------------- value loss
+void value_loss_forward(const float* values, const float* old_values, const float* returns, const float* mask,
+                        int64_t n, float clip, float* loss, float* metrics) {
+  double sums[4];  // loss, count, clipped, value
+  chunked_sums<4>(
+      n,
+      [&](int64_t begin, int64_t end, double* acc) {
+        for (int64_t i = begin; i < end; ++i) {
+          const float m = mask[i];
+          if (m == 0.0f) continue;
+          const ValueToken t = value_token_forward(values[i], old_values[i], returns[i], clip);
+          acc[0] += t.loss * m;
+          acc[1] += m;
+          acc[2] += t.clipped * m;
+          acc[3] += values[i] * m;
+        }
+      },
+      sums);
+  const double count = clamp_min_one(sums[1]);
+  *loss = static_cast<float>(0.5 * sums[0] / count);
+  metrics[0] = static_cast<float>(sums[2] / count);
+  metrics[1] = static_cast<float>(sums[3] / count);
+}
+
+void value_loss_backward(const float* grad_loss, const float* values, const float* old_values, const float* returns,
+                         const float* mask, int64_t n, float clip, float* d_values) {
+  double count;
+  chunked_sums<1>(
+      n,
+      [&](int64_t begin, int64_t end, double* acc) {
+        for (int64_t i = begin; i < end; ++i) acc[0] += mask[i];
+      },
+      &count);
+  const float scale = static_cast<float>(0.5 * *grad_loss / clamp_min_one(count));
+#pragma omp parallel for schedule(static) if (n > kParallelMin)
+  for (int64_t i = 0; i < n; ++i) {
+    const float m = mask[i];
+    d_values[i] = m == 0.0f ? 0.0f : scale * m * value_token_backward(values[i], old_values[i], returns[i], clip);
+  }
+}
+
+// ---------------------------------------------------------------------------------------- preference
+void dpo_forward(const float* policy_chosen, const float* policy_rejected, const float* ref_chosen,
+                 const float* ref_rejected, int64_t n, float beta, int type, float label_smoothing, float* losses,
+                 float* chosen_rewards, float* rejected_rewards) {
+#pragma omp parallel for schedule(static) if (n > kParallelMin)
+  for (int64_t i = 0; i < n; ++i) {
+    const float chosen = policy_chosen[i] - ref_chosen[i], rejected = policy_rejected[i] - ref_rejected[i];
+    losses[i] = dpo_pair_loss(chosen - rejected, beta, type, label_smoothing);
+    chosen_rewards[i] = beta * chosen;
+    rejected_rewards[i] = beta * rejected;
+  }
+}
+
+void dpo_backward(const float* grad, const float* policy_chosen, const float* policy_rejected, const float* ref_chosen,
+                  const float* ref_rejected, int64_t n, float beta, int type, float label_smoothing, float* d_chosen) {
+#pragma omp parallel for schedule(static) if (n > kParallelMin)
+  for (int64_t i = 0; i < n; ++i) {
+    const float delta = (policy_chosen[i] - ref_chosen[i]) - (policy_rejected[i] - ref_rejected[i]);
+    d_chosen[i] = grad[i] * dpo_pair_grad(delta, beta, type, label_smoothing);
+  }
+}
+
+void simpo_forward(const float* chosen, const float* rejected, int64_t n, float beta, float gamma,
+                   float label_smoothing, float* losses, float* chosen_rewards, float* rejected_rewards) {
+#pragma omp parallel for schedule(static) if (n > kParallelMin)
+  for (int64_t i = 0; i < n; ++i) {
+    losses[i] = simpo_pair_loss(beta * (chosen[i] - rejected[i]) - gamma, label_smoothing);
+    chosen_rewards[i] = beta * chosen[i];
+    rejected_rewards[i] = beta * rejected[i];
+  }
+}
+
+void simpo_backward(const float* grad, const float* chosen, const float* rejected, int64_t n, float beta, float gamma,
+                    float label_smoothing, float* d_chosen) {
+#pragma omp parallel for schedule(static) if (n > kParallelMin)
+  for (int64_t i = 0; i < n; ++i) {
+    d_chosen[i] = grad[i] * beta * simpo_pair_grad_z(beta * (chosen[i] - rejected[i]) - gamma, label_smoothing);
+  }
+}
+
+void bradley_terry_forward(const float* chosen, const float* rejected, const float* margin, float margin_scalar,
+                           int64_t n, float center_coef, float* loss, float* metrics) {
+  double sums[4];  // -log sigmoid, (r_w + r_l)^2, r_w > r_l, r_w - r_l
+  chunked_sums<4>(
+      n,
+      [&](int64_t begin, int64_t end, double* acc) {
+        for (int64_t i = begin; i < end; ++i) {
+          const float diff = chosen[i] - rejected[i];
+          const float shifted = diff - (margin ? margin[i] : margin_scalar);
+          const float s = chosen[i] + rejected[i];
+          acc[0] -= log_sigmoid(shifted);
+          acc[1] += s * s;
+          acc[2] += chosen[i] > rejected[i] ? 1.0 : 0.0;
+          acc[3] += diff;
+        }
+      },
+      sums);
+  const double inv_n = 1.0 / static_cast<double>(n);
+  *loss = static_cast<float>(sums[0] * inv_n + (center_coef != 0.0f ? center_coef * sums[1] * inv_n : 0.0));
+  metrics[0] = static_cast<float>(sums[2] * inv_n);
+  metrics[1] = static_cast<float>(sums[3] * inv_n);
+}
+
+void bradley_terry_backward(const float* grad_loss, const float* chosen, const float* rejected, const float* margin,
+                            float margin_scalar, int64_t n, float center_coef, float* d_chosen, float* d_rejected) {
+  const float scale = *grad_loss / static_cast<float>(n);
+#pragma omp parallel for schedule(static) if (n > kParallelMin)
+  for (int64_t i = 0; i < n; ++i) {
+    const float shifted = chosen[i] - rejected[i] - (margin ? margin[i] : margin_scalar);
+    const float d_diff = -sigmoid(-shifted);  // d(-log sigmoid(x))/dx
+    const float d_center = 2.0f * center_coef * (chosen[i] + rejected[i]);
+    d_chosen[i] = scale * (d_diff + d_center);
+    d_rejected[i] = scale * (-d_diff + d_center);
+  }
+}
+
+}  // namespace cpu
+}  // namespace fastalign
