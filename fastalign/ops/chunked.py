@@ -1,0 +1,328 @@
+"""Token-chunked log-probs from hidden states and an LM head: never an ``N x V`` tensor.
+
+The tokens (rows of ``hidden [N, H]``) are cut into chunks; each chunk's logits
+``h @ W.T (+ b)`` are computed in float32 by one GEMM, then ONE fused pass over the chunk gives
+the log-prob of the label, the entropy and (in the backward) the gradient of the logits, written
+in place into the same buffer. Only ``O(chunk x V)`` logits exist at any time, plus ``O(N)``
+per-token scalars and the gradient buffers of the inputs.
+
+Row math: on CPU tensors with ``fastalign._C`` built, the fused OpenMP kernels
+``torch.ops.fastalign.logprobs_fwd`` / ``logprobs_bwd_`` (one vectorized pass per row and
+direction); anywhere else plain PyTorch on small row blocks, so its temporaries stay small too.
+
+Ignored positions are compacted away first (like Cut Cross-Entropy): chunk boundaries are
+placed so that every chunk holds ``chunk_size`` *valid* rows, and padding costs no GEMM work.
+A chunk made only of ignored rows is never computed.
+
+Memory budget and the keep/recompute switch (``mem_budget`` bytes; default
+``FASTALIGN_MEM_BUDGET``, plain bytes or a suffix ``K``/``M``/``G``, else 256 MiB):
+
+* ``choose_chunk_size`` picks the rows per chunk so that one chunk's float32 logits fit the budget.
+* :func:`token_logprobs_chunked` (the autograd op) needs the logits again in the backward. When
+  the budget holds ALL chunks' logits it keeps them: 3 GEMMs in all (forward, then d_hidden and
+  d_weight). Otherwise it uses quarter-budget chunks, keeps the logits of the last chunks that
+  fit the budget and recomputes the others in the backward: between 3 and 4 GEMMs (4 when none
+  fits). Kept chunks are consumed first in the backward, so the peak stays within the budget.
+* :func:`linear_logprobs_grad_in_forward` is for losses whose gradient w.r.t. each token's
+  log-prob is known in the forward (GRPO/PPO, or a DPO pair): it never keeps anything and does
+  the forward and backward of each chunk at once (3 GEMMs per chunk).
+
+Numerics: float32 logits and accumulation for fp32/bf16/fp16 (and fp64) inputs; the log-sum-exp
+is taken relative to the row max; weight/bias gradients accumulate in float32 buffers and are
+cast once at the end.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from . import dispatch
+
+DEFAULT_MEM_BUDGET = 256 * 2**20
+_SUFFIXES = {"": 1, "B": 1, "K": 2**10, "KB": 2**10, "KIB": 2**10, "M": 2**20, "MB": 2**20, "MIB": 2**20,
+             "G": 2**30, "GB": 2**30, "GIB": 2**30, "T": 2**40, "TB": 2**40, "TIB": 2**40}
+# Rows per block in the pure-PyTorch row math: bounds its temporaries to ~16 MiB whatever the chunk.
+_TORCH_BLOCK_ELEMS = 2**22
+# Below this many rows per chunk the GEMMs lose efficiency, so the partial-keep split stops there.
+_MIN_SPLIT_ROWS = 256
+_SPLIT = 4
+
+GradFn = Callable[[int, int, Tensor, Tensor], "tuple[Tensor | None, Tensor | None]"]
+
+
+# ----------------------------------------------------------------------------------- the budget
+def parse_mem_budget(text: str, name: str = "FASTALIGN_MEM_BUDGET") -> int:
+    """``"268435456"``, ``"512M"``, ``"2G"``, ``"1.5GiB"`` → bytes (binary units)."""
+    s = str(text).strip().upper().replace(" ", "")
+    num = s.rstrip("KMGTIB")
+    unit = s[len(num):]
+    try:
+        value = float(num)
+    except ValueError:
+        value = float("nan")
+    if unit not in _SUFFIXES or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a positive byte count like 268435456, 512M or 2G, got {text!r}")
+    return max(1, int(value * _SUFFIXES[unit]))
+
+
+def default_mem_budget() -> int:
+    env = os.environ.get("FASTALIGN_MEM_BUDGET", "").strip()
+    return parse_mem_budget(env) if env else DEFAULT_MEM_BUDGET
+
+
+def _budget(mem_budget: int | None) -> int:
+    if mem_budget is None:
+        return default_mem_budget()
+    if isinstance(mem_budget, bool) or not isinstance(mem_budget, int) or mem_budget < 1:
+        raise ValueError(f"mem_budget must be a positive int of bytes, got {mem_budget!r}")
+    return mem_budget
+
+
+def choose_chunk_size(n_tokens: int, vocab: int, mem_budget: int | None = None) -> int:
+    """Tokens per chunk so that one chunk's float32 logits ``[chunk, vocab]`` fit ``mem_budget`` bytes.
+
+    Chunks are balanced (``N = 4100`` with room for 4096 gives two chunks of 2050, not 4096 + 4),
+    and at least 1 row even when a single row exceeds the budget.
+    """
+    if n_tokens < 0 or vocab < 1:
+        raise ValueError(f"n_tokens must be >= 0 and vocab >= 1, got n_tokens={n_tokens}, vocab={vocab}")
+    rows = max(1, _budget(mem_budget) // (4 * vocab))
+    if n_tokens <= rows:
+        return max(1, n_tokens)
+    n_chunks = -(-n_tokens // rows)
+    return -(-n_tokens // n_chunks)
+
+
+# ------------------------------------------------------------------------------------- row math
+def _native_available(device: torch.device) -> bool:
+    return device.type == "cpu" and dispatch._native_status()[0]
+
+
+def _rows_forward_torch(z: Tensor, labels: Tensor, temperature: float) -> tuple[Tensor, Tensor, Tensor]:
+    """(logp, entropy, lse) of each row of float32 logits ``z`` (labels all valid)."""
+    n = z.shape[0]
+    logp, entropy, lse = (z.new_empty(n) for _ in range(3))
+    block = max(1, _TORCH_BLOCK_ELEMS // max(1, z.shape[1]))
+    inv_t = 1.0 / temperature
+    for r0 in range(0, n, block):
+        r1 = min(n, r0 + block)
+        x = z[r0:r1] * inv_t if temperature != 1.0 else z[r0:r1]
+        m = x.amax(-1, keepdim=True)
+        d = x - m  # relative to the row max: exact near |z| ~ 1e4, where z - lse would cancel
+        e = d.exp()
+        s = e.sum(-1)
+        u = e.mul_(d).sum(-1)
+        log_s = s.log()
+        lse[r0:r1] = m.squeeze(-1) + log_s
+        entropy[r0:r1] = log_s - u / s
+        logp[r0:r1] = d.gather(-1, labels[r0:r1, None]).squeeze(-1) - log_s
+    return logp, entropy, lse
+
+
+def _rows_backward_torch_(z: Tensor, labels: Tensor, lse: Tensor, entropy: Tensor, g_logp: Tensor,
+                          g_entropy: Tensor | None, temperature: float) -> None:
+    """Overwrite float32 logits ``z`` with d(loss)/d(z), row block by row block."""
+    n = z.shape[0]
+    block = max(1, _TORCH_BLOCK_ELEMS // max(1, z.shape[1]))
+    inv_t = 1.0 / temperature
+    for r0 in range(0, n, block):
+        r1 = min(n, r0 + block)
+        zb = z[r0:r1]
+        if temperature != 1.0:
+            zb.mul_(inv_t)
+        zb.sub_(lse[r0:r1, None])  # now log p
+        p = zb.exp()
+        gl = g_logp[r0:r1, None]
+        if g_entropy is None:
+            torch.mul(p, gl, out=zb).neg_()
+        else:  # dx = -p * (g_logp + g_ent * (logp + H))
+            zb.add_(entropy[r0:r1, None]).mul_(g_entropy[r0:r1, None]).add_(gl).mul_(p).neg_()
+        zb.scatter_add_(-1, labels[r0:r1, None], gl)  # + g_logp at the label
+        if temperature != 1.0:
+            zb.mul_(inv_t)
+
+
+def _rows_forward(z: Tensor, labels: Tensor, temperature: float, ignore_index: int, native: bool):
+    if native:
+        return torch.ops.fastalign.logprobs_fwd(z, labels, temperature, ignore_index)
+    return _rows_forward_torch(z, labels, temperature)
+
+
+def _rows_backward_(z, labels, lse, entropy, g_logp, g_entropy, temperature, ignore_index, native) -> None:
+    if native:
+        torch.ops.fastalign.logprobs_bwd_(z, labels, lse, entropy, g_logp, g_entropy, temperature, ignore_index)
+    else:
+        _rows_backward_torch_(z, labels, lse, entropy, g_logp, g_entropy, temperature)
+
+
+# ------------------------------------------------------------------------------- chunk planning
+@dataclass
+class _Chunk:
+    start: int          # original token range [start, end) this chunk answers for (ignored rows included)
+    end: int
+    a: int              # its valid rows are valid_idx[a:b] (a compacted range)
+    b: int
+    rows: object        # original positions of the valid rows: a slice when contiguous, else an index tensor
+
+    def local(self):
+        """The valid rows' positions inside [start, end)."""
+        if isinstance(self.rows, slice):
+            return slice(self.rows.start - self.start, self.rows.stop - self.start)
+        return self.rows - self.start
+
+
+def _plan(labels1d: Tensor, ignore_index: int, chunk_size: int | None, vocab: int, budget: int,
+          split: bool = False) -> tuple[list[_Chunk], int]:
+    """Chunks covering [0, N), each with at most ``chunk_size`` valid rows; returns (chunks, n_valid)."""
+    n = labels1d.shape[0]
+    if n == 0:
+        return [], 0
+    valid = labels1d != ignore_index
+    if bool(valid.all()):
+        valid_idx, n_valid = None, n
+    else:
+        valid_idx = valid.nonzero().squeeze(1)
+        n_valid = valid_idx.numel()
+    if n_valid == 0:
+        return [], 0
+    if chunk_size is None:
+        chunk_size = choose_chunk_size(n_valid, vocab, budget)
+        if split and chunk_size < n_valid:
+            chunk_size = max(chunk_size // _SPLIT, min(chunk_size, _MIN_SPLIT_ROWS))
+            chunk_size = -(-n_valid // -(-n_valid // chunk_size))  # balance
+    starts = list(range(0, n_valid, chunk_size))
+    if valid_idx is None:
+        return [_Chunk(a, min(n, a + chunk_size), a, min(n, a + chunk_size), slice(a, min(n, a + chunk_size)))
+                for a in starts], n_valid
+    ends = [min(n_valid, a + chunk_size) for a in starts]
+    firsts = valid_idx[starts].tolist()
+    lasts = valid_idx[[e - 1 for e in ends]].tolist()
+    chunks = []
+    for k, (a, b) in enumerate(zip(starts, ends)):
+        start = 0 if k == 0 else firsts[k]
+        end = n if k + 1 == len(starts) else firsts[k + 1]
+        contiguous = lasts[k] - firsts[k] == b - a - 1
+        rows = slice(firsts[k], lasts[k] + 1) if contiguous else valid_idx[a:b]
+        chunks.append(_Chunk(start, end, a, b, rows))
+    return chunks, n_valid
+
+
+def _f32(x: Tensor | None) -> Tensor | None:
+    return x if x is None or x.dtype == torch.float32 else x.float()
+
+
+def _gather_rows(x: Tensor, rows) -> Tensor:
+    return x[rows] if isinstance(rows, slice) else x.index_select(0, rows)
+
+
+def _chunk_logits(h32: Tensor, w32: Tensor, b32: Tensor | None) -> Tensor:
+    if b32 is None:
+        return torch.mm(h32, w32.t())
+    return torch.addmm(b32, h32, w32.t())
+
+
+def _labels_of(labels1d: Tensor, rows) -> Tensor:
+    lab = _gather_rows(labels1d, rows)
+    return lab if lab.dtype == torch.int64 and lab.is_contiguous() else lab.to(torch.int64).contiguous()
+
+
+def _check_2d(hidden2d: Tensor, weight: Tensor, labels1d: Tensor, bias: Tensor | None) -> None:
+    if hidden2d.dim() != 2:
+        raise ValueError(f"hidden2d must be 2-D [N, H], got shape {tuple(hidden2d.shape)}")
+    if weight.dim() != 2 or weight.shape[1] != hidden2d.shape[1] or weight.shape[0] < 1:
+        raise ValueError(f"weight must have shape [V, {hidden2d.shape[1]}] with V >= 1, got {tuple(weight.shape)}")
+    if labels1d.dim() != 1 or labels1d.shape[0] != hidden2d.shape[0]:
+        raise ValueError(f"labels1d must have shape ({hidden2d.shape[0]},), got {tuple(labels1d.shape)}")
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+
+
+# ------------------------------------------------------------------------------ the primitives
+@torch.no_grad()
+def linear_logprobs_no_grad(hidden2d, weight, labels1d, *, bias=None, temperature=1.0, ignore_index=-100,
+                            chunk_size=None, mem_budget=None) -> tuple[Tensor, Tensor]:
+    """(logp [N], entropy [N]) float32, 0 at ignored positions; 1 GEMM per chunk, no graph (reference passes)."""
+    _check_2d(hidden2d, weight, labels1d, bias)
+    n, vocab = hidden2d.shape[0], weight.shape[0]
+    logp = torch.zeros(n, dtype=torch.float32, device=hidden2d.device)
+    entropy = torch.zeros_like(logp)
+    chunks, _ = _plan(labels1d, ignore_index, chunk_size, vocab, _budget(mem_budget))
+    if not chunks:
+        return logp, entropy
+    native = _native_available(hidden2d.device)
+    w32, b32 = _f32(weight), _f32(bias)
+    for c in chunks:
+        z = _chunk_logits(_f32(_gather_rows(hidden2d, c.rows)), w32, b32)
+        lp, ent, _ = _rows_forward(z, _labels_of(labels1d, c.rows), float(temperature), ignore_index, native)
+        logp[c.rows] = lp
+        entropy[c.rows] = ent
+    return logp, entropy
+
+
+def linear_logprobs_grad_in_forward(hidden2d, weight, labels1d, grad_fn: GradFn, *, bias=None, temperature=1.0,
+                                    ignore_index=-100, chunk_size=None, mem_budget=None, need_weight_grad=True,
+                                    need_bias_grad=True):
+    """Forward and backward of each token chunk at once, for losses whose d(loss)/d(logp) is known per chunk.
+
+    For each chunk ``[s, e)`` of the original token positions: logits in float32, ``logp`` and
+    ``entropy`` by the fused row pass, then ``g_logp, g_entropy = grad_fn(s, e, logp[s:e],
+    entropy[s:e])`` (float32 ``[e - s]`` each, values at ignored positions are 0 and their
+    gradients unused; ``g_entropy`` and ``g_logp`` may be ``None``), the logits' gradient in place,
+    ``grad_hidden[s:e] = G @ W``, ``grad_weight += G.T @ h``, ``grad_bias += G.sum(0)``.
+    The ranges ``[s, e)`` partition ``[0, N)`` in order; ``grad_fn`` is not called at all when
+    every position is ignored. Chunks hold ``chunk_size`` valid tokens (default from ``mem_budget``).
+
+    Returns ``(logp [N] fp32, entropy [N] fp32, grad_hidden [N, H] in hidden2d.dtype,
+    grad_weight [V, H] fp32 or None, grad_bias [V] fp32 or None)``, all detached. 3 GEMMs per
+    chunk, never ``N x V``.
+    """
+    _check_2d(hidden2d, weight, labels1d, bias)
+    hidden2d, weight = hidden2d.detach(), weight.detach()
+    bias = None if bias is None else bias.detach()
+    n, hdim = hidden2d.shape
+    vocab = weight.shape[0]
+    dev = hidden2d.device
+    logp = torch.zeros(n, dtype=torch.float32, device=dev)
+    entropy = torch.zeros_like(logp)
+    grad_hidden = torch.zeros(n, hdim, dtype=hidden2d.dtype, device=dev)
+    grad_weight = torch.zeros(vocab, hdim, dtype=torch.float32, device=dev) if need_weight_grad else None
+    grad_bias = (torch.zeros(vocab, dtype=torch.float32, device=dev)
+                 if need_bias_grad and bias is not None else None)
+    chunks, _ = _plan(labels1d, ignore_index, chunk_size, vocab, _budget(mem_budget))
+    native = _native_available(dev)
+    w32, b32 = _f32(weight), _f32(bias)
+    temperature = float(temperature)
+    for c in chunks:
+        with torch.no_grad():
+            h32 = _f32(_gather_rows(hidden2d, c.rows))
+            labels = _labels_of(labels1d, c.rows)
+            z = _chunk_logits(h32, w32, b32)
+            lp, ent, lse = _rows_forward(z, labels, temperature, ignore_index, native)
+            logp[c.rows] = lp
+            entropy[c.rows] = ent
+        g_lp, g_ent = grad_fn(c.start, c.end, logp[c.start:c.end], entropy[c.start:c.end])
+        with torch.no_grad():
+            loc = c.local()
+            g_lp = torch.zeros_like(lp) if g_lp is None else _f32(g_lp.detach()[loc]).contiguous()
+            g_ent = None if g_ent is None else _f32(g_ent.detach()[loc]).contiguous()
+            _rows_backward_(z, labels, lse, ent, g_lp, g_ent, temperature, ignore_index, native)
+            _accumulate_grads(z, h32, w32, c.rows, grad_hidden, grad_weight, grad_bias)
+    return logp, entropy, grad_hidden, grad_weight, grad_bias
+
+
+def _accumulate_grads(g: Tensor, h32: Tensor, w32: Tensor, rows, grad_hidden: Tensor | None,
+                      grad_weight: Tensor | None, grad_bias: Tensor | None) -> None:
+    """d_hidden[rows] = G @ W; d_weight += G.T @ h; d_bias += sum_rows G (G = d logits, float32)."""
+    if grad_hidden is not None:
+        gh = torch.mm(g, w32)
+        grad_hidden[rows] = gh if gh.dtype == grad_hidden.dtype else gh.to(grad_hidden.dtype)
+    if grad_weight is not None:
+        grad_weight.addmm_(g.t(), h32)
+    if grad_bias is not None:
+        grad_bias.add_(g.sum(0))
