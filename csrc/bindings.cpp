@@ -143,6 +143,276 @@ std::tuple<Tensor, Tensor> gae_cpu(const Tensor& rewards, const Tensor& values, 
   return {adv, ret};
 }
 
+// ---- RL and preference ops. Inputs are float32 (the Python wrappers upcast [B, T]-sized bf16/fp16
+// tensors); masks are float weights. Forward and backward are separate ops; autograd lives in
+// fastalign/ops/native_rl.py.
+void check_f32(const Tensor& t, const char* name) {
+  check_cpu(t, name);
+  check_float32(t, name);
+}
+
+void check_numel(const Tensor& t, int64_t numel, const char* name) {
+  TORCH_CHECK(t.numel() == numel, "fastalign: ", name, " must have ", numel, " elements, got ", t.numel());
+}
+
+const float* optional_f32(const std::optional<Tensor>& t, int64_t numel, const char* name) {
+  if (!t.has_value() || !t->defined()) return nullptr;
+  check_f32(*t, name);
+  check_numel(*t, numel, name);
+  return t->data_ptr<float>();
+}
+
+Tensor scalar_f32(const Tensor& like) { return at::empty({}, like.options().dtype(at::kFloat)); }
+
+Tensor group_advantages_bwd_cpu(const Tensor& grad, const Tensor& rewards, int64_t group_size, int64_t scale,
+                                double eps) {
+  check_f32(grad, "grad");
+  check_f32(rewards, "rewards");
+  check_numel(grad, rewards.numel(), "grad");
+  TORCH_CHECK(group_size >= 1 && rewards.numel() % group_size == 0, "fastalign: group_size must divide rewards");
+  Tensor d_rewards = at::empty_like(rewards);
+  cpu::group_advantages_backward(rewards.data_ptr<float>(), grad.data_ptr<float>(), d_rewards.data_ptr<float>(),
+                                 rewards.numel(), group_size, static_cast<int>(scale), static_cast<float>(eps));
+  return d_rewards;
+}
+
+// RLOO is linear and symmetric: its backward is the forward applied to the gradient.
+Tensor rloo_advantages_bwd_cpu(const Tensor& grad, int64_t group_size) { return rloo_advantages_cpu(grad, group_size); }
+
+std::tuple<Tensor, Tensor> gae_bwd_cpu(const std::optional<Tensor>& grad_adv, const std::optional<Tensor>& grad_ret,
+                                       const Tensor& mask, double gamma, double lam) {
+  check_f32(mask, "mask");
+  TORCH_CHECK(mask.dim() == 2, "fastalign: gae mask must be [B, T], got ", mask.sizes());
+  const float* g_adv = optional_f32(grad_adv, mask.numel(), "grad_advantages");
+  const float* g_ret = optional_f32(grad_ret, mask.numel(), "grad_returns");
+  Tensor d_rewards = at::empty_like(mask), d_values = at::empty_like(mask);
+  cpu::gae_backward(g_adv, g_ret, mask.data_ptr<float>(), d_rewards.data_ptr<float>(), d_values.data_ptr<float>(),
+                    mask.size(0), mask.size(1), static_cast<float>(gamma), static_cast<float>(lam));
+  return {d_rewards, d_values};
+}
+
+std::tuple<Tensor, Tensor> whiten_fwd_cpu(const Tensor& x, const Tensor& mask, bool shift_mean, double eps) {
+  check_f32(x, "x");
+  check_f32(mask, "mask");
+  check_numel(mask, x.numel(), "mask");
+  Tensor out = at::empty_like(x), stats = at::empty({4}, x.options());
+  cpu::whiten_forward(x.data_ptr<float>(), mask.data_ptr<float>(), out.data_ptr<float>(), stats.data_ptr<float>(),
+                      x.numel(), shift_mean, static_cast<float>(eps));
+  return {out, stats};
+}
+
+Tensor whiten_bwd_cpu(const Tensor& grad, const Tensor& x, const Tensor& mask, const Tensor& stats, bool shift_mean) {
+  for (const Tensor* t : {&grad, &x, &mask, &stats}) check_f32(*t, "whiten input");
+  check_numel(grad, x.numel(), "grad");
+  check_numel(mask, x.numel(), "mask");
+  check_numel(stats, 4, "stats");
+  Tensor dx = at::empty_like(x);
+  cpu::whiten_backward(grad.data_ptr<float>(), x.data_ptr<float>(), mask.data_ptr<float>(), stats.data_ptr<float>(),
+                       dx.data_ptr<float>(), x.numel(), shift_mean);
+  return dx;
+}
+
+Tensor kl_fwd_cpu(const Tensor& logp, const Tensor& ref_logp, int64_t kind) {
+  check_f32(logp, "logp");
+  check_f32(ref_logp, "ref_logp");
+  check_numel(ref_logp, logp.numel(), "ref_logp");
+  Tensor out = at::empty_like(logp);
+  cpu::kl_forward(logp.data_ptr<float>(), ref_logp.data_ptr<float>(), out.data_ptr<float>(), logp.numel(),
+                  static_cast<int>(kind));
+  return out;
+}
+
+Tensor kl_bwd_cpu(const Tensor& grad, const Tensor& logp, const Tensor& ref_logp, int64_t kind) {
+  for (const Tensor* t : {&grad, &logp, &ref_logp}) check_f32(*t, "kl input");
+  check_numel(grad, logp.numel(), "grad");
+  check_numel(ref_logp, logp.numel(), "ref_logp");
+  Tensor d_logp = at::empty_like(logp);
+  cpu::kl_backward(grad.data_ptr<float>(), logp.data_ptr<float>(), ref_logp.data_ptr<float>(),
+                   d_logp.data_ptr<float>(), logp.numel(), static_cast<int>(kind));
+  return d_logp;
+}
+
+Tensor sequence_logprobs_fwd_cpu(const Tensor& token_logp, const Tensor& mask, bool average) {
+  check_f32(token_logp, "token_logp");
+  check_f32(mask, "mask");
+  TORCH_CHECK(token_logp.dim() == 2 && mask.sizes() == token_logp.sizes(), "fastalign: token_logp and mask must be [B, T]");
+  Tensor out = at::empty({token_logp.size(0)}, token_logp.options());
+  cpu::sequence_logprobs_forward(token_logp.data_ptr<float>(), mask.data_ptr<float>(), out.data_ptr<float>(),
+                                 token_logp.size(0), token_logp.size(1), average);
+  return out;
+}
+
+Tensor sequence_logprobs_bwd_cpu(const Tensor& grad, const Tensor& mask, bool average) {
+  check_f32(grad, "grad");
+  check_f32(mask, "mask");
+  TORCH_CHECK(mask.dim() == 2 && grad.numel() == mask.size(0), "fastalign: grad must be [B] for a [B, T] mask");
+  Tensor d_logp = at::empty_like(mask);
+  cpu::sequence_logprobs_backward(grad.data_ptr<float>(), mask.data_ptr<float>(), d_logp.data_ptr<float>(),
+                                  mask.size(0), mask.size(1), average);
+  return d_logp;
+}
+
+PolicyConfig policy_config(double beta, int64_t kl_kind, double clip_low, double clip_high) {
+  // The ratio bounds are rounded to float once, from double, as torch.clamp does with Python floats.
+  return PolicyConfig{static_cast<float>(1.0 - clip_low), static_cast<float>(1.0 + clip_high), static_cast<float>(beta),
+                      static_cast<int>(kl_kind)};
+}
+
+// Checks the policy-loss tensors; returns whether the advantages are per token ([B, T]) or per row ([B]).
+bool check_policy_inputs(const Tensor& logp, const Tensor& old_logp, const Tensor& adv, const Tensor& mask,
+                         const std::optional<Tensor>& ref_logp, double beta) {
+  for (const Tensor* t : {&logp, &old_logp, &adv, &mask}) check_f32(*t, "policy_loss input");
+  TORCH_CHECK(logp.dim() == 2, "fastalign: logp must be [B, T], got ", logp.sizes());
+  check_numel(old_logp, logp.numel(), "old_logp");
+  check_numel(mask, logp.numel(), "mask");
+  const bool per_token = adv.numel() == logp.numel() && adv.dim() == 2;
+  TORCH_CHECK(per_token || adv.numel() == logp.size(0), "fastalign: advantages must be [B] or [B, T]");
+  if (beta > 0.0) {
+    TORCH_CHECK(ref_logp.has_value() && ref_logp->defined(), "fastalign: ref_logp is required when beta > 0");
+  }
+  return per_token;
+}
+
+std::tuple<Tensor, Tensor, Tensor> policy_loss_fwd_cpu(const Tensor& logp, const Tensor& old_logp, const Tensor& adv,
+                                                       const Tensor& mask, const std::optional<Tensor>& ref_logp,
+                                                       double beta, int64_t kl_kind, double clip_low, double clip_high,
+                                                       int64_t loss_type, int64_t max_completion_length,
+                                                       double num_items) {
+  const bool per_token = check_policy_inputs(logp, old_logp, adv, mask, ref_logp, beta);
+  const float* ref = beta > 0.0 ? optional_f32(ref_logp, logp.numel(), "ref_logp") : nullptr;
+  const int64_t batch = logp.size(0), len = logp.size(1);
+  Tensor loss = scalar_f32(logp), metrics = at::empty({3}, logp.options()), row_scale = at::empty({batch}, logp.options());
+  cpu::policy_loss_forward(logp.data_ptr<float>(), old_logp.data_ptr<float>(), adv.data_ptr<float>(), per_token,
+                           mask.data_ptr<float>(), ref, batch, len, policy_config(beta, kl_kind, clip_low, clip_high),
+                           static_cast<int>(loss_type), max_completion_length, static_cast<float>(num_items),
+                           loss.data_ptr<float>(), metrics.data_ptr<float>(), row_scale.data_ptr<float>());
+  return {loss, metrics, row_scale};
+}
+
+std::tuple<Tensor, Tensor> policy_loss_bwd_cpu(const Tensor& grad_loss, const Tensor& logp, const Tensor& old_logp,
+                                               const Tensor& adv, const Tensor& mask,
+                                               const std::optional<Tensor>& ref_logp, const Tensor& row_scale,
+                                               double beta, int64_t kl_kind, double clip_low, double clip_high,
+                                               bool advantages_grad) {
+  const bool per_token = check_policy_inputs(logp, old_logp, adv, mask, ref_logp, beta);
+  check_f32(grad_loss, "grad_loss");
+  check_numel(grad_loss, 1, "grad_loss");
+  check_f32(row_scale, "row_scale");
+  check_numel(row_scale, logp.size(0), "row_scale");
+  const float* ref = beta > 0.0 ? optional_f32(ref_logp, logp.numel(), "ref_logp") : nullptr;
+  Tensor d_logp = at::empty_like(logp);
+  Tensor d_adv = advantages_grad ? at::empty_like(adv) : at::empty({0}, adv.options());
+  cpu::policy_loss_backward(grad_loss.data_ptr<float>(), logp.data_ptr<float>(), old_logp.data_ptr<float>(),
+                            adv.data_ptr<float>(), per_token, mask.data_ptr<float>(), ref, row_scale.data_ptr<float>(),
+                            logp.size(0), logp.size(1), policy_config(beta, kl_kind, clip_low, clip_high),
+                            d_logp.data_ptr<float>(), advantages_grad ? d_adv.data_ptr<float>() : nullptr);
+  return {d_logp, d_adv};
+}
+
+void check_value_inputs(const Tensor& values, const Tensor& old_values, const Tensor& returns, const Tensor& mask) {
+  for (const Tensor* t : {&values, &old_values, &returns, &mask}) {
+    check_f32(*t, "value_loss input");
+    check_numel(*t, values.numel(), "value_loss input");
+  }
+}
+
+std::tuple<Tensor, Tensor> value_loss_fwd_cpu(const Tensor& values, const Tensor& old_values, const Tensor& returns,
+                                              const Tensor& mask, double clip) {
+  check_value_inputs(values, old_values, returns, mask);
+  Tensor loss = scalar_f32(values), metrics = at::empty({2}, values.options());
+  cpu::value_loss_forward(values.data_ptr<float>(), old_values.data_ptr<float>(), returns.data_ptr<float>(),
+                          mask.data_ptr<float>(), values.numel(), static_cast<float>(clip), loss.data_ptr<float>(),
+                          metrics.data_ptr<float>());
+  return {loss, metrics};
+}
+
+Tensor value_loss_bwd_cpu(const Tensor& grad_loss, const Tensor& values, const Tensor& old_values,
+                          const Tensor& returns, const Tensor& mask, double clip) {
+  check_value_inputs(values, old_values, returns, mask);
+  check_f32(grad_loss, "grad_loss");
+  check_numel(grad_loss, 1, "grad_loss");
+  Tensor d_values = at::empty_like(values);
+  cpu::value_loss_backward(grad_loss.data_ptr<float>(), values.data_ptr<float>(), old_values.data_ptr<float>(),
+                           returns.data_ptr<float>(), mask.data_ptr<float>(), values.numel(), static_cast<float>(clip),
+                           d_values.data_ptr<float>());
+  return d_values;
+}
+
+void check_pairs(std::initializer_list<const Tensor*> ts) {
+  const int64_t n = (*ts.begin())->numel();
+  for (const Tensor* t : ts) {
+    check_f32(*t, "pair input");
+    check_numel(*t, n, "pair input");
+  }
+}
+
+std::tuple<Tensor, Tensor, Tensor> dpo_fwd_cpu(const Tensor& pc, const Tensor& pr, const Tensor& rc, const Tensor& rr,
+                                               double beta, int64_t loss_type, double label_smoothing) {
+  check_pairs({&pc, &pr, &rc, &rr});
+  Tensor losses = at::empty_like(pc), chosen = at::empty_like(pc), rejected = at::empty_like(pc);
+  cpu::dpo_forward(pc.data_ptr<float>(), pr.data_ptr<float>(), rc.data_ptr<float>(), rr.data_ptr<float>(), pc.numel(),
+                   static_cast<float>(beta), static_cast<int>(loss_type), static_cast<float>(label_smoothing),
+                   losses.data_ptr<float>(), chosen.data_ptr<float>(), rejected.data_ptr<float>());
+  return {losses, chosen, rejected};
+}
+
+Tensor dpo_bwd_cpu(const Tensor& grad, const Tensor& pc, const Tensor& pr, const Tensor& rc, const Tensor& rr,
+                   double beta, int64_t loss_type, double label_smoothing) {
+  check_pairs({&grad, &pc, &pr, &rc, &rr});
+  Tensor d_chosen = at::empty_like(pc);
+  cpu::dpo_backward(grad.data_ptr<float>(), pc.data_ptr<float>(), pr.data_ptr<float>(), rc.data_ptr<float>(),
+                    rr.data_ptr<float>(), pc.numel(), static_cast<float>(beta), static_cast<int>(loss_type),
+                    static_cast<float>(label_smoothing), d_chosen.data_ptr<float>());
+  return d_chosen;
+}
+
+std::tuple<Tensor, Tensor, Tensor> simpo_fwd_cpu(const Tensor& chosen, const Tensor& rejected, double beta,
+                                                 double gamma, double label_smoothing) {
+  check_pairs({&chosen, &rejected});
+  Tensor losses = at::empty_like(chosen), cr = at::empty_like(chosen), rr = at::empty_like(chosen);
+  cpu::simpo_forward(chosen.data_ptr<float>(), rejected.data_ptr<float>(), chosen.numel(), static_cast<float>(beta),
+                     static_cast<float>(gamma), static_cast<float>(label_smoothing), losses.data_ptr<float>(),
+                     cr.data_ptr<float>(), rr.data_ptr<float>());
+  return {losses, cr, rr};
+}
+
+Tensor simpo_bwd_cpu(const Tensor& grad, const Tensor& chosen, const Tensor& rejected, double beta, double gamma,
+                     double label_smoothing) {
+  check_pairs({&grad, &chosen, &rejected});
+  Tensor d_chosen = at::empty_like(chosen);
+  cpu::simpo_backward(grad.data_ptr<float>(), chosen.data_ptr<float>(), rejected.data_ptr<float>(), chosen.numel(),
+                      static_cast<float>(beta), static_cast<float>(gamma), static_cast<float>(label_smoothing),
+                      d_chosen.data_ptr<float>());
+  return d_chosen;
+}
+
+std::tuple<Tensor, Tensor> bradley_terry_fwd_cpu(const Tensor& chosen, const Tensor& rejected,
+                                                 const std::optional<Tensor>& margin, double margin_scalar,
+                                                 double center_coef) {
+  check_pairs({&chosen, &rejected});
+  TORCH_CHECK(chosen.numel() > 0, "fastalign: bradley_terry needs at least one pair");
+  const float* m = optional_f32(margin, chosen.numel(), "margin");
+  Tensor loss = scalar_f32(chosen), metrics = at::empty({2}, chosen.options());
+  cpu::bradley_terry_forward(chosen.data_ptr<float>(), rejected.data_ptr<float>(), m, static_cast<float>(margin_scalar),
+                             chosen.numel(), static_cast<float>(center_coef), loss.data_ptr<float>(),
+                             metrics.data_ptr<float>());
+  return {loss, metrics};
+}
+
+std::tuple<Tensor, Tensor> bradley_terry_bwd_cpu(const Tensor& grad_loss, const Tensor& chosen, const Tensor& rejected,
+                                                 const std::optional<Tensor>& margin, double margin_scalar,
+                                                 double center_coef) {
+  check_pairs({&chosen, &rejected});
+  check_f32(grad_loss, "grad_loss");
+  check_numel(grad_loss, 1, "grad_loss");
+  const float* m = optional_f32(margin, chosen.numel(), "margin");
+  Tensor d_chosen = at::empty_like(chosen), d_rejected = at::empty_like(chosen);
+  cpu::bradley_terry_backward(grad_loss.data_ptr<float>(), chosen.data_ptr<float>(), rejected.data_ptr<float>(), m,
+                              static_cast<float>(margin_scalar), chosen.numel(), static_cast<float>(center_coef),
+                              d_chosen.data_ptr<float>(), d_rejected.data_ptr<float>());
+  return {d_chosen, d_rejected};
+}
+
 }  // namespace
 }  // namespace fastalign
 
@@ -157,6 +427,42 @@ TORCH_LIBRARY(fastalign, m) {
   m.def("group_advantages(Tensor rewards, int group_size, int scale, float eps) -> Tensor");
   m.def("rloo_advantages(Tensor rewards, int group_size) -> Tensor");
   m.def("gae(Tensor rewards, Tensor values, Tensor mask, float gamma, float lam) -> (Tensor, Tensor)");
+  // RL and preference ops (fastalign/ops/native_rl.py): float32 in, fp32 out; masks are float weights.
+  m.def("group_advantages_bwd(Tensor grad, Tensor rewards, int group_size, int scale, float eps) -> Tensor");
+  m.def("rloo_advantages_bwd(Tensor grad, int group_size) -> Tensor");
+  m.def("gae_bwd(Tensor? grad_advantages, Tensor? grad_returns, Tensor mask, float gamma, float lam) -> (Tensor, Tensor)");
+  m.def("whiten_fwd(Tensor x, Tensor mask, bool shift_mean, float eps) -> (Tensor, Tensor)");
+  m.def("whiten_bwd(Tensor grad, Tensor x, Tensor mask, Tensor stats, bool shift_mean) -> Tensor");
+  m.def("kl_fwd(Tensor logp, Tensor ref_logp, int kind) -> Tensor");
+  m.def("kl_bwd(Tensor grad, Tensor logp, Tensor ref_logp, int kind) -> Tensor");
+  m.def("sequence_logprobs_fwd(Tensor token_logp, Tensor mask, bool average) -> Tensor");
+  m.def("sequence_logprobs_bwd(Tensor grad, Tensor mask, bool average) -> Tensor");
+  m.def(
+      "policy_loss_fwd(Tensor logp, Tensor old_logp, Tensor advantages, Tensor mask, Tensor? ref_logp, float beta, "
+      "int kl_kind, float clip_low, float clip_high, int loss_type, int max_completion_length, float num_items) "
+      "-> (Tensor, Tensor, Tensor)");
+  m.def(
+      "policy_loss_bwd(Tensor grad_loss, Tensor logp, Tensor old_logp, Tensor advantages, Tensor mask, "
+      "Tensor? ref_logp, Tensor row_scale, float beta, int kl_kind, float clip_low, float clip_high, "
+      "bool advantages_grad) -> (Tensor, Tensor)");
+  m.def("value_loss_fwd(Tensor values, Tensor old_values, Tensor returns, Tensor mask, float clip) -> (Tensor, Tensor)");
+  m.def(
+      "value_loss_bwd(Tensor grad_loss, Tensor values, Tensor old_values, Tensor returns, Tensor mask, float clip) "
+      "-> Tensor");
+  m.def(
+      "dpo_fwd(Tensor policy_chosen, Tensor policy_rejected, Tensor ref_chosen, Tensor ref_rejected, float beta, "
+      "int loss_type, float label_smoothing) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "dpo_bwd(Tensor grad, Tensor policy_chosen, Tensor policy_rejected, Tensor ref_chosen, Tensor ref_rejected, "
+      "float beta, int loss_type, float label_smoothing) -> Tensor");
+  m.def("simpo_fwd(Tensor chosen, Tensor rejected, float beta, float gamma, float label_smoothing) -> (Tensor, Tensor, Tensor)");
+  m.def("simpo_bwd(Tensor grad, Tensor chosen, Tensor rejected, float beta, float gamma, float label_smoothing) -> Tensor");
+  m.def(
+      "bradley_terry_fwd(Tensor chosen, Tensor rejected, Tensor? margin, float margin_scalar, float center_coef) "
+      "-> (Tensor, Tensor)");
+  m.def(
+      "bradley_terry_bwd(Tensor grad_loss, Tensor chosen, Tensor rejected, Tensor? margin, float margin_scalar, "
+      "float center_coef) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(fastalign, CPU, m) {
@@ -166,6 +472,25 @@ TORCH_LIBRARY_IMPL(fastalign, CPU, m) {
   m.impl("group_advantages", &fastalign::group_advantages_cpu);
   m.impl("rloo_advantages", &fastalign::rloo_advantages_cpu);
   m.impl("gae", &fastalign::gae_cpu);
+  m.impl("group_advantages_bwd", &fastalign::group_advantages_bwd_cpu);
+  m.impl("rloo_advantages_bwd", &fastalign::rloo_advantages_bwd_cpu);
+  m.impl("gae_bwd", &fastalign::gae_bwd_cpu);
+  m.impl("whiten_fwd", &fastalign::whiten_fwd_cpu);
+  m.impl("whiten_bwd", &fastalign::whiten_bwd_cpu);
+  m.impl("kl_fwd", &fastalign::kl_fwd_cpu);
+  m.impl("kl_bwd", &fastalign::kl_bwd_cpu);
+  m.impl("sequence_logprobs_fwd", &fastalign::sequence_logprobs_fwd_cpu);
+  m.impl("sequence_logprobs_bwd", &fastalign::sequence_logprobs_bwd_cpu);
+  m.impl("policy_loss_fwd", &fastalign::policy_loss_fwd_cpu);
+  m.impl("policy_loss_bwd", &fastalign::policy_loss_bwd_cpu);
+  m.impl("value_loss_fwd", &fastalign::value_loss_fwd_cpu);
+  m.impl("value_loss_bwd", &fastalign::value_loss_bwd_cpu);
+  m.impl("dpo_fwd", &fastalign::dpo_fwd_cpu);
+  m.impl("dpo_bwd", &fastalign::dpo_bwd_cpu);
+  m.impl("simpo_fwd", &fastalign::simpo_fwd_cpu);
+  m.impl("simpo_bwd", &fastalign::simpo_bwd_cpu);
+  m.impl("bradley_terry_fwd", &fastalign::bradley_terry_fwd_cpu);
+  m.impl("bradley_terry_bwd", &fastalign::bradley_terry_bwd_cpu);
 }
 
 // The Python module: importing fastalign._C runs the registrations above.

@@ -7,6 +7,7 @@ autograd-ready implementation. ``fastalign.ops.reference`` holds the pure-PyTorc
 
 from . import (
     native,  # noqa: F401  (registers the compiled backends)
+    native_rl,  # noqa: F401  (the compiled backends of the RL and preference ops)
     reference,
 )
 from .advantages import gae, group_advantages, rloo_advantages, whiten
