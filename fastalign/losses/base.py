@@ -1,0 +1,398 @@
+"""What every fused-linear loss shares: input checks, the token-chunk loops and the autograd plumbing.
+
+A loss file states only its formula; this module turns it into a loss over hidden states and an
+LM head without ever building an ``N x V`` tensor. Both loops rest on the primitives of
+:mod:`fastalign.ops.chunked` (one GEMM per chunk without gradient, three with):
+
+* :func:`token_loss` — GRPO/PPO: the loss is a weighted sum of per-token terms whose weights
+  (the normalizers) come from the mask, so each token's gradient is known as soon as its chunk's
+  log-prob is: forward and backward of a chunk happen together (3 GEMMs), the reference chunk
+  (when given as hidden states) is computed in the same loop under ``no_grad`` (1 GEMM).
+* :func:`pair_loss` — DPO/SimPO: a pair's term depends only on its own two sequences and the
+  ``1/B`` mean is known up front, so a pair's token gradients are fixed once the pair's sequence
+  log-probs are. Pairs whose logits fit the memory budget go as one chunk each (the row pass sees
+  the whole pair, computes the pair's loss and hands back its token gradients: 3 GEMMs + the
+  reference). Pairs too long for the budget are token-chunked: a no-grad pass for the sequence
+  log-probs, then the pass with gradients (5 GEMMs with the reference).
+
+The loss and all its gradients therefore exist at the end of the forward; :class:`_Precomputed`
+hands them to autograd, and the backward only scales them by the incoming gradient.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from fastalign.ops import chunked
+from fastalign.ops import validation as v
+
+TokenLossFn = Callable[[int, int, Tensor, Tensor, "Tensor | None"], Tensor]
+PairLossFn = Callable[[Tensor, Tensor, "Tensor | None", "Tensor | None"], Tensor]
+
+
+# ------------------------------------------------------------------------------------ input checks
+def check_common(hidden, weight, labels, *, bias, ref_hidden, ref_weight, ref_bias, ref_logps, ignore_index,
+                 chunk_size, mem_budget) -> None:
+    """Shapes, dtypes, devices and label range of the arguments every fused-linear loss takes."""
+    v.float_tensor("hidden", hidden, dim=3)
+    v.float_tensor("weight", weight, dim=2)
+    v.int_tensor("labels", labels, dim=2)
+    s, t, h = hidden.shape
+    if weight.shape[1] != h or weight.shape[0] < 1:
+        raise ValueError(f"weight must have shape [V, {h}] (H = hidden.shape[-1], V >= 1), got {tuple(weight.shape)}")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"weight must have the dtype of hidden ({hidden.dtype}), got {weight.dtype}")
+    v.same_shape("labels", labels, (s, t), ref="hidden without its last dim")
+    v.same_device("weight", weight, hidden, "hidden")
+    v.same_device("labels", labels, hidden, "hidden")
+    vocab = weight.shape[0]
+    if bias is not None:
+        v.float_tensor("bias", bias, dim=1)
+        v.same_shape("bias", bias, (vocab,), ref="[V]")
+        v.same_device("bias", bias, hidden, "hidden")
+    if ref_hidden is not None:
+        if ref_logps is not None:
+            raise ValueError("pass either ref_hidden or ref_logps, not both; got both")
+        v.float_tensor("ref_hidden", ref_hidden, dim=3)
+        v.same_shape("ref_hidden", ref_hidden, hidden.shape[:2] + ref_hidden.shape[2:], ref="hidden's [S, T]")
+        v.same_device("ref_hidden", ref_hidden, hidden, "hidden")
+        if ref_weight is not None:
+            v.float_tensor("ref_weight", ref_weight, dim=2)
+            if ref_weight.shape != (vocab, ref_hidden.shape[2]):
+                raise ValueError(f"ref_weight must have shape [{vocab}, {ref_hidden.shape[2]}] ([V, ref H]), "
+                                 f"got {tuple(ref_weight.shape)}")
+            if ref_weight.dtype != ref_hidden.dtype:
+                raise TypeError(f"ref_weight must have the dtype of ref_hidden ({ref_hidden.dtype}), "
+                                f"got {ref_weight.dtype}")
+            v.same_device("ref_weight", ref_weight, hidden, "hidden")
+        else:
+            if ref_hidden.shape[2] != h:
+                raise ValueError(f"ref_hidden must have hidden size {h} when ref_weight defaults to weight, "
+                                 f"got shape {tuple(ref_hidden.shape)}")
+            if ref_hidden.dtype != hidden.dtype:
+                raise TypeError(f"ref_hidden must have the dtype of weight ({weight.dtype}) when ref_weight "
+                                f"defaults to weight, got {ref_hidden.dtype}")
+        if ref_bias is not None:
+            v.float_tensor("ref_bias", ref_bias, dim=1)
+            v.same_shape("ref_bias", ref_bias, (vocab,), ref="[V]")
+            v.same_device("ref_bias", ref_bias, hidden, "hidden")
+    elif ref_weight is not None or ref_bias is not None:
+        name = "ref_weight" if ref_weight is not None else "ref_bias"
+        raise ValueError(f"{name} is only used with ref_hidden, which is None")
+    v.integer("ignore_index", ignore_index)
+    if chunk_size is not None:
+        v.integer("chunk_size", chunk_size, minimum=1)
+    if mem_budget is not None:
+        v.integer("mem_budget", mem_budget, minimum=1)
+    v.labels_in_range(labels, vocab, ignore_index)
+
+
+def reference_head(weight, bias, ref_weight, ref_bias):
+    """``ref_weight`` defaults to ``weight`` — and then ``ref_bias`` to ``bias``: one frozen shared head."""
+    if ref_weight is None:
+        return weight.detach(), (bias.detach() if bias is not None and ref_bias is None else ref_bias)
+    return ref_weight.detach(), None if ref_bias is None else ref_bias.detach()
+
+
+def needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+# ----------------------------------------------------------------------------- autograd plumbing
+class _Precomputed(torch.autograd.Function):
+    """A loss whose gradients w.r.t. hidden, weight and bias were all computed in the forward.
+
+    ``compute(need_hidden, need_weight, need_bias)`` returns ``(loss, grad_hidden, grad_weight,
+    grad_bias)``; the backward scales them by the incoming gradient (1 in the usual
+    ``loss.backward()``, then no copy is made).
+    """
+
+    @staticmethod
+    def forward(ctx, compute, hidden, weight, bias):
+        need_h, need_w, need_b = ctx.needs_input_grad[1:4]
+        loss, gh, gw, gb = compute(need_h, need_w, need_b and bias is not None)
+        gh = gh.to(hidden.dtype) if gh is not None and need_h else None
+        gw = gw.to(weight.dtype) if gw is not None and need_w else None
+        gb = gb.to(bias.dtype) if gb is not None and bias is not None and need_b else None
+        ctx.save_for_backward(gh, gw, gb)
+        return loss
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss):
+        gh, gw, gb = ctx.saved_tensors
+        if not bool(grad_loss == 1):
+            gh, gw, gb = (None if g is None else g * grad_loss.to(g.dtype) for g in (gh, gw, gb))
+        return None, gh, gw, gb
+
+
+def attach(compute, hidden, weight, bias) -> Tensor:
+    """Run ``compute`` (see :class:`_Precomputed`) and return its loss wired into the autograd graph."""
+    return _Precomputed.apply(compute, hidden, weight, bias)
+
+
+# ---------------------------------------------------------------------------- GRPO/PPO: per token
+def token_loss(hidden, weight, labels, per_token: TokenLossFn, *, bias=None, ref_hidden=None, ref_weight=None,
+               ref_bias=None, ref_logps=None, temperature=1.0, ignore_index=-100, chunk_size=None,
+               mem_budget=None):
+    """Loss = sum over tokens of ``per_token(s, e, logp, entropy, ref_logp)`` for flat positions [s, e).
+
+    ``per_token`` returns the token terms *already weighted* by their normalizer (0 where a token
+    does not count), differentiable w.r.t. ``logp`` and ``entropy`` (fp32 ``[e - s]``); its
+    gradient is taken chunk by chunk. ``labels`` must carry ``ignore_index`` wherever the term's
+    weight is 0, so those rows cost no GEMM. ``ref_logp`` is the reference chunk (computed from
+    ``ref_hidden`` in the same loop, or sliced from ``ref_logps``), or None when neither is given.
+
+    Returns ``(loss, logp [S, T], entropy [S, T], ref_logp [S, T] or None)``; only ``loss`` is
+    differentiable (w.r.t. hidden, weight and bias).
+    """
+    s_, t_, h_ = hidden.shape
+    n = s_ * t_
+    hidden2d = hidden.reshape(n, h_)
+    labels1d = labels.reshape(n)
+    ref2d = None if ref_hidden is None else ref_hidden.detach().reshape(n, ref_hidden.shape[2])
+    ref_w, ref_b = reference_head(weight, bias, ref_weight, ref_bias)
+    given_ref = None if ref_logps is None else ref_logps.detach().reshape(n).float()
+    ref_out = None if ref2d is None else torch.zeros(n, dtype=torch.float32, device=hidden.device)
+    out = {}
+
+    def ref_chunk(s, e, chunk):
+        if ref2d is not None:
+            lp, _ = chunked.linear_logprobs_no_grad(ref2d[s:e], ref_w, labels1d[s:e], bias=ref_b,
+                                                    temperature=temperature, ignore_index=ignore_index,
+                                                    chunk_size=chunk, mem_budget=mem_budget)
+            ref_out[s:e] = lp
+            return lp
+        return None if given_ref is None else given_ref[s:e]
+
+    def compute(need_h, need_w, need_b):
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        if not (need_h or need_w or need_b):  # evaluation: forward passes only
+            logp, entropy = chunked.linear_logprobs_no_grad(
+                hidden2d.detach(), weight.detach(), labels1d, bias=None if bias is None else bias.detach(),
+                temperature=temperature, ignore_index=ignore_index, chunk_size=chunk_size, mem_budget=mem_budget)
+            total = per_token(0, n, logp, entropy, ref_chunk(0, n, chunk_size)).sum()
+            out.update(logp=logp, entropy=entropy)
+            return total, None, None, None
+        calls = [total]
+
+        def grad_fn(s, e, lp, ent):
+            ref = ref_chunk(s, e, max(1, e - s))  # the policy chunk's rows: within the budget
+            with torch.enable_grad():
+                lp_ = lp.detach().requires_grad_()
+                ent_ = ent.detach().requires_grad_()
+                chunk_total = per_token(s, e, lp_, ent_, ref).sum()
+                if not chunk_total.requires_grad:  # a term without policy dependence (all weights 0)
+                    calls[0] = calls[0] + chunk_total.detach()
+                    return None, None
+                g_lp, g_ent = torch.autograd.grad(chunk_total, (lp_, ent_), allow_unused=True)
+            calls[0] = calls[0] + chunk_total.detach()
+            return g_lp, g_ent
+
+        logp, entropy, gh, gw, gb = chunked.linear_logprobs_grad_in_forward(
+            hidden2d, weight, labels1d, grad_fn, bias=bias, temperature=temperature, ignore_index=ignore_index,
+            chunk_size=chunk_size, mem_budget=mem_budget, need_weight_grad=need_w, need_bias_grad=need_b)
+        out.update(logp=logp, entropy=entropy)
+        return calls[0], gh.reshape(hidden.shape), gw, gb
+
+    loss = attach(compute, hidden, weight, bias)
+    ref_full = ref_out if ref_out is not None else given_ref
+    shape = (s_, t_)
+    return (loss, out["logp"].reshape(shape), out["entropy"].reshape(shape),
+            None if ref_full is None else ref_full.reshape(shape))
+
+
+# ------------------------------------------------------------------------------ DPO/SimPO: pairs
+def _segment_sum(values: Tensor, segment: Tensor, n_segments: int) -> Tensor:
+    return torch.zeros(n_segments, dtype=values.dtype, device=values.device).index_add_(0, segment, values)
+
+
+def _group_pairs(pair_tokens: list[int], vocab: int, chunk_size, mem_budget) -> tuple[list[list[int]], list[int]]:
+    """Consecutive pairs whose logits fit one chunk together (kept), and the pairs too long for one."""
+    def fits(n):
+        return n <= chunk_size if chunk_size is not None else chunked.choose_chunk_size(n, vocab, mem_budget) >= n
+
+    groups, long_pairs, current, current_n = [], [], [], 0
+    for i, n in enumerate(pair_tokens):
+        if not fits(n):
+            long_pairs.append(i)
+            continue
+        if current and not fits(current_n + n):
+            groups.append(current)
+            current, current_n = [], 0
+        current.append(i)
+        current_n += n
+    if current:
+        groups.append(current)
+    return groups, long_pairs
+
+
+def pair_loss(hidden, weight, labels, per_pair: PairLossFn, *, average, nll_coef=0.0, bias=None, ref_hidden=None,
+              ref_weight=None, ref_bias=None, ref_logps=None, ignore_index=-100, chunk_size=None, mem_budget=None):
+    """Mean over pairs of ``per_pair(chosen, rejected, ref_chosen, ref_rejected)`` plus an NLL term.
+
+    ``hidden [2B, T, H]``: the B chosen sequences, then the B rejected ones; a sequence's score is
+    the sum of its token log-probs (their mean with ``average=True``; a sequence without tokens
+    counts as length 1, as in TRL). ``per_pair`` gets ``[P]`` vectors and returns ``[P]`` losses.
+    ``nll_coef > 0`` adds ``nll_coef * (−mean log-prob of all chosen tokens)``.
+    The reference scores come from ``ref_hidden`` (same chunk loops, no gradient), from
+    ``ref_logps`` (``[2B]`` per-sequence sums or ``[2B, T]`` per-token), or are None.
+
+    Returns ``(loss, info)``: info holds ``[B]`` fp32 vectors ``chosen``, ``rejected`` (scores),
+    ``chosen_sum``, ``rejected_sum``, ``ref_chosen_sum``, ``ref_rejected_sum`` (or None),
+    ``losses``, and scalars ``entropy_sum``, ``n_tokens``, ``nll``.
+    """
+    s_, t_, h_ = hidden.shape
+    b = s_ // 2
+    dev = hidden.device
+    vocab = weight.shape[0]
+    hidden2d = hidden.reshape(s_ * t_, h_)
+    labels1d = labels.reshape(-1)
+    valid = labels != ignore_index
+    counts_t = valid.sum(1)
+    counts = counts_t.tolist()
+    denom = counts_t.clamp(min=1).to(torch.float32) if average else torch.ones(s_, dtype=torch.float32, device=dev)
+    n_chosen_tokens = max(1, sum(counts[:b]))
+    ref2d = None if ref_hidden is None else ref_hidden.detach().reshape(s_ * t_, ref_hidden.shape[2])
+    ref_w, ref_b = reference_head(weight, bias, ref_weight, ref_bias)
+
+    ref_sum = None  # [2B] reference sums when given; filled by the passes when computed
+    if ref_logps is not None:
+        r = ref_logps.detach().float()
+        ref_sum = (r * valid).sum(1) if r.dim() == 2 else r.clone()
+    elif ref2d is not None:
+        ref_sum = torch.zeros(s_, dtype=torch.float32, device=dev)
+
+    seq_sum = torch.zeros(s_, dtype=torch.float32, device=dev)
+    losses = torch.zeros(b, dtype=torch.float32, device=dev)
+    stats = {"entropy_sum": torch.zeros((), dtype=torch.float32, device=dev),
+             "nll": torch.zeros((), dtype=torch.float32, device=dev)}
+
+    def positions(pairs):
+        """Flat positions of the valid tokens of ``pairs`` (chosen i, rejected i, ...) and their sequence ids."""
+        rows = torch.tensor([r for i in pairs for r in (i, b + i)], dtype=torch.int64, device=dev)
+        sub = valid.index_select(0, rows)
+        local_row, col = sub.nonzero(as_tuple=True)
+        seq = rows[local_row]
+        return seq * t_ + col, seq
+
+    def reference_pass(pos, seq, chunk):
+        if ref2d is None:
+            return
+        lp, _ = chunked.linear_logprobs_no_grad(ref2d.index_select(0, pos), ref_w, labels1d.index_select(0, pos),
+                                                bias=ref_b, ignore_index=ignore_index, chunk_size=chunk,
+                                                mem_budget=mem_budget)
+        ref_sum.index_add_(0, seq, lp)
+
+    def loss_of(pairs_t, seq, lp):
+        """Differentiable (in ``lp``) contribution of the pairs ``pairs_t`` whose tokens are ``lp``."""
+        sums = _segment_sum(lp, seq, s_)
+        ch, rj = pairs_t, pairs_t + b
+        chosen, rejected = sums[ch] / denom[ch], sums[rj] / denom[rj]
+        ref_c = ref_r = None
+        if ref_sum is not None:
+            ref_c, ref_r = ref_sum[ch] / denom[ch], ref_sum[rj] / denom[rj]
+        pl = per_pair(chosen, rejected, ref_c, ref_r)
+        total = pl.sum() / b
+        nll = None
+        if nll_coef:
+            nll = -(lp * (seq < b)).sum() / n_chosen_tokens
+            total = total + nll_coef * nll
+        return total, pl, nll, sums
+
+    def record(pairs_t, pl, nll, sums, ent_sum):
+        losses[pairs_t] = pl.detach()
+        rows = torch.cat([pairs_t, pairs_t + b])
+        seq_sum[rows] = sums.detach()[rows]
+        stats["entropy_sum"] += ent_sum
+        if nll is not None:
+            stats["nll"] += nll.detach()
+
+    def compute(need_h, need_w, need_b):
+        grad = need_h or need_w or need_b
+        gh = torch.zeros_like(hidden2d) if need_h else None
+        gw = gb = None
+        groups, long_pairs = _group_pairs([counts[i] + counts[b + i] for i in range(b)], vocab, chunk_size,
+                                          mem_budget)
+        total = torch.zeros((), dtype=torch.float32, device=dev)
+
+        def add_grads(pos, g_h, g_w, g_b):
+            nonlocal gw, gb
+            if gh is not None:
+                gh.index_copy_(0, pos, g_h)
+            if g_w is not None:
+                gw = g_w if gw is None else gw.add_(g_w)
+            if g_b is not None:
+                gb = g_b if gb is None else gb.add_(g_b)
+
+        # Pairs that fit the budget: the whole group is one chunk, whose row pass yields the pair losses.
+        for pairs in groups:
+            pos, seq = positions(pairs)
+            n_tok = pos.numel()
+            reference_pass(pos, seq, max(1, n_tok))
+            pairs_t = torch.tensor(pairs, dtype=torch.int64, device=dev)
+            h_sel, lab_sel = hidden2d.index_select(0, pos), labels1d.index_select(0, pos)
+            seen = []
+
+            def grad_fn(s, e, lp, ent, seq=seq, pairs_t=pairs_t, seen=seen):
+                with torch.enable_grad():
+                    lp_ = lp.detach().requires_grad_()
+                    part, pl, nll, sums = loss_of(pairs_t, seq, lp_)
+                    g_lp, = torch.autograd.grad(part, lp_) if part.requires_grad else (None,)
+                seen.append((part.detach(), pl, nll, sums, ent.sum()))
+                return g_lp, None
+
+            if grad and n_tok:
+                _, _, g_h, g_w, g_b = chunked.linear_logprobs_grad_in_forward(
+                    h_sel, weight, lab_sel, grad_fn, bias=bias, ignore_index=ignore_index, chunk_size=n_tok,
+                    need_weight_grad=need_w, need_bias_grad=need_b)
+                add_grads(pos, g_h, g_w, g_b)
+            else:
+                lp, ent = (chunked.linear_logprobs_no_grad(h_sel, weight, lab_sel, bias=bias,
+                                                           ignore_index=ignore_index, chunk_size=max(1, n_tok))
+                           if n_tok else (h_sel.new_zeros(0, dtype=torch.float32),) * 2)
+                part, pl, nll, sums = loss_of(pairs_t, seq, lp)
+                seen.append((part, pl, nll, sums, ent.sum()))
+            part, pl, nll, sums, ent_sum = seen[0]
+            total = total + part
+            record(pairs_t, pl, nll, sums, ent_sum)
+
+        # Pairs too long for one chunk: token-chunked sequence log-probs first, then the gradient pass.
+        if long_pairs:
+            pos, seq = positions(long_pairs)
+            reference_pass(pos, seq, chunk_size)
+            pairs_t = torch.tensor(long_pairs, dtype=torch.int64, device=dev)
+            h_sel, lab_sel = hidden2d.index_select(0, pos), labels1d.index_select(0, pos)
+            lp, ent = chunked.linear_logprobs_no_grad(h_sel, weight, lab_sel, bias=bias, ignore_index=ignore_index,
+                                                      chunk_size=chunk_size, mem_budget=mem_budget)
+            with torch.enable_grad():
+                lp_ = lp.requires_grad_(grad)
+                part, pl, nll, sums = loss_of(pairs_t, seq, lp_)
+                g_tok = torch.autograd.grad(part, lp_)[0] if part.requires_grad else None
+            total = total + part.detach()
+            record(pairs_t, pl, nll, sums, ent.sum())
+            if g_tok is not None:
+                _, _, g_h, g_w, g_b = chunked.linear_logprobs_grad_in_forward(
+                    h_sel, weight, lab_sel, lambda s, e, lp, ent: (g_tok[s:e], None), bias=bias,
+                    ignore_index=ignore_index, chunk_size=chunk_size, mem_budget=mem_budget,
+                    need_weight_grad=need_w, need_bias_grad=need_b)
+                add_grads(pos, g_h, g_w, g_b)
+        if need_w and gw is None:
+            gw = torch.zeros(weight.shape, dtype=torch.float32, device=dev)
+        if need_b and gb is None:
+            gb = torch.zeros(bias.shape, dtype=torch.float32, device=dev)
+        return total, None if gh is None else gh.reshape(hidden.shape), gw, gb
+
+    loss = attach(compute, hidden, weight, bias)
+    info = {
+        "chosen": seq_sum[:b] / denom[:b], "rejected": seq_sum[b:] / denom[b:],
+        "chosen_sum": seq_sum[:b], "rejected_sum": seq_sum[b:],
+        "ref_chosen_sum": None if ref_sum is None else ref_sum[:b],
+        "ref_rejected_sum": None if ref_sum is None else ref_sum[b:],
+        "losses": losses, "entropy_sum": stats["entropy_sum"], "n_tokens": sum(counts),
+        "nll": stats["nll"],
+    }
+    return loss, info

@@ -1,0 +1,193 @@
+"""Fused-linear GRPO: the clipped policy loss from hidden states and the LM head, never ``N x V``.
+
+Per token: ``ratio = exp(logp − old_logp)``, term ``−min(ratio·A, clip(ratio, 1−ε_low, 1+ε_high)·A)``
+plus ``β·KL`` (k3 by default) against the reference, minus ``entropy_coef·entropy``. The terms are
+aggregated by ``loss_type`` exactly as TRL's GRPOTrainer does; every normalizer comes from the mask,
+so each token's gradient is computed in the forward (see :func:`fastalign.losses.base.token_loss`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastalign import ops
+from fastalign.ops import validation as v
+from fastalign.ops.kl import KL_KINDS
+from fastalign.ops.policy import LOSS_TYPES
+
+from . import base
+
+
+def _token_weights(mask, loss_type, max_completion_length, num_items):
+    """Weight of each token's term in the loss: its mask over the loss type's normalizer."""
+    m = mask.to(torch.float32)
+    batch, length = m.shape
+    if loss_type == "grpo":  # mean over each sequence's tokens, then over sequences
+        return m / (m.sum(1, keepdim=True).clamp(min=1.0) * batch)
+    if loss_type == "bnpo":  # token mean over the local batch
+        return m / m.sum().clamp(min=1.0)
+    if loss_type == "dr_grpo":  # constant normalizer: batch x max completion length
+        return m / (batch * (length if max_completion_length is None else max_completion_length))
+    # dapo: the global token count (num_items, e.g. summed over processes and accumulation steps)
+    count = m.sum() if num_items is None else torch.as_tensor(num_items, dtype=torch.float32, device=m.device)
+    return m / count.clamp(min=1.0)
+
+
+def _masked_mean(x, m):
+    return (x * m).sum() / m.sum().clamp(min=1.0)
+
+
+def clipped_policy_loss(hidden, weight, labels, *, advantages, mask=None, old_logps=None, bias=None, ref_hidden=None,
+                        ref_weight=None, ref_bias=None, ref_logps=None, num_items=None, beta=0.0, kl_kind="k3",
+                        epsilon_low=0.2, epsilon_high=None, loss_type="dapo", max_completion_length=None,
+                        temperature=1.0, entropy_coef=0.0, ignore_index=-100, chunk_size=None, mem_budget=None):
+    """The GRPO/PPO policy loss (see :class:`FusedLinearGRPOLoss`); returns ``(loss, metrics)``."""
+    base.check_common(hidden, weight, labels, bias=bias, ref_hidden=ref_hidden, ref_weight=ref_weight,
+                      ref_bias=ref_bias, ref_logps=ref_logps, ignore_index=ignore_index, chunk_size=chunk_size,
+                      mem_budget=mem_budget)
+    bt = tuple(labels.shape)
+    v.float_tensor("advantages", advantages)
+    if tuple(advantages.shape) not in (bt[:1], bt):
+        raise ValueError(f"advantages must have shape {bt[:1]} (per sequence) or {bt} (per token), "
+                         f"got {tuple(advantages.shape)}")
+    v.same_device("advantages", advantages, hidden, "hidden")
+    for name, t in (("old_logps", old_logps), ("ref_logps", ref_logps)):
+        if t is not None:
+            v.float_tensor(name, t)
+            v.same_shape(name, t, bt, ref="labels")
+            v.same_device(name, t, hidden, "hidden")
+    if mask is not None:
+        v.mask_tensor("mask", mask, bt, hidden)
+    v.positive("beta", beta, allow_zero=True)
+    v.choice("kl_kind", kl_kind, KL_KINDS)
+    if beta > 0 and ref_hidden is None and ref_logps is None:
+        raise ValueError("beta > 0 needs the reference: pass ref_hidden (ref_weight defaults to weight) or ref_logps; "
+                         "got neither")
+    v.in_range("epsilon_low", epsilon_low, 0.0, 1.0, high_inclusive=False)
+    if epsilon_high is not None:
+        v.positive("epsilon_high", epsilon_high, allow_zero=True)
+    v.choice("loss_type", loss_type, LOSS_TYPES)
+    if max_completion_length is not None:
+        v.integer("max_completion_length", max_completion_length, minimum=1)
+    if num_items is not None:
+        if isinstance(num_items, torch.Tensor):
+            if num_items.numel() != 1:
+                raise ValueError(f"num_items must be a scalar, got shape {tuple(num_items.shape)}")
+        else:
+            v.positive("num_items", num_items)
+    v.positive("temperature", temperature)
+    v.positive("entropy_coef", entropy_coef, allow_zero=True)
+
+    eps_low = float(epsilon_low)
+    eps_high = eps_low if epsilon_high is None else float(epsilon_high)
+    valid = labels != ignore_index
+    m = valid if mask is None else valid & (mask != 0)
+    labels_eff = labels if mask is None else labels.masked_fill(~m, ignore_index)  # masked tokens cost no GEMM
+    w = _token_weights(m, loss_type, max_completion_length, num_items).reshape(-1)
+    w_ent = (m.to(torch.float32) / m.sum().clamp(min=1.0)).reshape(-1) * float(entropy_coef)
+    adv = advantages.detach().float()
+    adv = (adv.unsqueeze(1) if adv.dim() == 1 else adv).expand(bt).reshape(-1)
+    old = None if old_logps is None else old_logps.detach().float().reshape(-1)
+    use_ref = beta > 0
+
+    def per_token(s, e, logp, entropy, ref_logp):
+        old_c = logp.detach() if old is None else old[s:e]
+        ratio = torch.exp(logp - old_c)
+        a = adv[s:e]
+        term = -torch.minimum(ratio * a, torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high) * a)
+        if use_ref:
+            term = term + beta * ops.kl_penalty(logp, ref_logp, kind=kl_kind)
+        term = term * w[s:e]
+        if entropy_coef:
+            term = term - entropy * w_ent[s:e]
+        return term
+
+    loss, logp, entropy, ref = base.token_loss(
+        hidden, weight, labels_eff, per_token, bias=bias, ref_hidden=ref_hidden if use_ref else None,
+        ref_weight=ref_weight if use_ref else None, ref_bias=ref_bias if use_ref else None,
+        ref_logps=ref_logps if use_ref else None, temperature=temperature, ignore_index=ignore_index,
+        chunk_size=chunk_size, mem_budget=mem_budget)
+
+    with torch.no_grad():
+        mf = m.to(torch.float32)
+        adv2 = adv.reshape(bt)
+        log_ratio = torch.zeros_like(logp) if old_logps is None else logp - old_logps.float()
+        ratio = torch.exp(log_ratio)
+        low = (ratio < 1.0 - eps_low) & (adv2 < 0)
+        high = (ratio > 1.0 + eps_high) & (adv2 > 0)
+        metrics = {
+            "clip_ratio/low_mean": _masked_mean(low.float(), mf),
+            "clip_ratio/high_mean": _masked_mean(high.float(), mf),
+            "clip_ratio/region_mean": _masked_mean((low | high).float(), mf),
+            "entropy": _masked_mean(entropy, mf),
+            "approx_kl": 0.5 * _masked_mean(log_ratio * log_ratio, mf),
+        }
+        if use_ref:
+            metrics["kl"] = _masked_mean(ops.kl_penalty(logp, ref, kind=kl_kind), mf)
+    return loss, metrics
+
+
+class FusedLinearGRPOLoss(torch.nn.Module):
+    """GRPO loss over completion hidden states ``[B, T, H]`` and the LM head ``[V, H]``.
+
+    ``forward(hidden, weight, labels, *, advantages, mask=None, old_logps=None, bias=None,
+    ref_hidden=None, ref_weight=None, ref_bias=None, ref_logps=None, num_items=None)``:
+    ``labels [B, T]`` are the completion tokens (``ignore_index`` on padding), ``advantages``
+    ``[B]`` (or ``[B, T]``), ``mask`` optionally drops more tokens (e.g. tool output),
+    ``old_logps [B, T]`` the sampling policy's log-probs (None = on-policy, ratio 1), the reference
+    from ``ref_hidden`` (through ``ref_weight``/``ref_bias``, default the policy head) or
+    ``ref_logps [B, T]``; ``num_items`` is dapo's global token count (default: the local one).
+
+    ``loss_type``: ``grpo`` (per-sequence mean, then batch mean), ``bnpo`` (token mean),
+    ``dr_grpo`` (sum / (B · max_completion_length)), ``dapo`` (sum / global tokens; TRL's default).
+    ``epsilon_high`` defaults to ``epsilon_low`` (DAPO uses 0.28). ``beta > 0`` adds ``beta`` times
+    the ``kl_kind`` estimator (k3, as TRL). Returns ``(loss, metrics)`` with TRL's names:
+    ``clip_ratio/low_mean``, ``clip_ratio/high_mean``, ``clip_ratio/region_mean``, ``entropy``,
+    ``approx_kl`` and, when ``beta > 0``, ``kl``.
+    """
+
+    default_loss_type = "dapo"
+
+    def __init__(self, beta=0.0, loss_type=None, epsilon_low=0.2, epsilon_high=None, max_completion_length=None,
+                 temperature=1.0, entropy_coef=0.0, kl_kind="k3", ignore_index=-100, chunk_size=None,
+                 mem_budget=None):
+        super().__init__()
+        loss_type = self.default_loss_type if loss_type is None else loss_type
+        v.positive("beta", beta, allow_zero=True)
+        v.choice("loss_type", loss_type, LOSS_TYPES)
+        v.choice("kl_kind", kl_kind, KL_KINDS)
+        v.in_range("epsilon_low", epsilon_low, 0.0, 1.0, high_inclusive=False)
+        self.beta, self.loss_type, self.kl_kind = beta, loss_type, kl_kind
+        self.epsilon_low, self.epsilon_high = epsilon_low, epsilon_high
+        self.max_completion_length, self.temperature, self.entropy_coef = max_completion_length, temperature, \
+            entropy_coef
+        self.ignore_index, self.chunk_size, self.mem_budget = ignore_index, chunk_size, mem_budget
+
+    def forward(self, hidden, weight, labels, *, advantages, mask=None, old_logps=None, bias=None, ref_hidden=None,
+                ref_weight=None, ref_bias=None, ref_logps=None, num_items=None):
+        return clipped_policy_loss(
+            hidden, weight, labels, advantages=advantages, mask=mask, old_logps=old_logps, bias=bias,
+            ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias, ref_logps=ref_logps,
+            num_items=num_items, beta=self.beta, kl_kind=self.kl_kind, epsilon_low=self.epsilon_low,
+            epsilon_high=self.epsilon_high, loss_type=self.loss_type,
+            max_completion_length=self.max_completion_length, temperature=self.temperature,
+            entropy_coef=self.entropy_coef, ignore_index=self.ignore_index, chunk_size=self.chunk_size,
+            mem_budget=self.mem_budget)
+
+    def extra_repr(self) -> str:
+        return (f"beta={self.beta}, loss_type={self.loss_type!r}, epsilon_low={self.epsilon_low}, "
+                f"epsilon_high={self.epsilon_high}")
+
+
+def fused_linear_grpo_loss(hidden, weight, labels, *, advantages, mask=None, old_logps=None, bias=None,
+                           ref_hidden=None, ref_weight=None, ref_bias=None, ref_logps=None, num_items=None, beta=0.0,
+                           kl_kind="k3", epsilon_low=0.2, epsilon_high=None, loss_type="dapo",
+                           max_completion_length=None, temperature=1.0, entropy_coef=0.0, ignore_index=-100,
+                           chunk_size=None, mem_budget=None):
+    """Functional form of :class:`FusedLinearGRPOLoss`; returns ``(loss, metrics)``."""
+    return clipped_policy_loss(
+        hidden, weight, labels, advantages=advantages, mask=mask, old_logps=old_logps, bias=bias,
+        ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias, ref_logps=ref_logps, num_items=num_items,
+        beta=beta, kl_kind=kl_kind, epsilon_low=epsilon_low, epsilon_high=epsilon_high, loss_type=loss_type,
+        max_completion_length=max_completion_length, temperature=temperature, entropy_coef=entropy_coef,
+        ignore_index=ignore_index, chunk_size=chunk_size, mem_budget=mem_budget)
