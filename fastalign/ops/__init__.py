@@ -9,6 +9,7 @@ from . import (
     native,  # noqa: F401  (registers the compiled backends)
     native_rl,  # noqa: F401  (the compiled backends of the RL and preference ops)
     reference,
+    triton_logprobs,  # noqa: F401  (registers the triton backend; imports triton only when it runs)
     triton_rl,  # noqa: F401  (triton backend of the RL/preference ops; imports triton only when it runs)
 )
 from .advantages import gae, group_advantages, rloo_advantages, whiten
