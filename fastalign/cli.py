@@ -33,12 +33,68 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="command")
     p = sub.add_parser("ops", help="table of ops x backends available on this machine")
     p.set_defaults(func=_cmd_ops)
+    _add_flow_commands(sub)
     return parser
+
+
+FLOW_HELP = {"sft": "supervised fine-tuning", "reward": "reward model (Bradley-Terry)",
+             "dpo": "DPO (sigmoid | hinge | ipo | robust)", "simpo": "SimPO (reference-free)"}
+
+
+def _cmd_flow(args: argparse.Namespace) -> int:
+    import importlib
+
+    from fastalign.engine import config as cfgmod
+    from fastalign.engine.trainer import TrainingDiverged
+
+    classes = {"sft": cfgmod.SFTConfig, "reward": cfgmod.RewardConfig, "dpo": cfgmod.DPOConfig,
+               "simpo": cfgmod.SimPOConfig}
+    try:
+        cfg = cfgmod.load_config(classes[args.command], args.config, args.overrides)
+        importlib.import_module(f"fastalign.flows.{args.command}").run(cfg)
+    except (ValueError, TypeError, OSError, ImportError, TrainingDiverged) as e:
+        print(f"fastalign {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _cmd_pipeline(args: argparse.Namespace) -> int:
+    from fastalign.pipeline import run_pipeline
+
+    if args.overrides:
+        print(f"fastalign pipeline: error: unknown arguments {args.overrides}", file=sys.stderr)
+        return 2
+    try:
+        run_pipeline(name=args.name, output_dir=args.output_dir, quick=args.quick, seed=args.seed,
+                     threads=args.threads, config=args.config)
+    except (ValueError, TypeError, OSError) as e:
+        print(f"fastalign pipeline: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _add_flow_commands(sub) -> None:
+    """``sft|reward|dpo|simpo --config cfg.yaml [--key value ...]`` and ``pipeline``."""
+    for flow, text in FLOW_HELP.items():
+        p = sub.add_parser(flow, help=f"{text}: --config cfg.yaml, then --key value overrides")
+        p.add_argument("--config", default=None, help="YAML file of config keys (see configs/)")
+        p.set_defaults(func=_cmd_flow, takes_overrides=True)
+    p = sub.add_parser("pipeline", help="every flow on the tiny default model + results table and report.md")
+    p.add_argument("--name", default="pipeline", help="run folder name under --output_dir")
+    p.add_argument("--output_dir", default="runs")
+    p.add_argument("--quick", action="store_true", help="a few steps per stage (smoke test)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    p.add_argument("--config", default=None, help="YAML of per-stage overrides: {sft: {max_steps: 300}, ...}")
+    p.set_defaults(func=_cmd_pipeline, takes_overrides=True)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra and not getattr(args, "takes_overrides", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.overrides = extra
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

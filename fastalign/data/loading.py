@@ -1,0 +1,237 @@
+"""Datasets in TRL's formats → token ids, labels masked on the prompt, and batch collators.
+
+Sources: a built-in task (``arith``, ``pronoun``, ``arith+pronoun``; see :mod:`.tasks`), a local
+JSONL / JSON / Parquet file, or a Hugging Face hub dataset id. Row formats (plain strings or
+conversational message lists, as in TRL):
+
+* SFT: ``prompt`` + ``completion``, or ``messages`` (the last assistant turn is the target)
+* preference: ``prompt`` + ``chosen`` + ``rejected``
+* prompt-only: ``prompt`` (extra columns are kept for verifiers)
+
+A malformed row raises ``ValueError`` naming the file, the row number and the field.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+import torch
+
+from fastalign.models.tiny import DEFAULT_CHAT_TEMPLATE
+
+from . import tasks
+
+IGNORE_INDEX = -100
+KINDS = ("sft", "preferences", "prompts")
+REQUIRED = {"sft": (("prompt", "completion"), ("messages",)),
+            "preferences": (("prompt", "chosen", "rejected"),),
+            "prompts": (("prompt",),)}
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading rows
+# ----------------------------------------------------------------------------------------------
+def _read_jsonl(path):
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}: row {lineno} is not valid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}: row {lineno} must be a JSON object, got {type(row).__name__}")
+            rows.append(row)
+    return rows
+
+
+def read_rows(source: str, split: str = "train"):
+    """Rows (list of dicts) from a JSONL/JSON/Parquet file or a hub dataset id, with their origin name."""
+    if os.path.isfile(source):
+        if source.endswith((".jsonl", ".jsonl.gz")) or (source.endswith(".json") and _looks_like_jsonl(source)):
+            return _read_jsonl(source)
+        import datasets
+
+        builder = "parquet" if source.endswith(".parquet") else "json"
+        return list(datasets.load_dataset(builder, data_files=source, split="train"))
+    if os.path.isdir(source):
+        import datasets
+
+        return list(datasets.load_dataset(source, split=split))
+    if source.count("/") != 1 or source.startswith((".", "/")):
+        raise ValueError(f"dataset {source!r} is not a built-in task ({sorted(tasks.TASKS)}), an existing file, "
+                         "or a hub id of the form 'owner/name'")
+    import datasets
+
+    try:
+        return list(datasets.load_dataset(source, split=split))
+    except Exception as e:  # the hub raises many kinds; the user needs to know which dataset and why
+        raise ValueError(f"could not load dataset {source!r} (split {split!r}) from the Hugging Face hub: "
+                         f"{type(e).__name__}: {e}. Offline? Pass a local JSONL/Parquet file instead.") from e
+
+
+def _looks_like_jsonl(path):
+    with open(path, encoding="utf-8") as f:
+        return f.read(1) == "{"
+
+
+def _is_messages(value):
+    return isinstance(value, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in value)
+
+
+def validate_rows(rows, kind, source):
+    """Raise ValueError naming source, row and field for the first row that does not fit ``kind``."""
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    if not rows:
+        raise ValueError(f"{source}: no rows")
+    for i, row in enumerate(rows, start=1):
+        options = REQUIRED[kind]
+        fields = next((f for f in options if all(k in row for k in f)), None)
+        if fields is None:
+            wanted = " or ".join("+".join(f) for f in options)
+            missing = [k for k in options[0] if k not in row]
+            raise ValueError(f"{source}: row {i} is missing field {missing[0]!r} (a {kind} row needs {wanted}); "
+                             f"it has {sorted(row)}")
+        for key in fields:
+            value = row[key]
+            if not (isinstance(value, str) or _is_messages(value)):
+                raise ValueError(f"{source}: row {i} field {key!r} must be a string or a list of "
+                                 f"{{'role', 'content'}} messages, got {type(value).__name__}: {str(value)[:60]!r}")
+            if key != "prompt" and isinstance(value, str) and not value:
+                raise ValueError(f"{source}: row {i} field {key!r} is empty")
+    return rows
+
+
+def load_rows(source: str, kind: str, *, n: int = 0, seed: int = 0, split: str = "train"):
+    """Validated rows of ``kind`` from a built-in task spec or a file / hub dataset (first ``n`` if n>0)."""
+    if tasks.parse_task_spec(source) is not None:
+        return tasks.task_rows(source, kind, n or 1000, seed=seed, split=split)
+    rows = read_rows(source, split=split)
+    rows = rows[:n] if n else rows
+    return validate_rows(rows, kind, source)
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokenizing
+# ----------------------------------------------------------------------------------------------
+def chat_template(tokenizer):
+    return getattr(tokenizer, "chat_template", None) or DEFAULT_CHAT_TEMPLATE
+
+
+def render_prompt(tokenizer, prompt):
+    """A plain prompt as is; a conversational one through the chat template with a generation prompt."""
+    if isinstance(prompt, str):
+        return prompt
+    return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True,
+                                         chat_template=chat_template(tokenizer))
+
+
+def _completion_text(completion):
+    if isinstance(completion, str):
+        return completion
+    return "".join(m["content"] for m in completion if m.get("role") == "assistant") or completion[-1]["content"]
+
+
+def _ids(tokenizer, text):
+    return tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+
+
+def encode_prompt(tokenizer, prompt):
+    ids = _ids(tokenizer, render_prompt(tokenizer, prompt))
+    bos = tokenizer.bos_token_id
+    return ([bos] if bos is not None and (not ids or ids[0] != bos) else []) + ids
+
+
+def encode_completion(tokenizer, completion):
+    eos = tokenizer.eos_token_id
+    return _ids(tokenizer, _completion_text(completion)) + ([eos] if eos is not None else [])
+
+
+def _fit(prompt_ids, completion_ids, max_length):
+    """Keep the completion; cut the prompt from the left, then the completion from the right."""
+    if len(prompt_ids) + len(completion_ids) <= max_length:
+        return prompt_ids, completion_ids
+    keep_prompt = max(max_length - len(completion_ids), min(len(prompt_ids), max_length // 2))
+    prompt_ids = prompt_ids[len(prompt_ids) - keep_prompt:]
+    return prompt_ids, completion_ids[: max_length - len(prompt_ids)]
+
+
+def encode_sft(tokenizer, row, max_length):
+    """``{"input_ids", "labels"}`` with the prompt masked to -100."""
+    if "messages" in row and "completion" not in row:
+        messages = row["messages"]
+        last = max(i for i, m in enumerate(messages) if m["role"] == "assistant") if any(
+            m["role"] == "assistant" for m in messages) else len(messages) - 1
+        prompt, completion = messages[:last], [messages[last]]
+    else:
+        prompt, completion = row["prompt"], row["completion"]
+    p, c = _fit(encode_prompt(tokenizer, prompt), encode_completion(tokenizer, completion), max_length)
+    return {"input_ids": p + c, "labels": [IGNORE_INDEX] * len(p) + c}
+
+
+def encode_preference(tokenizer, row, max_length):
+    """``{"chosen": {...}, "rejected": {...}}``, each an SFT-style encoding on the shared prompt."""
+    prompt = encode_prompt(tokenizer, row["prompt"])
+    out = {}
+    for key in ("chosen", "rejected"):
+        p, c = _fit(prompt, encode_completion(tokenizer, row[key]), max_length)
+        out[key] = {"input_ids": p + c, "labels": [IGNORE_INDEX] * len(p) + c}
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Collating
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class Batch:
+    """Right-padded ``[B, T]`` tensors; ``position_ids`` is set for packed rows (one row, many sequences)."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor | None
+    labels: torch.Tensor
+    position_ids: torch.Tensor | None = None
+    index: torch.Tensor | None = None  # dataset row of each sequence (for precomputed reference log-probs)
+
+    def to(self, device):
+        move = lambda t: None if t is None else t.to(device)
+        return Batch(move(self.input_ids), move(self.attention_mask), move(self.labels), move(self.position_ids),
+                     move(self.index))
+
+    def num_target_tokens(self) -> int:
+        return int((self.labels[:, 1:] != IGNORE_INDEX).sum())
+
+
+def collate(examples, pad_id, index=None):
+    """Pad encodings to the longest one in the batch."""
+    width = max(len(e["input_ids"]) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for i, e in enumerate(examples):
+        n = len(e["input_ids"])
+        ids[i, :n] = torch.tensor(e["input_ids"])
+        labels[i, :n] = torch.tensor(e["labels"])
+        mask[i, :n] = 1
+    return Batch(ids, mask, labels, None, None if index is None else torch.as_tensor(index))
+
+
+def collate_packed(examples):
+    """Padding-free: all sequences in one row; position_ids restart per sequence, so attention stays
+    within each sequence, and no label crosses a boundary (each first token is never a target)."""
+    ids, labels, pos = [], [], []
+    for e in examples:
+        ids += e["input_ids"]
+        labels += [IGNORE_INDEX] + list(e["labels"][1:])
+        pos += list(range(len(e["input_ids"])))
+    as_row = lambda x: torch.tensor(x, dtype=torch.long).unsqueeze(0)
+    return Batch(as_row(ids), None, as_row(labels), as_row(pos))
+
+
+def collate_preferences(pairs, pad_id, index=None):
+    """``[2B, T]``: the B chosen sequences first, then the B rejected ones."""
+    return collate([p["chosen"] for p in pairs] + [p["rejected"] for p in pairs], pad_id, index)

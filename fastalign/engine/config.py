@@ -1,0 +1,231 @@
+"""Dataclass configs for the flows: loaded from YAML, overridden with ``--key value``, saved per run.
+
+Every knob has a name, a type and a default here; an unknown key or a value of the wrong type
+raises ``ValueError`` naming the key. The resolved config is printed and written to
+``<run folder>/config.yaml`` so a run can be repeated exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+
+def choice(default, options, help=""):
+    return field(default=default, metadata={"choices": tuple(options), "help": help})
+
+
+def knob(default, help="", minimum=None, maximum=None):
+    kwargs = {"default_factory": lambda: list(default)} if isinstance(default, list) else {"default": default}
+    return field(metadata={"help": help, "min": minimum, "max": maximum}, **kwargs)
+
+
+@dataclass
+class TrainConfig:
+    """What every flow shares: run, model, data, optimisation, logging and checkpoints."""
+
+    # run
+    name: str = knob("", "run folder name under output_dir (default: <flow>-<timestamp>)")
+    output_dir: str = knob("runs", "parent folder of run folders")
+    seed: int = knob(0, "seed for data order, initialisation and sampling")
+    threads: int = knob(0, "torch.set_num_threads (0 = leave torch's default)", minimum=0)
+    # model
+    model: str = knob("tiny", "'tiny' (the built-in default), a local folder or a hub id")
+    tokenizer: str = knob("", "tokenizer folder or hub id (default: the model's)")
+    dtype: str = choice("float32", ("float32", "bfloat16", "float16"), "parameter dtype")
+    attn_implementation: str = choice("sdpa", ("sdpa", "eager", "flash_attention_2"))
+    gradient_checkpointing: bool = knob(False, "recompute activations in the backward")
+    lora_r: int = knob(0, "LoRA rank (0 = train all weights)", minimum=0)
+    lora_alpha: float = knob(16.0, "LoRA scaling numerator", minimum=0)
+    lora_dropout: float = knob(0.0, "LoRA dropout", minimum=0, maximum=1)
+    lora_target_modules: list = knob(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    fsdp: bool = knob(False, "shard parameters with FSDP2 fully_shard (else DDP) when world size > 1")
+    # data
+    dataset: str = knob("arith+pronoun", "built-in task(s) joined by '+', a JSONL/Parquet file or a hub id")
+    eval_dataset: str = knob("", "held-out data (default: the tasks' eval split; none for files)")
+    num_examples: int = knob(4000, "rows per built-in task, or the first rows of a file (0 = all)", minimum=0)
+    num_eval_examples: int = knob(200, "held-out rows per task for the final evaluation", minimum=1)
+    max_length: int = knob(128, "tokens per sequence (prompt + completion)", minimum=2)
+    packing: bool = knob(False, "padding-free: pack each micro-batch into one row")
+    # optimisation
+    max_steps: int = knob(100, "optimizer steps", minimum=1)
+    batch_size: int = knob(32, "global batch in sequences (pairs for preference flows)", minimum=1)
+    micro_batch_size: int = knob(0, "per-process micro-batch (0 = batch_size / world size)", minimum=0)
+    lr: float = knob(1e-3, "peak learning rate", minimum=0)
+    weight_decay: float = knob(0.0, "AdamW weight decay", minimum=0)
+    adam_beta1: float = knob(0.9, minimum=0, maximum=1)
+    adam_beta2: float = knob(0.98, minimum=0, maximum=1)
+    adam_eps: float = knob(1e-8, minimum=0)
+    warmup_steps: int = knob(10, "linear warmup steps", minimum=0)
+    min_lr_ratio: float = knob(0.1, "cosine decay floor as a fraction of lr", minimum=0, maximum=1)
+    max_grad_norm: float = knob(1.0, "gradient clipping (0 = off)", minimum=0)
+    # logging, evaluation, checkpoints
+    log_every: int = knob(10, "steps between metric lines", minimum=1)
+    save_every: int = knob(0, "steps between checkpoints (0 = only the final one)", minimum=0)
+    keep_checkpoints: int = knob(2, "checkpoints kept on disk", minimum=1)
+    resume: bool = knob(False, "continue from the latest checkpoint in the run folder")
+    tensorboard: bool = knob(False, "also write TensorBoard events (needs tensorboard installed)")
+    progress: bool = knob(True, "show a tqdm progress bar")
+    eval_batch_size: int = knob(256, "prompts per generation batch in the evaluation", minimum=1)
+
+    def validate(self):
+        """Range and choice checks on every field, then cross-field checks."""
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            value, meta = getattr(self, f.name), f.metadata
+            if "choices" in meta and value not in meta["choices"]:
+                raise ValueError(f"config key {f.name!r} must be one of {list(meta['choices'])}, got {value!r}")
+            if hints[f.name] in (int, float) and not math.isfinite(value):
+                raise ValueError(f"config key {f.name!r} must be finite, got {value!r}")
+            if meta.get("min") is not None and value < meta["min"]:
+                raise ValueError(f"config key {f.name!r} must be >= {meta['min']}, got {value!r}")
+            if meta.get("max") is not None and value > meta["max"]:
+                raise ValueError(f"config key {f.name!r} must be <= {meta['max']}, got {value!r}")
+        return self
+
+
+@dataclass
+class SFTConfig(TrainConfig):
+    lr: float = knob(3e-3, "peak learning rate", minimum=0)
+    batch_size: int = knob(128, "global batch in sequences", minimum=1)
+
+
+@dataclass
+class RewardConfig(TrainConfig):
+    init_from: str = knob("", "model to start from (e.g. an SFT run's model/ folder; default: model)")
+    center_coef: float = knob(0.01, "reward centering coefficient c·mean((r_w + r_l)²)", minimum=0)
+    margin: float = knob(0.0, "Bradley-Terry margin")
+    lr: float = knob(1e-3, "peak learning rate", minimum=0)
+
+
+@dataclass
+class DPOConfig(TrainConfig):
+    init_from: str = knob("", "policy (and reference) start (e.g. an SFT run's model/ folder; default: model)")
+    beta: float = knob(0.1, "KL strength β", minimum=0)
+    loss_type: str = choice("sigmoid", ("sigmoid", "hinge", "ipo", "robust"))
+    label_smoothing: float = knob(0.0, "sigmoid/robust label smoothing ε", minimum=0, maximum=0.49)
+    reference: str = choice("frozen_copy", ("frozen_copy", "precomputed", "adapter", "shared_trunk"),
+                            "how the reference model is held (see fastalign.models.reference)")
+    reference_dtype: str = choice("", ("", "float32", "bfloat16"), "frozen_copy dtype (default: the policy's)")
+    reference_offload: bool = knob(False, "frozen_copy lives on CPU between uses")
+    trainable_top_layers: int = knob(1, "shared_trunk: how many top layers the policy trains", minimum=1)
+    lr: float = knob(5e-4, "peak learning rate", minimum=0)
+
+
+@dataclass
+class SimPOConfig(TrainConfig):
+    init_from: str = knob("", "policy start (e.g. an SFT run's model/ folder; default: model)")
+    beta: float = knob(2.0, "SimPO β", minimum=0)
+    gamma: float = knob(0.5, "SimPO target margin γ")
+    label_smoothing: float = knob(0.0, minimum=0, maximum=0.49)
+    lr: float = knob(5e-4, "peak learning rate", minimum=0)
+
+
+def _convert(key, value, kind, source):
+    """``value`` (from YAML or a command-line string) as ``kind``, or ValueError naming the key."""
+    bad = lambda: ValueError(f"config key {key!r} ({source}) must be {kind.__name__}, got {value!r}")
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+            return value.lower() in ("true", "1", "yes", "on")
+        raise bad()
+    if kind is int:
+        if isinstance(value, bool):
+            raise bad()
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        try:
+            return int(str(value))
+        except ValueError:
+            raise bad() from None
+    if kind is float:
+        if isinstance(value, bool):
+            raise bad()
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise bad() from None
+    if kind is list:
+        if isinstance(value, list):
+            return [str(v) for v in value]
+        if isinstance(value, str):
+            return [v.strip() for v in value.split(",") if v.strip()]
+        raise bad()
+    if kind is str:
+        if isinstance(value, (dict, list)):
+            raise bad()
+        return "" if value is None else str(value)
+    raise TypeError(f"config key {key!r} has an unsupported type {kind!r}")
+
+
+def _apply(values: dict, cls, source: str, into: dict):
+    hints = typing.get_type_hints(cls)
+    for raw_key, value in values.items():
+        key = str(raw_key).replace("-", "_")
+        if key not in hints:
+            close = difflib.get_close_matches(key, list(hints), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(f"unknown config key {raw_key!r} in {source}{hint}; {cls.__name__} knows: "
+                             f"{', '.join(sorted(hints))}")
+        into[key] = _convert(key, value, hints[key], source)
+
+
+def parse_overrides(argv):
+    """``["--lr", "1e-3", "--packing", "--name=x"]`` → ``{"lr": "1e-3", "packing": "true", "name": "x"}``."""
+    out, i = {}, 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--") or len(arg) == 2:
+            raise ValueError(f"expected an override '--key value', got {arg!r}")
+        if "=" in arg:
+            key, value = arg[2:].split("=", 1)
+            i += 1
+        elif i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+            key, value = arg[2:], argv[i + 1]
+            i += 2
+        else:  # a bare flag means true
+            key, value = arg[2:], "true"
+            i += 1
+        out[key] = value
+    return out
+
+
+def load_config(cls, path=None, overrides=None, **values):
+    """A validated ``cls`` from an optional YAML file, then ``overrides`` (argv list or dict), then ``values``."""
+    resolved: dict = {}
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ValueError(f"config file {str(path)!r} does not exist")
+        data = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"config file {str(path)!r} must hold a mapping of key: value, got {type(data).__name__}")
+        _apply(data, cls, str(path), resolved)
+    if overrides:
+        _apply(parse_overrides(overrides) if isinstance(overrides, (list, tuple)) else overrides, cls,
+               "command line", resolved)
+    _apply(values, cls, "arguments", resolved)
+    return cls(**resolved).validate()
+
+
+def config_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg, run_dir: Path, echo: bool = True) -> Path:
+    """Write ``config.yaml`` into the run folder (and print it when ``echo``)."""
+    text = yaml.safe_dump(config_dict(cfg), sort_keys=False)
+    path = Path(run_dir) / "config.yaml"
+    path.write_text(text)
+    if echo:
+        print(f"config ({type(cfg).__name__}) → {path}\n" + "".join(f"  {line}\n" for line in text.splitlines()))
+    return path

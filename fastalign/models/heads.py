@@ -1,0 +1,103 @@
+"""Modules the flows train: a causal LM that returns per-token log-probs, and a scalar (reward/value) head.
+
+Both compute everything inside ``forward`` so DDP and FSDP see every parameter they manage. The
+log-probs come from the final hidden states and the LM head through ``ops.token_logprobs``:
+the ``tokens × vocabulary`` logits are never materialized.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from fastalign import ops
+
+from .loading import base_causal_lm
+
+IGNORE_INDEX = -100
+
+
+def decoder(lm):
+    """The transformer trunk (embeddings → layers → final norm) of a causal LM, peft-wrapped or not."""
+    base = base_causal_lm(lm)
+    return base.get_decoder() if hasattr(base, "get_decoder") else base.model
+
+
+def lm_head(lm) -> nn.Module:
+    return base_causal_lm(lm).get_output_embeddings()
+
+
+class CausalLMLogprobs(nn.Module):
+    """``forward(input_ids, attention_mask, labels)`` → ``logp [B, T-1]`` of ``labels[:, 1:]`` (0 where ignored)."""
+
+    def __init__(self, lm):
+        super().__init__()
+        self.lm = lm
+
+    def hidden_states(self, input_ids, attention_mask=None, position_ids=None):
+        out = decoder(self.lm)(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                               use_cache=False)
+        return out.last_hidden_state
+
+    def forward(self, input_ids, attention_mask=None, labels=None, position_ids=None):
+        hidden = self.hidden_states(input_ids, attention_mask, position_ids)
+        head = lm_head(self.lm)
+        return ops.token_logprobs(hidden[:, :-1], head.weight, labels[:, 1:], bias=head.bias,
+                                  ignore_index=IGNORE_INDEX)
+
+
+def target_mask(labels):
+    """``[B, T-1]`` mask of the positions ``CausalLMLogprobs`` scores."""
+    return labels[:, 1:] != IGNORE_INDEX
+
+
+class ScalarHeadModel(nn.Module):
+    """A causal LM trunk + ``Linear(H, 1)``: one scalar per sequence, read at its last real token.
+
+    The LM head is frozen (unused), so DDP sees no parameter without a gradient.
+    """
+
+    HEAD_FILE = "scalar_head.safetensors"
+
+    def __init__(self, lm):
+        super().__init__()
+        self.lm = lm
+        hidden = base_causal_lm(lm).config.hidden_size
+        self.score = nn.Linear(hidden, 1, bias=True)
+        nn.init.normal_(self.score.weight, std=1.0 / (hidden + 1) ** 0.5)
+        nn.init.zeros_(self.score.bias)
+        self.score.to(next(lm.parameters()).dtype)
+        lm_head(lm).requires_grad_(False)
+
+    def forward(self, input_ids, attention_mask):
+        hidden = decoder(self.lm)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        last = attention_mask.long().sum(1).clamp(min=1) - 1  # right padding: the last real token
+        picked = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+        return self.score(picked).squeeze(-1).float()
+
+    def save(self, folder, tokenizer):
+        from safetensors.torch import save_file
+
+        from .loading import save_pretrained
+
+        folder = Path(folder)
+        save_pretrained(self.lm, tokenizer, folder)
+        save_file({k: v.detach().cpu().contiguous() for k, v in self.score.state_dict().items()},
+                  str(folder / self.HEAD_FILE))
+        return folder
+
+    @classmethod
+    def load(cls, folder, **load_kwargs):
+        """A saved reward model: the causal LM folder plus ``scalar_head.safetensors``."""
+        from safetensors.torch import load_file
+
+        from .loading import load_causal_lm
+
+        folder = Path(folder)
+        if not (folder / cls.HEAD_FILE).exists():
+            raise ValueError(f"{folder} is not a reward model folder (no {cls.HEAD_FILE})")
+        model = cls(load_causal_lm(str(folder), **load_kwargs))
+        model.score.load_state_dict(load_file(str(folder / cls.HEAD_FILE)))
+        return model
