@@ -197,10 +197,11 @@ def _dlogits_chunk_kernel(h_ptr, w_ptr, b_ptr, labels_ptr, lse_ptr, ent_ptr, g_l
     tile_mask = row_mask[:, None] & col_mask[None, :]
     dz = tl.where(tile_mask, dz, 0.0)
     if FILTER:
-        keep = tl.max(tl.abs(dz)) >= eps
-        tl.store(keep_ptr + nb * stride_keep + vb, keep.to(tl.int8))
-        # Skipped tiles are never read (both GEMMs and d(bias) test the flag): don't write them.
-        tile_mask = tile_mask & keep
+        tile_max = tl.max(tl.max(tl.abs(dz), axis=1), axis=0)
+        tl.store(keep_ptr + nb * stride_keep + vb, (tile_max >= eps).to(tl.int8))
+        # Skipped tiles are never read (both GEMMs and d(bias) visit kept tiles only): don't write them.
+        # (broadcast before comparing: the interpreter cannot AND a tile with a 0-d reduction result)
+        tile_mask = tile_mask & ((tl.zeros_like(dz) + tile_max) >= eps)
     dz_ptrs = dz_ptr + rows[:, None] * stride_dz + local[None, :]
     tl.store(dz_ptrs, dz.to(dz_ptr.dtype.element_ty), mask=tile_mask)
 

@@ -1,0 +1,323 @@
+"""Triton kernels of token_logprobs and logprobs_from_logits, in Triton's CPU interpreter.
+
+Values and every gradient (hidden, weight, bias; logits) are checked against float64 formulas
+written here, with fresh random inputs on every run, at small sizes (the interpreter is slow):
+vocabularies that are not a multiple of the block, one row, ignored rows, all rows ignored,
+temperature, bias, entropy gradients, several vocabulary chunks in the backward, and the error
+bound of gradient filtering. bf16 inputs go through the interpreter's fp32 upcast of ``tl.dot``.
+
+Triton decorates its own library functions when it is imported, so TRITON_INTERPRET=1 is set
+before the import, at the top of this module (as in test_triton_rl.py). If triton was imported
+earlier without it, the in-process tests skip and ``test_in_a_fresh_process`` runs this file in
+a new interpreter instead. On a CUDA machine tests/gpu/test_gpu_logprobs.py covers the compiled
+kernels; this module then runs the same checks compiled, on the GPU.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if DEVICE == "cpu":
+    os.environ["TRITON_INTERPRET"] = "1"
+triton = pytest.importorskip("triton")
+
+from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
+
+from fastalign import ops  # noqa: E402
+from fastalign.ops import dispatch  # noqa: E402
+
+IN_PROCESS = DEVICE == "cuda" or isinstance(triton.language.sum, InterpretedFunction)
+TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-2}
+
+
+def _kernel_modules():
+    from fastalign.triton_kernels import logprobs_rows, token_logprobs
+    return token_logprobs, logprobs_rows
+
+
+@pytest.fixture(autouse=True)
+def triton_backend(request):
+    if request.node.name == "test_in_a_fresh_process":
+        yield
+        return
+    if not IN_PROCESS:
+        pytest.skip("triton was imported before TRITON_INTERPRET=1 was set; test_in_a_fresh_process runs this")
+    if DEVICE == "cpu":
+        dispatch._triton_status.cache_clear()  # it is cached, maybe from before the variable was set
+        for module in _kernel_modules():
+            if not module.INTERPRET:
+                importlib.reload(module)  # decorated before the variable was set
+    with ops.backend("triton"):
+        yield
+
+
+def test_in_a_fresh_process():
+    if IN_PROCESS:
+        pytest.skip("the tests of this module ran in this process")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+
+
+# ------------------------------------------------------------------------------------------ helpers
+def assert_close(got, want, tol, what):
+    """Max abs difference relative to max |want|; NaN/Inf never passes."""
+    got = got.detach().double().cpu()
+    want = want.detach().double().cpu()
+    assert got.shape == want.shape, f"{what}: shape {tuple(got.shape)} != {tuple(want.shape)}"
+    assert torch.isfinite(got).all(), f"{what}: non-finite values"
+    scale = want.abs().max().item()
+    err = (got - want).abs().max().item()
+    if scale == 0:
+        assert err == 0, f"{what}: expected exact zeros, max |got| = {err:.3e}"
+    else:
+        assert err / scale < tol, f"{what}: relative error {err / scale:.3e} >= {tol:g}"
+
+
+def logprobs64(z, labels, temperature, ignore_index):
+    """float64 log_softmax(z / T)[label] and entropy, 0 where the label is ignored."""
+    logp_all = torch.log_softmax(z / temperature, dim=-1)
+    valid = labels != ignore_index
+    logp = logp_all.gather(-1, torch.where(valid, labels, 0).unsqueeze(-1)).squeeze(-1)
+    entropy = -(logp_all.exp() * logp_all).sum(-1)
+    zero = torch.zeros_like(logp)
+    return torch.where(valid, logp, zero), torch.where(valid, entropy, zero)
+
+
+def random_labels(lead, vocab, ignore_index, ignored_fraction=0.2):
+    labels = torch.randint(0, vocab, lead, device=DEVICE)
+    ignored = torch.rand(lead, device=DEVICE) < ignored_fraction
+    return torch.where(ignored, torch.full_like(labels, ignore_index), labels)
+
+
+def run_token_logprobs(hidden, weight, bias, labels, g_logp, g_ent, **kw):
+    """Forward with the triton backend and backward with upstream grads; returns outputs and grads."""
+    leaves = [x.detach().clone().requires_grad_() if x is not None else None for x in (hidden, weight, bias)]
+    logp, entropy = ops.token_logprobs(leaves[0], leaves[1], labels, bias=leaves[2], return_entropy=True, **kw)
+    loss = (logp * g_logp).sum() + (entropy * g_ent).sum() if g_ent is not None else (logp * g_logp).sum()
+    loss.backward()
+    return logp, entropy, [x.grad if x is not None else None for x in leaves]
+
+
+def reference_token_logprobs(hidden, weight, bias, labels, g_logp, g_ent, temperature, ignore_index):
+    leaves = [x.detach().double().requires_grad_() if x is not None else None for x in (hidden, weight, bias)]
+    z = leaves[0] @ leaves[1].t()
+    if bias is not None:
+        z = z + leaves[2]
+    logp, entropy = logprobs64(z, labels, temperature, ignore_index)
+    loss = (logp * g_logp.double()).sum()
+    if g_ent is not None:
+        loss = loss + (entropy * g_ent.double()).sum()
+    loss.backward()
+    return logp, entropy, [x.grad if x is not None else None for x in leaves]
+
+
+# ----------------------------------------------------------------------------------- token_logprobs
+# (leading shape, H, V, temperature, bias, mem_budget): one row; V not a multiple of the block;
+# several vocabulary chunks in the backward (a budget of a few columns); 3-D leading shape.
+TOKEN_CASES = [
+    ((1,), 16, 33, 1.0, False, None),
+    ((5, 7), 24, 150, 0.7, True, None),
+    ((33,), 48, 260, 1.9, True, 33 * 4 * 96),
+    ((2, 3, 5), 20, 97, 1.0, False, 30 * 4 * 40),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("lead,h,v,temperature,with_bias,mem_budget", TOKEN_CASES)
+def test_token_logprobs_matches_float64(dtype, lead, h, v, temperature, with_bias, mem_budget):
+    ignore_index = -100
+    hidden = torch.randn(*lead, h, device=DEVICE).to(dtype)
+    weight = (torch.randn(v, h, device=DEVICE) * 0.5).to(dtype)
+    bias = torch.randn(v, device=DEVICE).to(dtype) if with_bias else None
+    labels = random_labels(lead, v, ignore_index)
+    g_logp = torch.randn(lead, device=DEVICE)
+    g_ent = torch.randn(lead, device=DEVICE)
+    logp, entropy, grads = run_token_logprobs(hidden, weight, bias, labels, g_logp, g_ent, temperature=temperature,
+                                              ignore_index=ignore_index, mem_budget=mem_budget)
+    want_logp, want_ent, want_grads = reference_token_logprobs(hidden, weight, bias, labels, g_logp, g_ent,
+                                                               temperature, ignore_index)
+    assert logp.dtype == torch.float32 and entropy.dtype == torch.float32
+    tol = TOL[dtype]
+    assert_close(logp, want_logp, tol, "logp")
+    assert_close(entropy, want_ent, tol, "entropy")
+    for name, got, want in zip(("d(hidden)", "d(weight)", "d(bias)"), grads, want_grads):
+        if want is not None:
+            assert got.dtype == dtype, f"{name} dtype {got.dtype} != {dtype}"
+            assert_close(got, want, tol, name)
+
+
+def test_token_logprobs_fp16_and_noncontiguous_weight():
+    lead, h, v = (9,), 32, 70
+    hidden = torch.randn(*lead, h, device=DEVICE).half()
+    weight = (torch.randn(h, v, device=DEVICE) * 0.5).half().t()  # a transposed view: [V, H], not contiguous
+    labels = random_labels(lead, v, -1)
+    g_logp, g_ent = torch.randn(lead, device=DEVICE), torch.randn(lead, device=DEVICE)
+    logp, entropy, grads = run_token_logprobs(hidden, weight, None, labels, g_logp, g_ent, ignore_index=-1)
+    want_logp, want_ent, want_grads = reference_token_logprobs(hidden, weight, None, labels, g_logp, g_ent, 1.0, -1)
+    assert_close(logp, want_logp, TOL[torch.float16], "logp")
+    assert_close(entropy, want_ent, TOL[torch.float16], "entropy")
+    assert_close(grads[0], want_grads[0], TOL[torch.float16], "d(hidden)")
+    assert_close(grads[1], want_grads[1], TOL[torch.float16], "d(weight)")
+
+
+def test_token_logprobs_logp_only_and_entropy_only_gradients():
+    lead, h, v = (12,), 16, 45
+    hidden = torch.randn(*lead, h, device=DEVICE)
+    weight = torch.randn(v, h, device=DEVICE)
+    labels = random_labels(lead, v, -100)
+    g = torch.randn(lead, device=DEVICE)
+    # logp only, without asking for the entropy at all.
+    x = hidden.clone().requires_grad_()
+    w = weight.clone().requires_grad_()
+    (ops.token_logprobs(x, w, labels) * g).sum().backward()
+    _, _, want = reference_token_logprobs(hidden, weight, None, labels, g, None, 1.0, -100)
+    assert_close(x.grad, want[0], TOL[torch.float32], "d(hidden) from logp")
+    assert_close(w.grad, want[1], TOL[torch.float32], "d(weight) from logp")
+    # entropy only: d(entropy)/dz_j = -p_j (logp_j + entropy) / T.
+    x = hidden.clone().requires_grad_()
+    _, entropy = ops.token_logprobs(x, weight, labels, return_entropy=True, temperature=1.5)
+    (entropy * g).sum().backward()
+    x64 = hidden.double().requires_grad_()
+    _, ent64 = logprobs64(x64 @ weight.double().t(), labels, 1.5, -100)
+    (ent64 * g.double()).sum().backward()
+    assert_close(x.grad, x64.grad, TOL[torch.float32], "d(hidden) from entropy")
+
+
+def test_token_logprobs_all_ignored_gives_zeros():
+    hidden = torch.randn(4, 6, 16, device=DEVICE, requires_grad=True)
+    weight = torch.randn(40, 16, device=DEVICE, requires_grad=True)
+    bias = torch.randn(40, device=DEVICE, requires_grad=True)
+    labels = torch.full((4, 6), -100, device=DEVICE)
+    logp, entropy = ops.token_logprobs(hidden, weight, labels, bias=bias, return_entropy=True)
+    assert logp.shape == (4, 6) and torch.equal(logp, torch.zeros_like(logp))
+    assert torch.equal(entropy, torch.zeros_like(entropy))
+    (logp.sum() + entropy.sum()).backward()
+    for name, g in (("hidden", hidden.grad), ("weight", weight.grad), ("bias", bias.grad)):
+        assert g is not None and torch.equal(g, torch.zeros_like(g)), f"d({name}) must be exactly 0"
+
+
+def _filter_setup(n, h, v, dtype):
+    """Peaked softmax: the first vocabulary tile carries the labels and nearly all the mass."""
+    hidden = torch.randn(n, h, device=DEVICE).to(dtype)
+    weight = (torch.randn(v, h, device=DEVICE) * 0.1).to(dtype)
+    bias = torch.full((v,), -6.0, device=DEVICE)
+    bias[:8] = 6.0
+    bias = bias.to(dtype)
+    labels = torch.randint(0, 8, (n,), device=DEVICE)
+    return hidden, weight, bias, labels
+
+
+def test_grad_filtering_error_within_bound():
+    tl_kernels, _ = _kernel_modules()
+    n, h, v, eps = 48, 32, 290, 1e-4
+    hidden, weight, bias, labels = _filter_setup(n, h, v, torch.float32)
+    g_logp, g_ent = torch.rand(n, device=DEVICE) + 0.5, torch.rand(n, device=DEVICE) * 0.1
+    _, _, exact = run_token_logprobs(hidden, weight, bias, labels, g_logp, g_ent, grad_filter_eps=0.0)
+    _, _, approx = run_token_logprobs(hidden, weight, bias, labels, g_logp, g_ent, grad_filter_eps=eps)
+    # Which tiles a kernel may skip: every |dz| < eps; a float64 dz with a margin for fp32 rounding.
+    z = (hidden.double() @ weight.double().t() + bias.double()).requires_grad_()
+    logp64, ent64 = logprobs64(z, labels, 1.0, -100)
+    (dz,) = torch.autograd.grad((logp64 * g_logp.double()).sum() + (ent64 * g_ent.double()).sum(), z)
+    bn, bv = tl_kernels.FLAG_BLOCK_N, tl_kernels.FLAG_BLOCK_V
+    padded = torch.nn.functional.pad(dz.abs(), (0, -v % bv, 0, -n % bn))
+    tile_max = padded.reshape(-(-n // bn), bn, -(-v // bv), bv).amax(dim=(1, 3))
+    skippable = (tile_max < eps * (1 + 1e-3)).repeat_interleave(bn, 0).repeat_interleave(bv, 1)[:n, :v]
+    assert skippable.any() and not skippable.all(), "the setup must let some tiles be skipped"
+    per_row = skippable.sum(1, dtype=torch.float64)  # skipped elements of each token row
+    per_col = skippable.sum(0, dtype=torch.float64)  # skipped elements of each vocabulary column
+    slack = 1e-5  # fp32 rounding of the exact path itself
+    bound_h = eps * per_row[:, None] * weight.double().abs().amax(0)[None, :]
+    bound_w = eps * per_col[:, None] * hidden.double().abs().amax(0)[None, :]
+    bound_b = eps * per_col
+    for name, got, want, bound in (("d(hidden)", approx[0], exact[0], bound_h),
+                                   ("d(weight)", approx[1], exact[1], bound_w),
+                                   ("d(bias)", approx[2], exact[2], bound_b)):
+        err = (got.double() - want.double()).abs()
+        assert torch.isfinite(got).all(), name
+        assert (err <= bound + slack * want.double().abs().max()).all(), (
+            f"{name}: error {err.max().item():.3e} beyond the bound {bound.max().item():.3e}")
+    # The filter really skipped work: d(weight) rows of the low-probability columns changed.
+    assert (approx[1] - exact[1]).abs().max() > 0
+
+
+def test_grad_filtering_with_eps_zero_is_exact_and_bf16_filtered_is_close():
+    n, h, v = 40, 16, 200
+    hidden, weight, bias, labels = _filter_setup(n, h, v, torch.bfloat16)
+    g_logp = torch.randn(n, device=DEVICE)
+    _, _, exact = run_token_logprobs(hidden, weight, bias, labels, g_logp, None)
+    _, _, again = run_token_logprobs(hidden, weight, bias, labels, g_logp, None, grad_filter_eps=0.0)
+    for a, b in zip(exact, again):
+        assert torch.equal(a, b)
+    # A bf16-sized threshold (2^-12, as Cut Cross-Entropy uses) stays within bf16 tolerance.
+    _, _, approx = run_token_logprobs(hidden, weight, bias, labels, g_logp, None, grad_filter_eps=2.0 ** -12)
+    _, _, want = reference_token_logprobs(hidden, weight, bias, labels, g_logp, None, 1.0, -100)
+    for name, got, ref in zip(("d(hidden)", "d(weight)", "d(bias)"), approx, want):
+        assert_close(got, ref, TOL[torch.bfloat16], name)
+
+
+def test_backend_is_triton_in_this_module():
+    status = dispatch.backends()["triton"]
+    assert status.available, status.reason
+    name, _ = dispatch.select("token_logprobs", torch.device(DEVICE))
+    assert name == "triton"
+    name, _ = dispatch.select("logprobs_from_logits", torch.device(DEVICE))
+    assert name == "triton"
+
+
+# ----------------------------------------------------------------------------- logprobs_from_logits
+# (leading shape, V): one row; V below, above and not a multiple of the block; 3-D leading shape.
+ROW_CASES = [((1,), 7), ((6, 5), 150), ((17,), 300), ((2, 2, 3), 64)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("lead,v", ROW_CASES)
+@pytest.mark.parametrize("inplace", [False, True])
+def test_logprobs_from_logits_matches_float64(dtype, lead, v, inplace):
+    temperature = 0.8
+    z = (torch.randn(*lead, v, device=DEVICE) * 3).to(dtype)
+    labels = random_labels(lead, v, -100)
+    g_logp, g_ent = torch.randn(lead, device=DEVICE), torch.randn(lead, device=DEVICE)
+    leaf = z.clone().requires_grad_()
+    logits = leaf * 1  # a non-leaf buffer: with inplace_backward the gradient lands in it
+    logp, entropy = ops.logprobs_from_logits(logits, labels, temperature=temperature, return_entropy=True,
+                                             inplace_backward=inplace)
+    ((logp * g_logp).sum() + (entropy * g_ent).sum()).backward()
+
+    z64 = z.double().requires_grad_()
+    want_logp, want_ent = logprobs64(z64, labels, temperature, -100)
+    ((want_logp * g_logp.double()).sum() + (want_ent * g_ent.double()).sum()).backward()
+    tol = TOL[dtype]
+    assert_close(logp, want_logp, tol, "logp")
+    assert_close(entropy, want_ent, tol, "entropy")
+    assert leaf.grad.dtype == dtype
+    assert_close(leaf.grad, z64.grad, tol, "d(logits)")
+    ignored = labels == -100
+    assert torch.equal(leaf.grad[ignored], torch.zeros_like(leaf.grad[ignored]))
+    if inplace:
+        assert torch.equal(logits.detach(), leaf.grad), "inplace_backward must write d(logits) into the buffer"
+    else:
+        assert torch.equal(logits.detach(), z), "without inplace_backward the logits stay untouched"
+
+
+def test_logprobs_from_logits_large_logits_and_all_ignored():
+    z = torch.randn(3, 50, device=DEVICE) * 5 + 1e4  # a shift of 1e4 must not lose the entropy
+    labels = torch.tensor([0, 49, -100], device=DEVICE)
+    logp, entropy = ops.logprobs_from_logits(z, labels, return_entropy=True)
+    want_logp, want_ent = logprobs64(z.double(), labels, 1.0, -100)
+    assert_close(logp, want_logp, 1e-3, "logp at 1e4")  # fp32 inputs near 1e4 carry ~1e-3 absolute error
+    assert_close(entropy, want_ent, 1e-3, "entropy at 1e4")
+    z = torch.randn(2, 3, 20, device=DEVICE, requires_grad=True)
+    labels = torch.full((2, 3), -7, device=DEVICE)
+    logp, entropy = ops.logprobs_from_logits(z, labels, ignore_index=-7, return_entropy=True)
+    assert torch.equal(logp, torch.zeros_like(logp)) and torch.equal(entropy, torch.zeros_like(entropy))
+    (logp.sum() + entropy.sum()).backward()
+    assert torch.equal(z.grad, torch.zeros_like(z))
