@@ -1,0 +1,315 @@
+"""Whole fused-linear losses, forward + backward: fastalign vs Liger's chunked losses vs a naive TRL-style path.
+
+    fastalign bench losses [--quick] [--out DIR] [--device cpu|cuda] [--liger-compiled]
+    python -m fastalign.bench.losses ...
+
+Cases (fp32, H=1024, V=32000 unless ``--quick``):
+
+* ``dpo_t512``  — DPO with reference hidden states, 4 pairs x T=512. Prompts (the first T/4
+  positions) are ``-100`` as in any DPO batch and rejected completions end at 7T/8 (padding);
+  ``dpo_t512_all_valid`` repeats it with every position labelled (no position to skip).
+* ``dpo_t4096`` — one pair at T=4096 (the same layout).
+* ``grpo_t1024`` — GRPO (dapo, β=0, old log-probs given), 16 completions x T=1024 with lengths
+  between T/2 and T; ``floor`` is the three GEMMs the loss cannot avoid (logits, d_hidden, d_weight)
+  over the same valid tokens, in the same chunks.
+
+Implementations: ``fastalign`` (:mod:`fastalign.losses`), ``liger``
+(``LigerFusedLinearDPOLoss`` / ``LigerFusedLinearGRPOLoss``, ``compiled=False`` unless
+``--liger-compiled``: on CPU its torch.compile path adds minutes of compile time and no speed),
+``naive`` (materialized logits, TRL's ``selective_log_softmax``, the loss formula, autograd).
+Each runs in its own subprocess: one warm-up call, then the timed calls; memory is the peak RSS
+growth over the timed calls (``/proc/self/clear_refs`` resets the high-water mark; on CUDA, the
+peak allocated bytes). Inputs are created before the baseline, so memory is what the loss adds.
+
+Results go to ``DIR/<device>-losses.json`` (default ``bench/results``) with the ratios and
+targets; the ``rl_ops`` (CPU) and ``rl_gpu`` (CUDA) suites are run and included when importable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+
+import torch
+
+FULL = {
+    "dpo_t512": dict(kind="dpo", rows=8, t=512, h=1024, v=32000, layout="prompt"),
+    "dpo_t512_all_valid": dict(kind="dpo", rows=8, t=512, h=1024, v=32000, layout="all"),
+    "dpo_t4096": dict(kind="dpo", rows=2, t=4096, h=1024, v=32000, layout="prompt"),
+    "grpo_t1024": dict(kind="grpo", rows=16, t=1024, h=1024, v=32000, layout="completion"),
+}
+QUICK = {
+    "dpo_t512": dict(kind="dpo", rows=4, t=128, h=256, v=4096, layout="prompt"),
+    "dpo_t512_all_valid": dict(kind="dpo", rows=4, t=128, h=256, v=4096, layout="all"),
+    "dpo_t4096": dict(kind="dpo", rows=2, t=1024, h=256, v=4096, layout="prompt"),
+    "grpo_t1024": dict(kind="grpo", rows=8, t=128, h=256, v=4096, layout="completion"),
+}
+IMPLS = {"dpo": ("fastalign", "liger", "naive"), "grpo": ("fastalign", "liger", "naive", "floor")}
+SKIP = {"dpo_t512_all_valid": ("naive",)}
+TARGETS = [  # (case, numerator, denominator, metric, max ratio)
+    ("dpo_t512", "fastalign", "liger", "seconds", 0.9),
+    ("dpo_t512", "fastalign", "liger", "peak_mb", 0.6),
+    ("dpo_t4096", "fastalign", "liger", "peak_mb", 0.3),
+    ("grpo_t1024", "fastalign", "floor", "seconds", 1.2),
+]
+BETA = 0.1
+
+
+# ----------------------------------------------------------------------------------- measuring
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return int(re.search(rf"{field}:\s+(\d+)", f.read()).group(1))
+
+
+class _PeakMemory:
+    """Peak memory growth over a block: RSS high-water mark on CPU, allocated bytes on CUDA (MiB)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+        else:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # resets VmHWM to the current RSS
+            self.base = _status_kb("VmRSS") * 1024
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            peak = torch.cuda.max_memory_allocated()
+        else:
+            peak = _status_kb("VmHWM") * 1024
+        self.peak_mb = (peak - self.base) / 2**20
+
+
+def _inputs(spec: dict, device: torch.device):
+    g = torch.Generator().manual_seed(0)
+    rows, t, h, v = spec["rows"], spec["t"], spec["h"], spec["v"]
+    hidden = (torch.randn(rows, t, h, generator=g) * 0.5).to(device).requires_grad_()
+    weight = (torch.randn(v, h, generator=g) / h ** 0.5).to(device).requires_grad_()
+    labels = torch.randint(0, v, (rows, t), generator=g)
+    if spec["layout"] == "prompt":
+        labels[:, : t // 4] = -100
+        labels[rows // 2:, t - t // 8:] = -100
+    elif spec["layout"] == "completion":
+        lengths = torch.randint(t // 2, t + 1, (rows,), generator=g)
+        labels[torch.arange(t)[None, :] >= lengths[:, None]] = -100
+    labels = labels.to(device)
+    extra = {}
+    if spec["kind"] == "dpo":
+        extra["ref_hidden"] = (hidden.detach() + 0.1 * torch.randn(rows, t, h, generator=g).to(device))
+    else:
+        extra["advantages"] = torch.randn(rows, generator=g).to(device)
+        extra["old_logps"] = (-torch.rand(rows, t, generator=g) * 8).to(device)
+    return hidden, weight, labels, extra
+
+
+def _step_fn(spec: dict, impl: str, hidden, weight, labels, extra, liger_compiled: bool):
+    """A zero-argument callable running one forward + backward of ``impl`` on the inputs."""
+    kind = spec["kind"]
+    mask = labels != -100
+    if impl == "fastalign":
+        from fastalign.losses import FusedLinearDPOLoss, FusedLinearGRPOLoss
+
+        if kind == "dpo":
+            loss_fn = FusedLinearDPOLoss(beta=BETA)
+            return lambda: loss_fn(hidden, weight, labels, ref_hidden=extra["ref_hidden"])[0].backward()
+        loss_fn = FusedLinearGRPOLoss(loss_type="dapo")
+        return lambda: loss_fn(hidden, weight, labels, advantages=extra["advantages"], mask=mask,
+                               old_logps=extra["old_logps"])[0].backward()
+    if impl == "liger":
+        from liger_kernel.chunked_loss import LigerFusedLinearDPOLoss, LigerFusedLinearGRPOLoss
+
+        if kind == "dpo":
+            loss_fn = LigerFusedLinearDPOLoss(beta=BETA, compiled=liger_compiled, use_ref_model=True)
+            ref_w = weight.detach()
+            return lambda: loss_fn(weight, hidden, labels, None, extra["ref_hidden"], ref_w, None)[0].backward()
+        loss_fn = LigerFusedLinearGRPOLoss(beta=0.0, loss_type="dapo", compiled=liger_compiled, use_ref_model=False)
+        ids = labels.clamp(min=0)
+        return lambda: loss_fn(hidden, weight, ids, mask.to(torch.int64), extra["advantages"], None, None,
+                               extra["old_logps"])[0].backward()
+    if impl == "naive":
+        from trl.trainer.utils import selective_log_softmax
+
+        ids = labels.clamp(min=0)
+
+        def token_logps(h):
+            return selective_log_softmax(h @ weight.t(), ids) * mask
+
+        if kind == "dpo":
+            def step():
+                sums = token_logps(hidden).sum(1)
+                with torch.no_grad():
+                    ref = (selective_log_softmax(extra["ref_hidden"] @ weight.detach().t(), ids) * mask).sum(1)
+                b = sums.shape[0] // 2
+                delta = (sums[:b] - ref[:b]) - (sums[b:] - ref[b:])
+                torch.nn.functional.logsigmoid(BETA * delta).neg().mean().backward()
+            return step
+
+        def step():
+            logp = token_logps(hidden)
+            ratio = torch.exp(logp - extra["old_logps"])
+            adv = extra["advantages"][:, None]
+            per_token = -torch.min(ratio * adv, torch.clamp(ratio, 0.8, 1.2) * adv)
+            ((per_token * mask).sum() / mask.sum().clamp(min=1)).backward()
+        return step
+    if impl == "floor":
+        from fastalign.ops.chunked import choose_chunk_size
+
+        h2d = hidden.detach().reshape(-1, hidden.shape[-1])[mask.reshape(-1)]
+        w = weight.detach()
+        n = h2d.shape[0]
+        chunk = choose_chunk_size(n, w.shape[0])
+        grad_w = torch.zeros_like(w)
+
+        def step():
+            for s in range(0, n, chunk):
+                h = h2d[s:s + chunk]
+                z = h @ w.t()          # logits
+                _ = z @ w              # d_hidden (z standing in for d_logits: same shape and cost)
+                grad_w.addmm_(z.t(), h)  # d_weight
+        return step
+    raise ValueError(f"impl must be one of fastalign, liger, naive, floor; got {impl!r}")
+
+
+def _worker(case: str, impl: str, quick: bool, device: str, liger_compiled: bool, iters: int) -> dict:
+    spec = (QUICK if quick else FULL)[case]
+    dev = torch.device(device)
+    hidden, weight, labels, extra = _inputs(spec, dev)
+    step = _step_fn(spec, impl, hidden, weight, labels, extra, liger_compiled)
+
+    def run():
+        hidden.grad = weight.grad = None
+        step()
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+
+    run()  # warm-up: lazy initialization, compilation
+    times = []
+    with _PeakMemory(dev) as mem:
+        for _ in range(iters):
+            t0 = time.perf_counter()
+            run()
+            times.append(time.perf_counter() - t0)
+    return {"case": case, "impl": impl, "seconds": min(times), "all_seconds": times, "peak_mb": mem.peak_mb,
+            "valid_tokens": int((labels != -100).sum()), "tokens": labels.numel(), **spec}
+
+
+def _run_one(case, impl, args) -> dict:
+    cmd = [sys.executable, "-m", "fastalign.bench.losses", "--worker", case, impl, "--device", args.device,
+           "--iters", str(args.iters)]
+    if args.quick:
+        cmd.append("--quick")
+    if args.liger_compiled:
+        cmd.append("--liger-compiled")
+    # glibc keeps freed blocks below its (self-raising) mmap threshold in the heap, so after the warm-up
+    # RSS would not show what the timed call allocates: a fixed threshold returns every large block.
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", MALLOC_TRIM_THRESHOLD_="131072")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        return {"case": case, "impl": impl, "error": " | ".join(tail) or f"exit code {proc.returncode}"}
+    return json.loads(lines[-1])
+
+
+def _ratios(results: list[dict]) -> list[dict]:
+    by = {(r["case"], r["impl"]): r for r in results if "error" not in r}
+    out = []
+    for case, num, den, metric, limit in TARGETS:
+        a, b = by.get((case, num)), by.get((case, den))
+        ratio = None if a is None or b is None or not b[metric] else a[metric] / b[metric]
+        out.append({"case": case, "ratio": f"{num}/{den} {metric}", "value": ratio, "target": limit,
+                    "met": None if ratio is None else ratio <= limit})
+    return out
+
+
+def _other_suites(quick: bool, device: str) -> dict:
+    """Results of the RL op suites written by the ops engineers, when they are importable here."""
+    found = {}
+    suites = [("rl_ops", device == "cpu")] + [("rl_gpu", torch.cuda.is_available())]
+    for name, wanted in suites:
+        if not wanted:
+            continue
+        try:
+            module = __import__(f"fastalign.bench.{name}", fromlist=["run"])
+        except ImportError as exc:
+            found[name] = {"skipped": f"not importable: {exc}"}
+            continue
+        try:
+            found[name] = module.run(quick)
+        except Exception as exc:  # a broken sibling suite must not lose this suite's numbers
+            found[name] = {"error": f"{type(exc).__name__}: {exc}"}
+    return found
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="fastalign bench losses", description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes (seconds), for development")
+    parser.add_argument("--out", default=os.path.join("bench", "results"), help="directory for the JSON report")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--cases", nargs="*", default=None, help=f"subset of {', '.join(FULL)}")
+    parser.add_argument("--impls", nargs="*", default=None, help="subset of fastalign, liger, naive, floor")
+    parser.add_argument("--iters", type=int, default=None, help="timed calls per implementation (default 2, 3 quick)")
+    parser.add_argument("--liger-compiled", action="store_true", help="run Liger with compiled=True")
+    parser.add_argument("--timeout", type=float, default=1800, help="seconds per implementation subprocess")
+    parser.add_argument("--worker", nargs=2, metavar=("CASE", "IMPL"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.iters is None:
+        args.iters = 3 if args.quick else 2
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda needs a CUDA device, and torch sees none")
+    if args.worker:
+        print(json.dumps(_worker(*args.worker, args.quick, args.device, args.liger_compiled, args.iters)))
+        return 0
+    cases = args.cases or list(FULL)
+    unknown = [c for c in cases if c not in FULL]
+    if unknown:
+        parser.error(f"--cases must be among {', '.join(FULL)}, got {', '.join(unknown)}")
+
+    results = []
+    for case in cases:
+        for impl in IMPLS[FULL[case]["kind"]]:
+            if impl in SKIP.get(case, ()) or (args.impls and impl not in args.impls):
+                continue
+            r = _run_one(case, impl, args)
+            results.append(r)
+            if "error" in r:
+                print(f"{case:<20} {impl:<10} error: {r['error']}", flush=True)
+            else:
+                print(f"{case:<20} {impl:<10} {r['seconds']:8.3f} s  {r['peak_mb']:9.1f} MiB peak growth  "
+                      f"({r['valid_tokens']}/{r['tokens']} tokens labelled)", flush=True)
+    ratios = _ratios(results)
+    print()
+    for r in ratios:
+        value = "n/a" if r["value"] is None else f"{r['value']:.3f}"
+        verdict = "" if r["met"] is None else ("met" if r["met"] else "NOT met")
+        print(f"{r['case']:<20} {r['ratio']:<32} {value:>7}  (target <= {r['target']})  {verdict}")
+
+    report = {
+        "suite": "losses", "quick": args.quick, "device": args.device, "liger_compiled": args.liger_compiled,
+        "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
+                    "torch_threads": torch.get_num_threads(), "torch": torch.__version__},
+        "results": results, "ratios": ratios, "suites": _other_suites(args.quick, args.device),
+    }
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, f"{args.device}-losses{'-quick' if args.quick else ''}.json")
+    with open(path, "w") as f:
+        json.dump(report, f, indent=1, default=str)
+    print(f"\nwrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
