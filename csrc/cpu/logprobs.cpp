@@ -1,4 +1,11 @@
 // Row-parallel log-softmax gather, entropy and their gradient over materialized logits.
+
+// GCC refuses to if-convert float compares (the clamps in exp_nonpositive) while FP exceptions
+// may trap, which keeps the row loops scalar on AVX2. Nothing here reads FP exception flags.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC optimize("no-trapping-math")
+#endif
+
 #include <cstring>
 
 #include "../common/logprobs_row.h"
@@ -22,34 +29,34 @@ FA_CLONES RowForward forward_row(const T* z, int64_t vocab, float inv_temp, int6
 }
 
 template <typename T>
-FA_CLONES void backward_row(const T* z, T* grad, int64_t vocab, float inv_temp, int64_t label, float lse,
+FA_CLONES void backward_row(const T* z, T* grad, int64_t vocab, float inv_temp, int64_t label, float rel_lse,
                             float entropy, float g_logp, float g_ent) {
-  logprob_row_backward(z, grad, vocab, inv_temp, label, lse, entropy, g_logp, g_ent);
+  logprob_row_backward_rel(z, grad, vocab, inv_temp, label, rel_lse, entropy, g_logp, g_ent);
 }
 
 }  // namespace
 
 template <typename T>
 void logprobs_forward(const T* logits, const int64_t* labels, int64_t n, int64_t vocab, float temperature,
-                      int64_t ignore_index, float* logp, float* entropy, float* lse) {
+                      int64_t ignore_index, float* logp, float* entropy, float* rel_lse) {
   const float inv_temp = 1.0f / temperature;
 #pragma omp parallel for schedule(static)
   for (int64_t i = 0; i < n; ++i) {
     if (labels[i] == ignore_index) {
       logp[i] = 0.0f;
       entropy[i] = 0.0f;
-      lse[i] = 0.0f;
+      rel_lse[i] = 0.0f;
       continue;
     }
     const RowForward r = forward_row(logits + i * vocab, vocab, inv_temp, labels[i]);
     logp[i] = r.logp;
     entropy[i] = r.entropy;
-    lse[i] = r.lse;
+    rel_lse[i] = r.rel_lse;
   }
 }
 
 template <typename T>
-void logprobs_backward(const T* logits, const int64_t* labels, const float* lse, const float* entropy,
+void logprobs_backward(const T* logits, const int64_t* labels, const float* rel_lse, const float* entropy,
                        const float* grad_logp, const float* grad_entropy, int64_t n, int64_t vocab,
                        float temperature, int64_t ignore_index, T* grad) {
   const float inv_temp = 1.0f / temperature;
@@ -61,7 +68,7 @@ void logprobs_backward(const T* logits, const int64_t* labels, const float* lse,
       continue;
     }
     const float g_ent = grad_entropy ? grad_entropy[i] : 0.0f;
-    backward_row(logits + i * vocab, g, vocab, inv_temp, labels[i], lse[i], entropy[i], grad_logp[i], g_ent);
+    backward_row(logits + i * vocab, g, vocab, inv_temp, labels[i], rel_lse[i], entropy[i], grad_logp[i], g_ent);
   }
 }
 

@@ -101,13 +101,19 @@ def choose_chunk_size(n_tokens: int, vocab: int, mem_budget: int | None = None) 
 
 # ------------------------------------------------------------------------------------- row math
 def _native_available(device: torch.device) -> bool:
+    """Fused native row kernels for this device, unless the torch backend is forced."""
+    if dispatch.forced_backend() == "torch":
+        return False
     return device.type == "cpu" and dispatch._native_status()[0]
 
 
 def _rows_forward_torch(z: Tensor, labels: Tensor, temperature: float) -> tuple[Tensor, Tensor, Tensor]:
-    """(logp, entropy, lse) of each row of float32 logits ``z`` (labels all valid)."""
+    """(logp, entropy, rel_lse) of each row of float32 logits ``z`` (labels all valid).
+
+    ``rel_lse = log sum exp(x - max x)``, the log-sum-exp relative to the row max, as the native kernel.
+    """
     n = z.shape[0]
-    logp, entropy, lse = (z.new_empty(n) for _ in range(3))
+    logp, entropy, rel_lse = (z.new_empty(n) for _ in range(3))
     block = max(1, _TORCH_BLOCK_ELEMS // max(1, z.shape[1]))
     inv_t = 1.0 / temperature
     for r0 in range(0, n, block):
@@ -119,13 +125,13 @@ def _rows_forward_torch(z: Tensor, labels: Tensor, temperature: float) -> tuple[
         s = e.sum(-1)
         u = e.mul_(d).sum(-1)
         log_s = s.log()
-        lse[r0:r1] = m.squeeze(-1) + log_s
+        rel_lse[r0:r1] = log_s
         entropy[r0:r1] = log_s - u / s
         logp[r0:r1] = d.gather(-1, labels[r0:r1, None]).squeeze(-1) - log_s
-    return logp, entropy, lse
+    return logp, entropy, rel_lse
 
 
-def _rows_backward_torch_(z: Tensor, labels: Tensor, lse: Tensor, entropy: Tensor, g_logp: Tensor,
+def _rows_backward_torch_(z: Tensor, labels: Tensor, rel_lse: Tensor, entropy: Tensor, g_logp: Tensor,
                           g_entropy: Tensor | None, temperature: float) -> None:
     """Overwrite float32 logits ``z`` with d(loss)/d(z), row block by row block."""
     n = z.shape[0]
@@ -136,7 +142,8 @@ def _rows_backward_torch_(z: Tensor, labels: Tensor, lse: Tensor, entropy: Tenso
         zb = z[r0:r1]
         if temperature != 1.0:
             zb.mul_(inv_t)
-        zb.sub_(lse[r0:r1, None])  # now log p
+        # log p = (x - max x) - rel_lse: exact near |x| ~ 1e4, where x - lse would lose lse's rounding.
+        zb.sub_(zb.amax(-1, keepdim=True)).sub_(rel_lse[r0:r1, None])
         p = zb.exp()
         gl = g_logp[r0:r1, None]
         if g_entropy is None:
@@ -154,11 +161,11 @@ def _rows_forward(z: Tensor, labels: Tensor, temperature: float, ignore_index: i
     return _rows_forward_torch(z, labels, temperature)
 
 
-def _rows_backward_(z, labels, lse, entropy, g_logp, g_entropy, temperature, ignore_index, native) -> None:
+def _rows_backward_(z, labels, rel_lse, entropy, g_logp, g_entropy, temperature, ignore_index, native) -> None:
     if native:
-        torch.ops.fastalign.logprobs_bwd_(z, labels, lse, entropy, g_logp, g_entropy, temperature, ignore_index)
+        torch.ops.fastalign.logprobs_bwd_(z, labels, rel_lse, entropy, g_logp, g_entropy, temperature, ignore_index)
     else:
-        _rows_backward_torch_(z, labels, lse, entropy, g_logp, g_entropy, temperature)
+        _rows_backward_torch_(z, labels, rel_lse, entropy, g_logp, g_entropy, temperature)
 
 
 # ------------------------------------------------------------------------------- chunk planning
@@ -221,10 +228,23 @@ def _gather_rows(x: Tensor, rows) -> Tensor:
     return x[rows] if isinstance(rows, slice) else x.index_select(0, rows)
 
 
-def _chunk_logits(h32: Tensor, w32: Tensor, b32: Tensor | None) -> Tensor:
+def _chunk_logits(h32: Tensor, w32: Tensor, b32: Tensor | None, workspace: Tensor | None = None) -> Tensor:
+    """float32 ``h @ W.T (+ b)``, into ``workspace[:rows]`` when given.
+
+    Reusing one workspace for every chunk matters on CPU: a fresh multi-MiB buffer is returned to
+    the OS when freed, and touching its pages again costs as much as the row math itself.
+    """
+    out = None if workspace is None else workspace[:h32.shape[0]]
     if b32 is None:
-        return torch.mm(h32, w32.t())
-    return torch.addmm(b32, h32, w32.t())
+        return torch.mm(h32, w32.t(), out=out)
+    return torch.addmm(b32, h32, w32.t(), out=out)
+
+
+def _workspace(chunks: list, vocab: int, device: torch.device) -> Tensor | None:
+    if not chunks:
+        return None
+    rows = max(c.b - c.a for c in chunks)
+    return torch.empty(rows, vocab, dtype=torch.float32, device=device)
 
 
 def _labels_of(labels1d: Tensor, rows) -> Tensor:
@@ -257,8 +277,9 @@ def linear_logprobs_no_grad(hidden2d, weight, labels1d, *, bias=None, temperatur
         return logp, entropy
     native = _native_available(hidden2d.device)
     w32, b32 = _f32(weight), _f32(bias)
+    ws = _workspace(chunks, vocab, hidden2d.device)
     for c in chunks:
-        z = _chunk_logits(_f32(_gather_rows(hidden2d, c.rows)), w32, b32)
+        z = _chunk_logits(_f32(_gather_rows(hidden2d, c.rows)), w32, b32, ws)
         lp, ent, _ = _rows_forward(z, _labels_of(labels1d, c.rows), float(temperature), ignore_index, native)
         logp[c.rows] = lp
         entropy[c.rows] = ent
@@ -298,12 +319,13 @@ def linear_logprobs_grad_in_forward(hidden2d, weight, labels1d, grad_fn: GradFn,
     native = _native_available(dev)
     w32, b32 = _f32(weight), _f32(bias)
     temperature = float(temperature)
+    ws = _workspace(chunks, vocab, dev)
     for c in chunks:
         with torch.no_grad():
             h32 = _f32(_gather_rows(hidden2d, c.rows))
             labels = _labels_of(labels1d, c.rows)
-            z = _chunk_logits(h32, w32, b32)
-            lp, ent, lse = _rows_forward(z, labels, temperature, ignore_index, native)
+            z = _chunk_logits(h32, w32, b32, ws)
+            lp, ent, rel_lse = _rows_forward(z, labels, temperature, ignore_index, native)
             logp[c.rows] = lp
             entropy[c.rows] = ent
         g_lp, g_ent = grad_fn(c.start, c.end, logp[c.start:c.end], entropy[c.start:c.end])
@@ -311,7 +333,7 @@ def linear_logprobs_grad_in_forward(hidden2d, weight, labels1d, grad_fn: GradFn,
             loc = c.local()
             g_lp = torch.zeros_like(lp) if g_lp is None else _f32(g_lp.detach()[loc]).contiguous()
             g_ent = None if g_ent is None else _f32(g_ent.detach()[loc]).contiguous()
-            _rows_backward_(z, labels, lse, ent, g_lp, g_ent, temperature, ignore_index, native)
+            _rows_backward_(z, labels, rel_lse, ent, g_lp, g_ent, temperature, ignore_index, native)
             _accumulate_grads(z, h32, w32, c.rows, grad_hidden, grad_weight, grad_bias)
     return logp, entropy, grad_hidden, grad_weight, grad_bias
 
@@ -320,9 +342,112 @@ def _accumulate_grads(g: Tensor, h32: Tensor, w32: Tensor, rows, grad_hidden: Te
                       grad_weight: Tensor | None, grad_bias: Tensor | None) -> None:
     """d_hidden[rows] = G @ W; d_weight += G.T @ h; d_bias += sum_rows G (G = d logits, float32)."""
     if grad_hidden is not None:
-        gh = torch.mm(g, w32)
-        grad_hidden[rows] = gh if gh.dtype == grad_hidden.dtype else gh.to(grad_hidden.dtype)
+        if isinstance(rows, slice) and grad_hidden.dtype == torch.float32:
+            torch.mm(g, w32, out=grad_hidden[rows])
+        else:
+            grad_hidden[rows] = torch.mm(g, w32).to(grad_hidden.dtype)
     if grad_weight is not None:
         grad_weight.addmm_(g.t(), h32)
     if grad_bias is not None:
         grad_bias.add_(g.sum(0))
+
+
+# ------------------------------------------------------------------------------- the autograd op
+class _TokenLogprobs(torch.autograd.Function):
+    """Chunked forward; the backward reuses the kept chunks' logits and recomputes the others."""
+
+    @staticmethod
+    def forward(ctx, hidden2d, weight, bias, labels1d, temperature, ignore_index, chunk_size, budget, native):
+        n, vocab = hidden2d.shape[0], weight.shape[0]
+        logp = torch.zeros(n, dtype=torch.float32, device=hidden2d.device)
+        entropy = torch.zeros_like(logp)
+        # All valid rows' logits within the budget: one chunk, kept. Else quarter-budget chunks, partly kept.
+        chunks, _ = _plan(labels1d, ignore_index, chunk_size, vocab, budget, split=True)
+        rows_max = max((c.b - c.a for c in chunks), default=1)
+        n_keep = min(len(chunks), budget // (4 * vocab * rows_max))
+        w32, b32 = _f32(weight), _f32(bias)
+        kept: dict[int, Tensor] = {}
+        stats = []
+        ws = _workspace(chunks, vocab, hidden2d.device) if n_keep < len(chunks) else None
+        for k, c in enumerate(chunks):
+            labels = _labels_of(labels1d, c.rows)
+            keep = k >= len(chunks) - n_keep
+            z = _chunk_logits(_f32(_gather_rows(hidden2d, c.rows)), w32, b32, None if keep else ws)
+            lp, ent, rel_lse = _rows_forward(z, labels, temperature, ignore_index, native)
+            logp[c.rows] = lp
+            entropy[c.rows] = ent
+            stats.append((labels, rel_lse, ent))
+            if keep:
+                kept[k] = z
+        del ws
+        ctx.save_for_backward(hidden2d, weight, bias)
+        ctx.chunks, ctx.kept, ctx.stats = chunks, kept, stats
+        ctx.temperature, ctx.ignore_index, ctx.native = temperature, ignore_index, native
+        ctx.set_materialize_grads(False)
+        return logp, entropy
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g_logp, g_entropy):
+        hidden2d, weight, bias = ctx.saved_tensors
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        n, hdim = hidden2d.shape
+        vocab = weight.shape[0]
+        dev = hidden2d.device
+        grad_hidden = torch.zeros(n, hdim, dtype=hidden2d.dtype, device=dev) if need_h else None
+        grad_weight = torch.zeros(vocab, hdim, dtype=torch.float32, device=dev) if need_w else None
+        grad_bias = torch.zeros(vocab, dtype=torch.float32, device=dev) if need_b and bias is not None else None
+        chunks, kept, stats = ctx.chunks, ctx.kept, ctx.stats
+        if (g_logp is not None or g_entropy is not None) and chunks:
+            w32, b32 = _f32(weight), _f32(bias)
+            g_logp = None if g_logp is None else _f32(g_logp)
+            g_entropy = None if g_entropy is None else _f32(g_entropy)
+            # Kept chunks first: each frees its logits, so the recomputed ones never add to the kept peak.
+            order = sorted(kept, reverse=True) + [k for k in range(len(chunks)) if k not in kept]
+            ws = None
+            for k in order:
+                c = chunks[k]
+                labels, rel_lse, ent = stats[k]
+                h32 = _f32(_gather_rows(hidden2d, c.rows))
+                if k in kept:
+                    z = kept.pop(k)
+                else:
+                    if ws is None:  # allocated after the kept chunks are gone: they never coexist
+                        ws = _workspace(chunks, vocab, dev)
+                    z = _chunk_logits(h32, w32, b32, ws)
+                gl = torch.zeros_like(rel_lse) if g_logp is None else _gather_rows(g_logp, c.rows).contiguous()
+                ge = None if g_entropy is None else _gather_rows(g_entropy, c.rows).contiguous()
+                _rows_backward_(z, labels, rel_lse, ent, gl, ge, ctx.temperature, ctx.ignore_index, ctx.native)
+                _accumulate_grads(z, h32, w32, c.rows, grad_hidden, grad_weight, grad_bias)
+                del z
+        ctx.kept, ctx.stats = {}, []
+        if grad_weight is not None and weight.dtype != torch.float32:
+            grad_weight = grad_weight.to(weight.dtype)
+        if grad_bias is not None and bias.dtype != torch.float32:
+            grad_bias = grad_bias.to(bias.dtype)
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None
+
+
+def token_logprobs_chunked(hidden, weight, labels, *, bias=None, temperature=1.0, ignore_index=-100,
+                           return_entropy=False, chunk_size=None, mem_budget=None, grad_filter_eps=0.0,
+                           native=None):
+    """:func:`fastalign.ops.token_logprobs` by token chunks (inputs already validated there).
+
+    ``native=None`` uses the fused native row kernels where available (CPU tensors with
+    ``fastalign._C``); ``False`` forces the PyTorch row math. ``grad_filter_eps`` is a GPU-only
+    approximation and is ignored here (exact gradients).
+    """
+    lead = hidden.shape[:-1]
+    hidden2d = hidden.reshape(-1, hidden.shape[-1])
+    labels1d = labels.reshape(-1)
+    if native is None:
+        native = _native_available(hidden.device)
+    logp, entropy = _TokenLogprobs.apply(hidden2d, weight, bias, labels1d, float(temperature), ignore_index,
+                                         chunk_size, _budget(mem_budget), bool(native))
+    logp = logp.reshape(lead)
+    return (logp, entropy.reshape(lead)) if return_entropy else logp
+
+
+@dispatch.register("token_logprobs", "cpu")
+def _token_logprobs_cpu(hidden, weight, labels, **kw):
+    return token_logprobs_chunked(hidden, weight, labels, native=True, **kw)

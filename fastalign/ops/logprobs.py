@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from . import dispatch
+from . import chunked, dispatch
 from . import reference as ref
 from . import validation as v
 
@@ -82,12 +82,11 @@ def sequence_logprobs(token_logp, mask, *, average=False):
     return impl(token_logp, mask, average=bool(average))
 
 
-# The references are the torch backend, except where a dedicated torch algorithm registers later.
+# The references are the torch backend, except where a dedicated torch algorithm exists: token_logprobs
+# is token-chunked (never N x V) with PyTorch row math; chunked.py registers the native "cpu" variant.
 @dispatch.register("token_logprobs", "torch")
-def _token_logprobs_torch(hidden, weight, labels, *, bias, temperature, ignore_index, return_entropy, chunk_size,
-                          mem_budget, grad_filter_eps):
-    return ref.token_logprobs(hidden, weight, labels, bias=bias, temperature=temperature, ignore_index=ignore_index,
-                              return_entropy=return_entropy)
+def _token_logprobs_torch(hidden, weight, labels, **kw):
+    return chunked.token_logprobs_chunked(hidden, weight, labels, native=False, **kw)
 
 
 dispatch.register("sequence_logprobs", "torch")(ref.sequence_logprobs)
