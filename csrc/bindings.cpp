@@ -62,21 +62,21 @@ std::tuple<Tensor, Tensor, Tensor> logprobs_fwd_cpu(const Tensor& logits, const 
   check_logprobs_inputs(logits, labels);
   const int64_t n = logits.size(0), vocab = logits.size(1);
   auto opts = logits.options().dtype(at::kFloat);
-  Tensor logp = at::empty({n}, opts), entropy = at::empty({n}, opts), lse = at::empty({n}, opts);
+  Tensor logp = at::empty({n}, opts), entropy = at::empty({n}, opts), rel_lse = at::empty({n}, opts);
   dispatch_float(logits, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     cpu::logprobs_forward<T>(data_as<T>(logits), labels.data_ptr<int64_t>(), n, vocab,
                              static_cast<float>(temperature), ignore_index, logp.data_ptr<float>(),
-                             entropy.data_ptr<float>(), lse.data_ptr<float>());
+                             entropy.data_ptr<float>(), rel_lse.data_ptr<float>());
   });
-  return {logp, entropy, lse};
+  return {logp, entropy, rel_lse};
 }
 
-void logprobs_bwd_into(const Tensor& logits, const Tensor& labels, const Tensor& lse, const Tensor& entropy,
+void logprobs_bwd_into(const Tensor& logits, const Tensor& labels, const Tensor& rel_lse, const Tensor& entropy,
                        const Tensor& grad_logp, const std::optional<Tensor>& grad_entropy, double temperature,
                        int64_t ignore_index, const Tensor& grad) {
   check_logprobs_inputs(logits, labels);
-  for (const Tensor* t : {&lse, &entropy, &grad_logp}) {
+  for (const Tensor* t : {&rel_lse, &entropy, &grad_logp}) {
     check_cpu(*t, "row statistics");
     check_float32(*t, "row statistics");
   }
@@ -89,24 +89,24 @@ void logprobs_bwd_into(const Tensor& logits, const Tensor& labels, const Tensor&
   const int64_t n = logits.size(0), vocab = logits.size(1);
   dispatch_float(logits, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
-    cpu::logprobs_backward<T>(data_as<T>(logits), labels.data_ptr<int64_t>(), lse.data_ptr<float>(),
+    cpu::logprobs_backward<T>(data_as<T>(logits), labels.data_ptr<int64_t>(), rel_lse.data_ptr<float>(),
                               entropy.data_ptr<float>(), grad_logp.data_ptr<float>(), g_ent, n, vocab,
                               static_cast<float>(temperature), ignore_index, data_as<T>(grad));
   });
 }
 
-Tensor logprobs_bwd_cpu(const Tensor& logits, const Tensor& labels, const Tensor& lse, const Tensor& entropy,
+Tensor logprobs_bwd_cpu(const Tensor& logits, const Tensor& labels, const Tensor& rel_lse, const Tensor& entropy,
                         const Tensor& grad_logp, const std::optional<Tensor>& grad_entropy, double temperature,
                         int64_t ignore_index) {
   Tensor grad = at::empty_like(logits);
-  logprobs_bwd_into(logits, labels, lse, entropy, grad_logp, grad_entropy, temperature, ignore_index, grad);
+  logprobs_bwd_into(logits, labels, rel_lse, entropy, grad_logp, grad_entropy, temperature, ignore_index, grad);
   return grad;
 }
 
-void logprobs_bwd_inplace_cpu(const Tensor& logits, const Tensor& labels, const Tensor& lse, const Tensor& entropy,
-                              const Tensor& grad_logp, const std::optional<Tensor>& grad_entropy, double temperature,
-                              int64_t ignore_index) {
-  logprobs_bwd_into(logits, labels, lse, entropy, grad_logp, grad_entropy, temperature, ignore_index, logits);
+void logprobs_bwd_inplace_cpu(const Tensor& logits, const Tensor& labels, const Tensor& rel_lse,
+                              const Tensor& entropy, const Tensor& grad_logp,
+                              const std::optional<Tensor>& grad_entropy, double temperature, int64_t ignore_index) {
+  logprobs_bwd_into(logits, labels, rel_lse, entropy, grad_logp, grad_entropy, temperature, ignore_index, logits);
 }
 
 Tensor group_advantages_cpu(const Tensor& rewards, int64_t group_size, int64_t scale, double eps) {
@@ -417,12 +417,13 @@ std::tuple<Tensor, Tensor> bradley_terry_bwd_cpu(const Tensor& grad_loss, const 
 }  // namespace fastalign
 
 TORCH_LIBRARY(fastalign, m) {
+  // logprobs_fwd -> (logp, entropy, rel_lse): rel_lse = log-sum-exp minus the row max, for the backward.
   m.def("logprobs_fwd(Tensor logits, Tensor labels, float temperature, int ignore_index) -> (Tensor, Tensor, Tensor)");
   m.def(
-      "logprobs_bwd(Tensor logits, Tensor labels, Tensor lse, Tensor entropy, Tensor grad_logp, "
+      "logprobs_bwd(Tensor logits, Tensor labels, Tensor rel_lse, Tensor entropy, Tensor grad_logp, "
       "Tensor? grad_entropy, float temperature, int ignore_index) -> Tensor");
   m.def(
-      "logprobs_bwd_(Tensor(a!) logits, Tensor labels, Tensor lse, Tensor entropy, Tensor grad_logp, "
+      "logprobs_bwd_(Tensor(a!) logits, Tensor labels, Tensor rel_lse, Tensor entropy, Tensor grad_logp, "
       "Tensor? grad_entropy, float temperature, int ignore_index) -> ()");
   m.def("group_advantages(Tensor rewards, int group_size, int scale, float eps) -> Tensor");
   m.def("rloo_advantages(Tensor rewards, int group_size) -> Tensor");

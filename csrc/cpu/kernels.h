@@ -9,15 +9,15 @@
 namespace fastalign {
 namespace cpu {
 
-// logits [n, vocab] row-major; labels [n]. Rows whose label == ignore_index get logp = entropy = 0
-// (lse is still written, for the backward).
+// logits [n, vocab] row-major; labels [n]. Rows whose label == ignore_index get logp = entropy = 0.
+// rel_lse = log-sum-exp of logits / T minus the row max (for the backward, which re-finds the max).
 template <typename T>
 void logprobs_forward(const T* logits, const int64_t* labels, int64_t n, int64_t vocab, float temperature,
-                      int64_t ignore_index, float* logp, float* entropy, float* lse);
+                      int64_t ignore_index, float* logp, float* entropy, float* rel_lse);
 
 // grad [n, vocab] (may alias logits). grad_entropy may be null. Ignored rows get 0.
 template <typename T>
-void logprobs_backward(const T* logits, const int64_t* labels, const float* lse, const float* entropy,
+void logprobs_backward(const T* logits, const int64_t* labels, const float* rel_lse, const float* entropy,
                        const float* grad_logp, const float* grad_entropy, int64_t n, int64_t vocab,
                        float temperature, int64_t ignore_index, T* grad);
 
