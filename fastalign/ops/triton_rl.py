@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from . import dispatch
 
@@ -37,6 +38,7 @@ class _KlPenalty(torch.autograd.Function):
         return k.kl_penalty_forward(logp_c, ref_c, kind)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad):
         if not ctx.needs_input_grad[0]:
             return None, None, None
@@ -80,6 +82,7 @@ class _PolicyLoss(torch.autograd.Function):
         return loss, clip_fraction, ratio_mean, kl_mean
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_loss, _clip, _ratio, _kl):
         need_logp, need_adv = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
         if grad_loss is None or not (need_logp or need_adv):
@@ -121,6 +124,7 @@ class _DpoLoss(torch.autograd.Function):
         return losses, chosen_rewards, rejected_rewards
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_losses, _grad_chosen_rewards, _grad_rejected_rewards):
         need_chosen, need_rejected = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if grad_losses is None or not (need_chosen or need_rejected):
@@ -149,6 +153,7 @@ class _SimpoLoss(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_losses, _grad_chosen_rewards, _grad_rejected_rewards):
         need_chosen, need_rejected = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if grad_losses is None or not (need_chosen or need_rejected):
@@ -178,6 +183,7 @@ class _BradleyTerryLoss(torch.autograd.Function):
         return loss, accuracy, mean_margin
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_loss, _grad_accuracy, _grad_margin):
         need_chosen, need_rejected, need_margin = ctx.needs_input_grad[:3]
         if grad_loss is None or not (need_chosen or need_rejected or need_margin):
