@@ -1,7 +1,8 @@
 """Bandwidth of the Triton policy_loss and kl_penalty kernels on a CUDA device.
 
 Both ops are memory-bound: the floor is the time to move their bytes once. Each measurement
-runs forward + backward at B=64, T=4096 and, in the same run, ``torch.Tensor.copy_`` of a buffer
+runs forward + backward at B=64, T=4096 (and, without ``--quick``, at B=256, T=8192, where launch
+latency no longer dominates) and, in the same run, ``torch.Tensor.copy_`` of a buffer
 whose read + write traffic equals the op's minimal traffic (inputs read by the forward, inputs
 read again by the backward, the gradient written). ``bandwidth_fraction`` = copy time / op time.
 
@@ -16,12 +17,13 @@ from __future__ import annotations
 
 import argparse
 import functools
+import itertools
 import json
 from typing import Callable
 
 import torch
 
-B, T = 64, 4096
+SHAPES = ((64, 4096), (256, 8192))  # (B, T); the first is the issue's target shape
 
 
 def _time_ms(fn: Callable[[], object], iters: int, graph: bool) -> float:
@@ -50,7 +52,7 @@ def _time_ms(fn: Callable[[], object], iters: int, graph: bool) -> float:
     return start.elapsed_time(end) / iters
 
 
-def _policy_case(dtype: torch.dtype):
+def _policy_case(B: int, T: int, dtype: torch.dtype):
     from fastalign import ops
 
     logp = (-torch.rand(B, T, device="cuda") * 3).to(dtype).requires_grad_(True)
@@ -70,7 +72,7 @@ def _policy_case(dtype: torch.dtype):
     return step, traffic
 
 
-def _kl_case(dtype: torch.dtype):
+def _kl_case(B: int, T: int, dtype: torch.dtype):
     from fastalign import ops
 
     logp = (-torch.rand(B, T, device="cuda") * 3).to(dtype).requires_grad_(True)
@@ -96,43 +98,45 @@ def run(quick: bool = False) -> list[dict]:
     iters = 20 if quick else 200
     dtypes = [torch.bfloat16] if quick else [torch.bfloat16, torch.float32]
     device_name = torch.cuda.get_device_name()
+    shapes = SHAPES[:1] if quick else SHAPES
     records = []
-    for op, make in (("policy_loss", _policy_case), ("kl_penalty", _kl_case)):
-        for dtype in dtypes:
-            step, traffic = make(dtype)
-            src = torch.empty(traffic // 2, dtype=torch.uint8, device="cuda")
-            dst = torch.empty_like(src)
-            with ops.backend("torch"):
-                torch_ms = _time_ms(step, iters, graph=False)
-            for mode in ("eager", "cuda_graph"):
-                graph = mode == "cuda_graph"
-                with ops.backend("triton"):
-                    op_ms = _time_ms(step, iters, graph)
-                copy_ms = _time_ms(functools.partial(dst.copy_, src), iters, graph)
-                records.append({
-                    "op": op, "dtype": str(dtype).replace("torch.", ""), "B": B, "T": T, "mode": mode,
-                    "device": device_name, "bytes": traffic,
-                    "triton_ms": op_ms, "copy_ms": copy_ms, "torch_ms": torch_ms,
-                    "triton_GBps": traffic / op_ms / 1e6, "copy_GBps": traffic / copy_ms / 1e6,
-                    "bandwidth_fraction": copy_ms / op_ms, "speedup_vs_torch": torch_ms / op_ms,
-                })
+    cases = itertools.product(shapes, (("policy_loss", _policy_case), ("kl_penalty", _kl_case)), dtypes)
+    for (B, T), (op, make), dtype in cases:
+        step, traffic = make(B, T, dtype)
+        src = torch.empty(traffic // 2, dtype=torch.uint8, device="cuda")
+        dst = torch.empty_like(src)
+        with ops.backend("torch"):
+            torch_ms = _time_ms(step, iters, graph=False)
+        for mode in ("eager", "cuda_graph"):
+            graph = mode == "cuda_graph"
+            with ops.backend("triton"):
+                op_ms = _time_ms(step, iters, graph)
+            copy_ms = _time_ms(functools.partial(dst.copy_, src), iters, graph)
+            records.append({
+                "op": op, "dtype": str(dtype).replace("torch.", ""), "B": B, "T": T, "mode": mode,
+                "device": device_name, "bytes": traffic,
+                "triton_ms": op_ms, "copy_ms": copy_ms, "torch_ms": torch_ms,
+                "triton_GBps": traffic / op_ms / 1e6, "copy_GBps": traffic / copy_ms / 1e6,
+                "bandwidth_fraction": copy_ms / op_ms, "speedup_vs_torch": torch_ms / op_ms,
+            })
     return records
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="bf16 only, 20 iterations")
+    parser.add_argument("--quick", action="store_true", help="B=64, T=4096, bf16 only, 20 iterations")
     parser.add_argument("--json", help="write the records to this file")
     args = parser.parse_args(argv)
     records = run(args.quick)
     if not records:
         print("no CUDA device: nothing measured")
         return
-    print(f"{'op':<12} {'dtype':<9} {'mode':<11} {'triton ms':>9} {'copy ms':>8} {'GB/s':>7} {'of copy':>7} "
-          f"{'torch ms':>8}")
+    print(f"{'op':<12} {'B x T':<11} {'dtype':<9} {'mode':<11} {'triton ms':>9} {'copy ms':>8} {'GB/s':>7} "
+          f"{'of copy':>7} {'torch ms':>8}")
     for r in records:
-        print(f"{r['op']:<12} {r['dtype']:<9} {r['mode']:<11} {r['triton_ms']:9.4f} {r['copy_ms']:8.4f} "
-              f"{r['triton_GBps']:7.0f} {r['bandwidth_fraction']:7.0%} {r['torch_ms']:8.4f}")
+        shape = f"{r['B']}x{r['T']}"
+        print(f"{r['op']:<12} {shape:<11} {r['dtype']:<9} {r['mode']:<11} {r['triton_ms']:9.4f} "
+              f"{r['copy_ms']:8.4f} {r['triton_GBps']:7.0f} {r['bandwidth_fraction']:7.0%} {r['torch_ms']:8.4f}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(records, f, indent=1)
