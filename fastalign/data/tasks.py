@@ -155,20 +155,39 @@ def get_task(name: str):
     return TASKS[name]()
 
 
+def _parse_weighted(spec: str):
+    """``"arith*3+pronoun"`` → ``[("arith", 3), ("pronoun", 1)]``, or None if a part is not a task."""
+    out = []
+    for part in str(spec).split("+"):
+        name, _, weight = part.strip().partition("*")
+        if name not in TASKS or (weight and not weight.isdigit()) or weight == "0":
+            return None
+        out.append((name, int(weight or 1)))
+    return out
+
+
 def parse_task_spec(spec: str):
-    """``"arith+pronoun"`` → ``["arith", "pronoun"]`` when every part is a built-in task, else None."""
-    parts = [p.strip() for p in str(spec).split("+")]
-    return parts if parts and all(p in TASKS for p in parts) else None
+    """``"arith+pronoun"`` → ``["arith", "pronoun"]`` when every part is a built-in task, else None.
+
+    A part may carry a weight, ``"arith*3+pronoun"``: three arith rows for each pronoun row.
+    """
+    parsed = _parse_weighted(spec)
+    return [name for name, _ in parsed] if parsed else None
 
 
 def task_rows(spec: str, kind: str, n: int, seed: int = 0, split: str = "train"):
-    """``n`` rows per task of ``kind`` (``sft`` | ``preferences`` | ``prompts``), interleaved."""
-    names = parse_task_spec(spec)
-    if names is None:
-        raise ValueError(f"dataset {spec!r} is not a built-in task or '+'-joined list of {sorted(TASKS)}")
+    """``n`` rows of ``kind`` (``sft`` | ``preferences`` | ``prompts``) per unit of task weight, interleaved."""
+    parsed = _parse_weighted(spec)
+    if not parsed:
+        raise ValueError(f"dataset {spec!r} is not a built-in task or '+'-joined list of {sorted(TASKS)} "
+                         "(optionally weighted: 'arith*3+pronoun')")
     if kind not in ("sft", "preferences", "prompts"):
         raise ValueError(f"kind must be 'sft', 'preferences' or 'prompts', got {kind!r}")
-    per_task = [[dict(r, task=name) for r in getattr(get_task(name), kind)(n, seed=seed, split=split)]
-                for name in names]
-    rows = [r for group in zip(*per_task) for r in group]
+    per_task = [[dict(r, task=name) for r in getattr(get_task(name), kind)(n * w, seed=seed, split=split)]
+                for name, w in parsed]
+    rows, cursors = [], [0] * len(parsed)
+    while any(c < len(t) for c, t in zip(cursors, per_task)):
+        for i, (_, w) in enumerate(parsed):
+            rows += per_task[i][cursors[i]:cursors[i] + w]
+            cursors[i] += w
     return rows

@@ -60,8 +60,19 @@ class BatchStream:
         batch = order[self.position:self.position + self.batch_size]
         self.position += self.batch_size
         mine = batch[self.rank * self.per_rank:(self.rank + 1) * self.per_rank]
+        if self.micro < self.per_rank:
+            # Micro-batches of similar lengths pad less; the step's gradient (a sum over them) is unchanged.
+            mine = sorted(mine, key=self._length)
         return [self.collate_fn([self.examples[i] for i in mine[j:j + self.micro]], mine[j:j + self.micro])
                 for j in range(0, len(mine), self.micro)]
+
+    def _length(self, i):
+        ex = self.examples[i]
+        if isinstance(ex, dict) and "input_ids" in ex:
+            return len(ex["input_ids"])
+        if isinstance(ex, dict) and "chosen" in ex:
+            return max(len(ex["chosen"]["input_ids"]), len(ex["rejected"]["input_ids"]))
+        return 0
 
     def state_dict(self):
         return {"epoch": self.epoch, "position": self.position}
@@ -87,6 +98,31 @@ def _grad_norm(params, max_norm):
     if not params:
         return torch.tensor(0.0)
     return torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+
+
+def accumulate_gradients(model, micro_batches, loss_fn, weight_fn, state: DistState):
+    """Backward over this process's micro-batches so the gradients equal those of the global mean loss.
+
+    Returns the global metrics (sums divided by the global unit count) and this process's token count.
+    """
+    units = all_reduce_sum(float(sum(weight_fn(b) for b in micro_batches)), state)
+    if units <= 0:
+        raise ValueError("the global batch has no loss units (no target tokens or pairs)")
+    sums: dict = {}
+    tokens = 0
+    for i, batch in enumerate(micro_batches):
+        batch = batch.to(state.device)
+        with no_sync(model, skip=i < len(micro_batches) - 1):
+            loss_sum, metric_sums = loss_fn(model, batch)
+            # DDP/FSDP average gradients over processes; × world size turns that into the global sum.
+            (loss_sum * (state.world_size / units)).backward()
+        sums["loss"] = sums.get("loss", 0.0) + loss_sum.detach().double()
+        for k, v in metric_sums.items():
+            sums[k] = sums.get(k, 0.0) + torch.as_tensor(v).detach().double()
+        tokens += _num_tokens(batch)
+    keys = sorted(sums)
+    totals = all_reduce_sum(torch.stack([torch.as_tensor(sums[k]).cpu() for k in keys]), state)
+    return {k: float(v) / units for k, v in zip(keys, totals)}, tokens
 
 
 def train(*, cfg, run_dir, model, optimizer, scheduler, stream: BatchStream, loss_fn: Callable,
@@ -116,24 +152,11 @@ def train(*, cfg, run_dir, model, optimizer, scheduler, stream: BatchStream, los
     step = start_step
     window_t, window_tokens = time.time(), 0
     while step < cfg.max_steps:
-        micro_batches = stream.next()
-        units = all_reduce_sum(float(sum(weight_fn(b) for b in micro_batches)), state)
-        if units <= 0:
-            raise ValueError(f"step {step + 1}: the global batch has no loss units (no target tokens or pairs)")
-        sums: dict = {}
-        for i, batch in enumerate(micro_batches):
-            batch = batch.to(state.device)
-            with no_sync(model, skip=i < len(micro_batches) - 1):
-                loss_sum, metric_sums = loss_fn(model, batch)
-                # DDP/FSDP average gradients over processes; × world size turns that into the global sum.
-                (loss_sum * (state.world_size / units)).backward()
-            sums["loss"] = sums.get("loss", 0.0) + loss_sum.detach().double()
-            for k, v in metric_sums.items():
-                sums[k] = sums.get(k, 0.0) + torch.as_tensor(v).detach().double()
-            window_tokens += _num_tokens(batch)
-        keys = sorted(sums)
-        totals = all_reduce_sum(torch.stack([torch.as_tensor(sums[k]).cpu() for k in keys]), state)
-        metrics = {k: float(v) / units for k, v in zip(keys, totals)}
+        try:
+            metrics, tokens = accumulate_gradients(model, stream.next(), loss_fn, weight_fn, state)
+        except ValueError as e:
+            raise ValueError(f"step {step + 1}: {e}") from None
+        window_tokens += tokens
         grad_norm = float(_grad_norm(params, cfg.max_grad_norm))
         if not math.isfinite(metrics["loss"]) or not math.isfinite(grad_norm):
             what = "loss" if not math.isfinite(metrics["loss"]) else "gradient norm"

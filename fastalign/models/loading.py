@@ -59,7 +59,9 @@ def load_causal_lm(name: str, *, dtype: str = "float32", attn_implementation: st
                    gradient_checkpointing: bool = False, device=None):
     """A ``transformers`` causal LM in ``dtype`` with the given attention kernel."""
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # one bar per weight load would bury the training progress
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
     check_attn_implementation(attn_implementation)
