@@ -110,6 +110,7 @@ class _TokenLogprobs(torch.autograd.Function):
                 k.dhidden_accumulate(dz, weight, by_nb, count_nb, dh32, v0, width, filtered)
             if need_w or need_b:
                 k.dweight_chunk(dz, hidden_c, by_vb, count_vb, dw, db32, vocab, v0, width, filtered)
+        del dz, keep, hidden_c  # freed before d(hidden) is assembled: it is the peak's last step
         dh = None
         if need_h:
             if ctx.compact:
