@@ -1,0 +1,94 @@
+"""Shared helpers for the tests: tolerances, relative-error checks, backend switching.
+
+Parity checks compare against a float64 computation written in the test itself. The relative
+error is ``max|actual - expected| / max|expected|`` (so entries near zero do not blow it up),
+NaN or Inf in the actual value always fails, and an all-zero expectation is compared exactly.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastalign.ops import dispatch
+
+# Relative-error tolerances against float64 (DESIGN.md, "Numerics").
+TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-2, torch.float64: 1e-5}
+
+
+def rel_err(actual: torch.Tensor, expected: torch.Tensor, scale: float = 0.0) -> float:
+    """``max|actual - expected| / max(max|expected|, scale)``; the plain max difference when both are 0."""
+    a = actual.detach().to(torch.float64).cpu()
+    e = expected.detach().to(torch.float64).cpu()
+    assert a.shape == e.shape, f"shape {tuple(a.shape)} != expected {tuple(e.shape)}"
+    if a.numel() == 0:
+        return 0.0
+    denom = max(e.abs().max().item(), scale)
+    diff = (a - e).abs().max().item()
+    return diff / denom if denom > 0 else diff
+
+
+def assert_rel(actual: torch.Tensor, expected: torch.Tensor, tol: float, what: str = "value",
+               scale: float = 0.0) -> None:
+    """``actual`` is finite where ``expected`` is, and within ``tol`` relative error of it.
+
+    ``scale`` is the size of the terms that cancel into ``expected`` where it is the small
+    difference of large terms (the gradient of a normalization): float32 rounding is relative
+    to those terms, not to their difference.
+    """
+    a = actual.detach().to(torch.float64).cpu()
+    e = expected.detach().to(torch.float64).cpu()
+    finite = torch.isfinite(e)
+    assert torch.isfinite(a[finite]).all(), f"{what}: non-finite entries {a[finite & ~torch.isfinite(a)][:5]}"
+    err = rel_err(a, e, scale)
+    assert err < tol, f"{what}: relative error {err:.3e} >= {tol:g}"
+
+
+@pytest.fixture
+def torch_backend():
+    """Run the test body on the pure-PyTorch reference backend."""
+    with dispatch.backend("torch"):
+        yield
+
+
+@pytest.fixture
+def cpu_backend():
+    """Run the test body on the native C++ backend (skipped when fastalign._C is not built)."""
+    status = dispatch.backends()["cpu"]
+    if not status.available:
+        pytest.skip(f"cpu backend unavailable: {status.reason}")
+    with dispatch.backend("cpu"):
+        yield
+
+
+def logprobs64(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0, ignore_index: int = -100):
+    """float64 log-prob of each label and entropy, written out (shifted log-sum-exp); 0 on ignored rows."""
+    z = logits.detach().to(torch.float64) / temperature
+    top = z.max(dim=-1, keepdim=True).values
+    lse = top + (z - top).exp().sum(-1, keepdim=True).log()
+    p = (z - lse).exp()
+    valid = labels != ignore_index
+    safe = torch.where(valid, labels, torch.zeros_like(labels)).long()
+    logp = z.gather(-1, safe.unsqueeze(-1)).squeeze(-1) - lse.squeeze(-1)
+    entropy = lse.squeeze(-1) - (p * z).sum(-1)
+    zero = torch.zeros_like(logp)
+    return torch.where(valid, logp, zero), torch.where(valid, entropy, zero)
+
+
+def logprobs_grad64(logits: torch.Tensor, labels: torch.Tensor, grad_logp: torch.Tensor, grad_entropy: torch.Tensor,
+                    temperature: float = 1.0, ignore_index: int = -100) -> torch.Tensor:
+    """Analytic d(logits) of sum(grad_logp * logp + grad_entropy * entropy), in float64.
+
+    d logp / dz = onehot(label) - p and d entropy / dz = -p * (z - E_p[z]), each divided by the
+    temperature; ignored rows get no gradient.
+    """
+    z = logits.detach().to(torch.float64) / temperature
+    p = torch.softmax(z, dim=-1)
+    valid = labels != ignore_index
+    safe = torch.where(valid, labels, torch.zeros_like(labels)).long()
+    onehot = torch.zeros_like(z).scatter_(-1, safe.unsqueeze(-1), 1.0)
+    mean_z = (p * z).sum(-1, keepdim=True)
+    g_lp = grad_logp.to(torch.float64).unsqueeze(-1)
+    g_ent = grad_entropy.to(torch.float64).unsqueeze(-1)
+    dz = g_lp * (onehot - p) - g_ent * p * (z - mean_z)
+    return torch.where(valid.unsqueeze(-1), dz, torch.zeros_like(dz)) / temperature
