@@ -413,10 +413,53 @@ std::tuple<Tensor, Tensor> bradley_terry_bwd_cpu(const Tensor& grad_loss, const 
   return {d_chosen, d_rejected};
 }
 
+
+// ---- steer_logits: inference only (no backward). Row strides are passed through, so slices such as
+// logits[:, -1, :] need no copy; columns must be contiguous.
+void check_steer_branch(const Tensor& t, const Tensor& value, int64_t dims, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), "fastalign: ", name, " must be a CPU tensor, got ", t.device());
+  TORCH_CHECK(t.scalar_type() == value.scalar_type(), "fastalign: ", name, " must have value_logits' dtype ",
+              value.scalar_type(), ", got ", t.scalar_type());
+  TORCH_CHECK(t.dim() == dims && t.size(dims - 2) == value.size(0) && t.size(dims - 1) == value.size(1),
+              "fastalign: ", name, " must be [", dims == 3 ? "K, " : "", "B, V] with B, V of value_logits ",
+              value.sizes(), ", got ", t.sizes());
+  TORCH_CHECK(t.size(dims - 1) <= 1 || t.stride(dims - 1) == 1, "fastalign: ", name,
+              " must have contiguous columns (stride 1 along V)");
+}
+
+Tensor steer_logits_cpu(const Tensor& value, const Tensor& base, const std::optional<Tensor>& negatives,
+                        const Tensor& betas, double alpha, double temperature, double top_p, int64_t min_keep) {
+  check_steer_branch(value, value, 2, "value_logits");
+  check_steer_branch(base, value, 2, "base_logits");
+  const bool has_neg = negatives.has_value() && negatives->defined() && negatives->size(0) > 0;
+  const int64_t num_neg = has_neg ? negatives->size(0) : 0;
+  if (has_neg) check_steer_branch(*negatives, value, 3, "negative_logits");
+  check_f32(betas, "betas");
+  check_numel(betas, num_neg, "betas");
+  TORCH_CHECK(temperature > 0.0, "fastalign: temperature must be > 0, got ", temperature);
+  TORCH_CHECK(min_keep >= 1, "fastalign: min_tokens_to_keep must be >= 1, got ", min_keep);
+  const int64_t batch = value.size(0), vocab = value.size(1);
+  Tensor out = at::empty({batch, vocab}, value.options().dtype(at::kFloat));
+  if (batch == 0 || vocab == 0) return out;
+  dispatch_float(value, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    cpu::steer_logits<T>(data_as<T>(value), value.stride(0), data_as<T>(base), base.stride(0),
+                         has_neg ? data_as<T>(*negatives) : nullptr, has_neg ? negatives->stride(0) : 0,
+                         has_neg ? negatives->stride(1) : 0, betas.data_ptr<float>(), num_neg, batch, vocab,
+                         static_cast<float>(alpha), static_cast<float>(temperature),
+                         top_p >= 1.0 ? 1.0f : static_cast<float>(top_p), min_keep, out.data_ptr<float>());
+  });
+  return out;
+}
+
 }  // namespace
 }  // namespace fastalign
 
 TORCH_LIBRARY(fastalign, m) {
+  // steer_logits (fastalign/ops/native_steering.py): inference only, float32 [B, V] out.
+  m.def(
+      "steer_logits(Tensor value_logits, Tensor base_logits, Tensor? negative_logits, Tensor betas, float alpha, "
+      "float temperature, float top_p, int min_tokens_to_keep) -> Tensor");
   // logprobs_fwd -> (logp, entropy, rel_lse): rel_lse = log-sum-exp minus the row max, for the backward.
   m.def("logprobs_fwd(Tensor logits, Tensor labels, float temperature, int ignore_index) -> (Tensor, Tensor, Tensor)");
   m.def(
@@ -467,6 +510,7 @@ TORCH_LIBRARY(fastalign, m) {
 }
 
 TORCH_LIBRARY_IMPL(fastalign, CPU, m) {
+  m.impl("steer_logits", &fastalign::steer_logits_cpu);
   m.impl("logprobs_fwd", &fastalign::logprobs_fwd_cpu);
   m.impl("logprobs_bwd", &fastalign::logprobs_bwd_cpu);
   m.impl("logprobs_bwd_", &fastalign::logprobs_bwd_inplace_cpu);

@@ -82,5 +82,13 @@ void bradley_terry_forward(const float* chosen, const float* rejected, const flo
 void bradley_terry_backward(const float* grad_loss, const float* chosen, const float* rejected, const float* margin,
                             float margin_scalar, int64_t n, float center_coef, float* d_chosen, float* d_rejected);
 
+// ---- steer_logits (steering.cpp). Rows of value/base/negatives have unit column stride and the
+// given row strides (negatives: branch k, row i at negatives + k * neg_stride_k + i * neg_stride_b);
+// betas[num_neg]; out [batch, vocab] float32. top_p >= 1 means no mask.
+template <typename T>
+void steer_logits(const T* value, int64_t value_stride, const T* base, int64_t base_stride, const T* negatives,
+                  int64_t neg_stride_k, int64_t neg_stride_b, const float* betas, int64_t num_neg, int64_t batch,
+                  int64_t vocab, float alpha, float temperature, float top_p, int64_t min_keep, float* out);
+
 }  // namespace cpu
 }  // namespace fastalign
