@@ -57,7 +57,7 @@ def _stage_configs(name, output_dir, quick, seed, threads, overrides_file):
     for stage, cls in STAGES.items():
         values = dict(DEFAULTS[stage], **(QUICK[stage] if quick else {}), **(file_overrides.get(stage) or {}))
         values.update(name=f"{name}/{stage}", output_dir=output_dir, seed=seed, threads=threads,
-                      num_eval_examples=100 if quick else 200, progress=not quick)
+                      num_eval_examples=20 if quick else 200, progress=not quick)
         configs[stage] = load_config(cls, overrides=values)
     return configs
 

@@ -13,6 +13,7 @@ needs). ``train`` and ``eval`` splits never share a problem, whatever the seed.
 
 from __future__ import annotations
 
+import hashlib
 import random
 from typing import Callable
 
@@ -30,6 +31,11 @@ def _check_split(split):
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
 
 
+def _held_out(key: str, one_in: int) -> bool:
+    """True for a fixed, structure-free 1/one_in of the keys (a content hash, independent of any seed)."""
+    return hashlib.sha256(key.encode()).digest()[0] % one_in == 0
+
+
 def _first_answer(completion: str) -> str:
     """The completion up to the first newline / end marker, stripped: what verifiers compare."""
     return completion.split("\n")[0].split("</s>")[0].strip()
@@ -44,8 +50,8 @@ class ArithTask:
     def _problems(self, split):
         _check_split(split)
         # A fixed hash (not the seed) picks the held-out tenth, so no seed ever trains on eval problems.
-        held_out = lambda a, b: (a * 7919 + b * 104729) % 10 == 0
-        return [(a, b) for a in range(100) for b in range(100) if held_out(a, b) == (split == "eval")]
+        # (A linear rule such as (7919a + 104729b) % 10 would hold out exactly the sums ending in 0.)
+        return [(a, b) for a in range(100) for b in range(100) if _held_out(f"{a}+{b}", 10) == (split == "eval")]
 
     def _sample(self, n, seed, split):
         problems = self._problems(split)
@@ -87,8 +93,7 @@ class PronounTask:
     def _combos(self, split):
         _check_split(split)
         combos = [(o, v, x) for o in FEMALE_STEREOTYPED + MALE_STEREOTYPED for v in VERBS for x in OBJECTS]
-        held_out = lambda i: (i * 2654435761) % 5 == 0
-        return [c for i, c in enumerate(combos) if held_out(i) == (split == "eval")]
+        return [c for c in combos if _held_out(" ".join(c), 5) == (split == "eval")]
 
     @staticmethod
     def stereotype(occupation):

@@ -1,0 +1,38 @@
+"""``fastalign pipeline --quick``: every stage runs, the table has every row, report.md links the curves."""
+
+import json
+
+from fastalign import cli
+from fastalign.pipeline import COLUMNS, format_table
+
+
+def test_quick_pipeline_writes_table_and_report(tmp_path, capsys):
+    assert cli.main(["pipeline", "--quick", "--output_dir", str(tmp_path), "--name", "p", "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    root = tmp_path / "p"
+    results = json.loads((root / "results.json").read_text())
+    assert list(results["rows"]) == ["untrained", "sft", "reward model", "dpo", "simpo"]
+    for stage in ("sft", "dpo", "simpo"):
+        row = results["rows"][stage]
+        assert 0 <= row["arith/exact_match"] <= 1 and 0 <= row["pronoun/neutral_rate"] <= 1
+        assert row["kl_to_sft"] == row["kl_to_sft"]  # not NaN
+    assert abs(results["rows"]["sft"]["kl_to_sft"]) < 1e-6  # the SFT model against itself
+    assert 0 <= results["rows"]["reward model"]["reward_accuracy"] <= 1
+    report = (root / "report.md").read_text()
+    assert format_table(results["rows"]) in report and format_table(results["rows"]) in out
+    for stage in ("sft", "reward", "dpo", "simpo"):
+        assert f"({stage}/curves.png)" in report and (root / stage / "curves.png").exists()
+        assert (root / stage / "eval.json").exists() and (root / stage / "config.yaml").exists()
+
+
+def test_table_marks_missing_values():
+    table = format_table({"a": {"arith/exact_match": 0.5}, "b": {}})
+    lines = table.splitlines()
+    assert len(lines) == 4 and lines[2].count("—") == len(COLUMNS) - 1 and "0.500" in lines[2]
+
+
+def test_pipeline_rejects_unknown_stage(tmp_path, capsys):
+    bad = tmp_path / "p.yaml"
+    bad.write_text("ppo: {max_steps: 3}\n")
+    assert cli.main(["pipeline", "--config", str(bad), "--output_dir", str(tmp_path)]) == 1
+    assert "ppo" in capsys.readouterr().err
