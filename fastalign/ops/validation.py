@@ -115,4 +115,4 @@ def nonempty_rows(name: str, mask: torch.Tensor) -> None:
     empty = (mask != 0).sum(-1) == 0
     if bool(empty.any()):
         rows = empty.nonzero().flatten()[:5].tolist()
-        raise ValueError(f"{name} must select at least one position per row, rows {rows} are empty")
+        raise ValueError(f"{name} must select at least one position per row, got empty rows {rows}")
