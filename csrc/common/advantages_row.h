@@ -54,23 +54,37 @@ FA_HD float centered_dot(const float* r, const float* g, int64_t n, float mean) 
 
 // d rewards of one group from d advantages g. For scale == kScaleBatch the batch-wide
 // denominator, std coefficient and mean come in (they need a reduction over every group).
+// The centered rewards are formed as (r_i - r_0) - mean(r - r_0): r_i - r_0 is exact for close
+// rewards, so x keeps its digits when the spread is small against the rewards' magnitude (the two
+// terms of the gradient cancel there, and any error in x would be what remains).
 FA_HD void group_advantages_row_backward(const float* r, const float* g, float* dr, int64_t n, int scale,
                                          float batch_denom, float batch_coef, float batch_mean, float eps) {
-  const float mean = group_mean(r, n);
-  float g_sum = 0.0f;
-  for (int64_t i = 0; i < n; ++i) g_sum += g[i];
-  const float g_mean = g_sum / static_cast<float>(n);
-  float denom = 1.0f, coef = 0.0f, center = mean;
-  if (scale == kScaleGroup) {
-    const float s = unbiased_std(r, n, mean);
-    denom = s + eps;
-    coef = std_backward_coef(centered_dot(r, g, n, mean), denom, s, n);
-  } else if (scale == kScaleBatch) {
-    denom = batch_denom;
-    coef = batch_coef;
-    center = batch_mean;
+  float g_sum = 0.0f, shift_sum = 0.0f;
+  for (int64_t i = 0; i < n; ++i) {
+    g_sum += g[i];
+    shift_sum += r[i] - r[0];
   }
-  for (int64_t i = 0; i < n; ++i) dr[i] = (g[i] - g_mean) / denom - coef * (r[i] - center);
+  const float g_mean = g_sum / static_cast<float>(n);
+  const float shift_mean = shift_sum / static_cast<float>(n);
+  if (scale == kScaleBatch) {
+    for (int64_t i = 0; i < n; ++i) dr[i] = (g[i] - g_mean) / batch_denom - batch_coef * (r[i] - batch_mean);
+    return;
+  }
+  float denom = 1.0f, coef = 0.0f;
+  if (scale == kScaleGroup && n > 1) {
+    float sq = 0.0f, gx = 0.0f;
+    for (int64_t i = 0; i < n; ++i) {
+      const float x = (r[i] - r[0]) - shift_mean;
+      sq += x * x;
+      gx += g[i] * x;
+    }
+    const float s = std::sqrt(sq / static_cast<float>(n - 1));
+    denom = s + eps;
+    coef = std_backward_coef(gx, denom, s, n);
+  } else if (scale == kScaleGroup) {
+    denom = eps;  // one sample: std 0
+  }
+  for (int64_t i = 0; i < n; ++i) dr[i] = (g[i] - g_mean) / denom - coef * ((r[i] - r[0]) - shift_mean);
 }
 
 // One group's RLOO advantages: r_i minus the mean of the other g - 1 rewards. The map is linear

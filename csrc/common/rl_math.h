@@ -33,9 +33,20 @@ FA_HD float kl_value(float d, int kind) {
       return -d;
     case kKlK2:
       return 0.5f * d * d;
-    case kKlK3:
-      // exp(d) - d - 1 without the cancellation of exp(d) - 1 near d = 0.
-      return expm1f(d) - d;
+    case kKlK3: {
+      // exp(d) - d - 1 cancels near d = 0: there its Taylor series (error < 4e-8 relative for
+      // |d| < 0.5), elsewhere expm1(d) - d, which loses at most a few bits.
+      if (fabsf(d) >= 0.5f) return expm1f(d) - d;
+      float p = 1.0f / 362880.0f;
+      p = p * d + 1.0f / 40320.0f;
+      p = p * d + 1.0f / 5040.0f;
+      p = p * d + 1.0f / 720.0f;
+      p = p * d + 1.0f / 120.0f;
+      p = p * d + 1.0f / 24.0f;
+      p = p * d + 1.0f / 6.0f;
+      p = p * d + 0.5f;
+      return p * d * d;
+    }
     default:
       return fabsf(d);
   }

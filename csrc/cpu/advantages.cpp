@@ -113,10 +113,12 @@ void whiten_backward(const float* grad, const float* x, const float* mask, const
     sg += gm;
     sgx += gm * (x[i] - mean);
   }
-  const float a = static_cast<float>(inv * sg / count - (shift_mean ? 0.0 : sg / count));
+  // inv (g - mean g) rather than inv g - inv mean g: inv is 1/sqrt(eps) for a single sample.
+  const float g_mean = static_cast<float>(sg / count);
+  const float shift = shift_mean ? 0.0f : g_mean;
   const float b = static_cast<float>(static_cast<double>(inv) * inv * inv * sgx / divisor);
 #pragma omp parallel for schedule(static) if (n > 65536)
-  for (int64_t i = 0; i < n; ++i) dx[i] = mask[i] * (inv * grad[i] - a - b * (x[i] - mean));
+  for (int64_t i = 0; i < n; ++i) dx[i] = mask[i] * (inv * (grad[i] - g_mean) + shift - b * (x[i] - mean));
 }
 
 }  // namespace cpu
