@@ -34,7 +34,39 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("ops", help="table of ops x backends available on this machine")
     p.set_defaults(func=_cmd_ops)
     _add_flow_commands(sub)
+    _add_bench_command(sub)
     return parser
+
+
+def _bench_suites() -> list[str]:
+    import pkgutil
+
+    import fastalign.bench
+
+    return sorted(m.name for m in pkgutil.iter_modules(fastalign.bench.__path__) if m.name != "common")
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    """``fastalign bench <suite> [args]`` -> ``fastalign.bench.<suite>.main(args)``."""
+    import importlib
+
+    suites = _bench_suites()
+    if args.suite not in suites:
+        print(f"fastalign bench: error: suite must be one of {', '.join(suites)}, got {args.suite!r}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(f"fastalign.bench.{args.suite}")
+    if not callable(getattr(module, "main", None)):
+        print(f"fastalign bench: error: fastalign.bench.{args.suite} has no main(argv)", file=sys.stderr)
+        return 2
+    return module.main([*args.suite_args, *args.overrides]) or 0
+
+
+def _add_bench_command(sub) -> None:
+    p = sub.add_parser("bench", help="speed and peak memory vs naive PyTorch and peers: fastalign bench <suite> "
+                                     "[--quick] (e.g. logprobs, losses)")
+    p.add_argument("suite", help="benchmark suite: a module of fastalign.bench (logprobs, losses, ...)")
+    p.add_argument("suite_args", nargs=argparse.REMAINDER, help="arguments of the suite (see its --help)")
+    p.set_defaults(func=_cmd_bench, takes_overrides=True)
 
 
 FLOW_HELP = {"sft": "supervised fine-tuning", "reward": "reward model (Bradley-Terry)",
