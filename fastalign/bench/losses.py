@@ -17,12 +17,13 @@ Implementations: ``fastalign`` (:mod:`fastalign.losses`), ``liger``
 (``LigerFusedLinearDPOLoss`` / ``LigerFusedLinearGRPOLoss``, ``compiled=False`` unless
 ``--liger-compiled``: on CPU its torch.compile path adds minutes of compile time and no speed),
 ``naive`` (materialized logits, TRL's ``selective_log_softmax``, the loss formula, autograd).
-Each runs in its own subprocess: one warm-up call, then the timed calls; memory is the peak RSS
-growth over the timed calls (``/proc/self/clear_refs`` resets the high-water mark; on CUDA, the
-peak allocated bytes). Inputs are created before the baseline, so memory is what the loss adds.
+Each runs in its own subprocess (:func:`fastalign.bench.common.run_worker`): one warm-up call,
+then the timed calls (median wall seconds, and CPU seconds, which a busy machine distorts less);
+memory is the peak growth over the timed calls (:class:`fastalign.bench.common.PeakMemory`).
+Inputs are created before the baseline, so memory is what the loss adds.
 
-Results go to ``DIR/<device>-losses.json`` (default ``bench/results``) with the ratios and
-targets; the ``rl_ops`` (CPU) and ``rl_gpu`` (CUDA) suites are run and included when importable.
+Results go to ``DIR/<device>-losses.json`` and ``.png`` (default ``bench/results``) with the
+ratios and targets; the ``rl_ops`` (CPU) and ``rl_gpu`` (CUDA) suites are run and included when importable.
 """
 
 from __future__ import annotations
@@ -30,13 +31,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import re
-import subprocess
 import sys
-import time
 
 import torch
+
+from fastalign.bench import common
 
 FULL = {
     "dpo_t512": dict(kind="dpo", rows=8, t=512, h=1024, v=32000, layout="prompt"),
@@ -59,38 +58,6 @@ TARGETS = [  # (case, numerator, denominator, metric, max ratio)
     ("grpo_t1024", "fastalign", "floor", "seconds", 1.2),
 ]
 BETA = 0.1
-
-
-# ----------------------------------------------------------------------------------- measuring
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        return int(re.search(rf"{field}:\s+(\d+)", f.read()).group(1))
-
-
-class _PeakMemory:
-    """Peak memory growth over a block: RSS high-water mark on CPU, allocated bytes on CUDA (MiB)."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-
-    def __enter__(self):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            self.base = torch.cuda.memory_allocated()
-        else:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")  # resets VmHWM to the current RSS
-            self.base = _status_kb("VmRSS") * 1024
-        return self
-
-    def __exit__(self, *exc):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-            peak = torch.cuda.max_memory_allocated()
-        else:
-            peak = _status_kb("VmHWM") * 1024
-        self.peak_mb = (peak - self.base) / 2**20
 
 
 def _inputs(spec: dict, device: torch.device):
@@ -192,36 +159,22 @@ def _worker(case: str, impl: str, quick: bool, device: str, liger_compiled: bool
     def run():
         hidden.grad = weight.grad = None
         step()
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
 
-    run()  # warm-up: lazy initialization, compilation
-    times = []
-    with _PeakMemory(dev) as mem:
-        for _ in range(iters):
-            t0 = time.perf_counter()
-            run()
-            times.append(time.perf_counter() - t0)
-    return {"case": case, "impl": impl, "seconds": min(times), "all_seconds": times, "peak_mb": mem.peak_mb,
+    run()  # warm-up outside the memory window: lazy initialization, compilation
+    with common.PeakMemory(dev) as mem:
+        timing = common.time_calls(run, iters, dev, warmup=0)
+    return {"case": case, "impl": impl, **timing, "peak_mb": mem.peak_mb,
             "valid_tokens": int((labels != -100).sum()), "tokens": labels.numel(), **spec}
 
 
 def _run_one(case, impl, args) -> dict:
-    cmd = [sys.executable, "-m", "fastalign.bench.losses", "--worker", case, impl, "--device", args.device,
-           "--iters", str(args.iters)]
+    argv = ["--worker", case, impl, "--device", args.device, "--iters", str(args.iters)]
     if args.quick:
-        cmd.append("--quick")
+        argv.append("--quick")
     if args.liger_compiled:
-        cmd.append("--liger-compiled")
-    # glibc keeps freed blocks below its (self-raising) mmap threshold in the heap, so after the warm-up
-    # RSS would not show what the timed call allocates: a fixed threshold returns every large block.
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", MALLOC_TRIM_THRESHOLD_="131072")
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-    if proc.returncode != 0 or not lines:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-        return {"case": case, "impl": impl, "error": " | ".join(tail) or f"exit code {proc.returncode}"}
-    return json.loads(lines[-1])
+        argv.append("--liger-compiled")
+    return {"case": case, "impl": impl, **common.run_worker("fastalign.bench.losses", argv, memory=True,
+                                                              timeout=args.timeout)}
 
 
 def _ratios(results: list[dict]) -> list[dict]:
@@ -288,26 +241,29 @@ def main(argv: list[str] | None = None) -> int:
             if "error" in r:
                 print(f"{case:<20} {impl:<10} error: {r['error']}", flush=True)
             else:
-                print(f"{case:<20} {impl:<10} {r['seconds']:8.3f} s  {r['peak_mb']:9.1f} MiB peak growth  "
-                      f"({r['valid_tokens']}/{r['tokens']} tokens labelled)", flush=True)
+                print(f"{case:<20} {impl:<10} {r['seconds']:8.3f} s ({r['cpu_seconds']:8.3f} CPU s)  "
+                      f"{r['peak_mb']:9.1f} MiB peak growth  ({r['valid_tokens']}/{r['tokens']} tokens labelled)",
+                      flush=True)
     ratios = _ratios(results)
     print()
-    for r in ratios:
-        value = "n/a" if r["value"] is None else f"{r['value']:.3f}"
-        verdict = "" if r["met"] is None else ("met" if r["met"] else "NOT met")
-        print(f"{r['case']:<20} {r['ratio']:<32} {value:>7}  (target <= {r['target']})  {verdict}")
+    common.print_table([{**r, "verdict": "" if r["met"] is None else ("met" if r["met"] else "NOT met")}
+                        for r in ratios],
+                       [("case", "case", ""), ("ratio", "ratio", ""), ("value", "value", ".3f"),
+                        ("target", "target <=", ""), ("verdict", "", "")])
 
+    tag = f"{args.device}-losses{'-quick' if args.quick else ''}"
+    ok = [r for r in results if "error" not in r]
+    names = [f"{r['case']} {r['impl']}" for r in ok]
+    chart = common.bar_chart(os.path.join(args.out, f"{tag}.png"), f"fused-linear losses, fwd+bwd ({args.device})",
+                             names, [("seconds", [r["seconds"] for r in ok]),
+                                     ("peak MiB growth", [r["peak_mb"] for r in ok])]) if ok else None
     report = {
-        "suite": "losses", "quick": args.quick, "device": args.device, "liger_compiled": args.liger_compiled,
-        "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
-                    "torch_threads": torch.get_num_threads(), "torch": torch.__version__},
-        "results": results, "ratios": ratios, "suites": _other_suites(args.quick, args.device),
+        "suite": "losses", "quick": args.quick, "liger_compiled": args.liger_compiled,
+        "machine": common.machine_info(args.device), "results": results, "ratios": ratios, "chart": chart,
+        "suites": _other_suites(args.quick, args.device),
     }
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, f"{args.device}-losses{'-quick' if args.quick else ''}.json")
-    with open(path, "w") as f:
-        json.dump(report, f, indent=1, default=str)
-    print(f"\nwrote {path}")
+    path = common.write_json(os.path.join(args.out, f"{tag}.json"), report)
+    print(f"\nwrote {path}" + (f" and {chart}" if chart else ""))
     return 0
 
 
