@@ -26,14 +26,15 @@ from fastalign.models.loading import load_causal_lm, load_tokenizer
 STAGES = {"sft": SFTConfig, "reward": RewardConfig, "dpo": DPOConfig, "simpo": SimPOConfig}
 # Sized for ~2-3 minutes on two CPU cores; QUICK is a smoke test of the same path.
 DEFAULTS = {
-    "sft": dict(dataset="arith+pronoun", num_examples=6000, max_steps=400, batch_size=128, lr=3e-3, warmup_steps=20),
+    "sft": dict(dataset="arith*7+pronoun", num_examples=1000, max_steps=350, batch_size=128, micro_batch_size=32,
+                lr=3e-3, warmup_steps=20),
     "reward": dict(dataset="pronoun+arith", num_examples=1000, max_steps=40, batch_size=32, lr=1e-3, warmup_steps=5),
     "dpo": dict(dataset="pronoun", num_examples=1000, max_steps=40, batch_size=32, lr=5e-4, beta=0.1, warmup_steps=5),
     "simpo": dict(dataset="pronoun", num_examples=1000, max_steps=40, batch_size=32, lr=5e-4, beta=2.0, gamma=0.5,
                   warmup_steps=5),
 }
 QUICK = {
-    "sft": dict(num_examples=200, max_steps=4, batch_size=16),
+    "sft": dict(num_examples=30, max_steps=4, batch_size=16, micro_batch_size=8),
     "reward": dict(num_examples=64, max_steps=2, batch_size=8),
     "dpo": dict(num_examples=64, max_steps=2, batch_size=8),
     "simpo": dict(num_examples=64, max_steps=2, batch_size=8),

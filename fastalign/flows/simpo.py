@@ -61,8 +61,9 @@ def run(cfg: SimPOConfig) -> dict:
     report = {"flow": "simpo", "run_dir": str(run_dir), "steps": result.step,
               "final_train_loss": result.history[-1]["loss"] if result.history else None}
     if state.is_main:
-        start_lm = load_causal_lm(start, dtype=cfg.dtype, device=state.device)
         heldout = evaluation.heldout_rows(cfg, "preferences")
+        prompts = evaluation.heldout_rows(cfg, "prompts")
+        start_lm = load_causal_lm(start, dtype=cfg.dtype, device=state.device) if heldout or prompts else None
         if heldout is not None:
             enc = [loading.encode_preference(tokenizer, r, cfg.max_length) for r in heldout]
             pc, pr = evaluation.sequence_logps(lm, tokenizer, enc, average=True)
@@ -70,7 +71,6 @@ def run(cfg: SimPOConfig) -> dict:
             report["eval_margin"] = float(cfg.beta * (pc - pr).mean())
         report.update(evaluation.task_metrics(lm, tokenizer, cfg.dataset, n=cfg.num_eval_examples, seed=cfg.seed,
                                               batch_size=cfg.eval_batch_size))
-        prompts = evaluation.heldout_rows(cfg, "prompts")
         if prompts is not None:
             report["kl_to_start"] = evaluation.kl_to_reference(lm, start_lm, tokenizer, [r["prompt"] for r in prompts],
                                                                seed=cfg.seed, batch_size=cfg.eval_batch_size)
