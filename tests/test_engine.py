@@ -173,3 +173,15 @@ def test_kill_and_resume_gives_the_uninterrupted_weights(tmp_path):
         assert torch.equal(straight[k], resumed[k]), k
     steps = [r["step"] for r in map(yaml.safe_load, (run_dir / "metrics.jsonl").read_text().splitlines())]
     assert steps == sorted(set(steps)) and steps[-1] == 8
+
+
+@pytest.mark.parametrize("flow", ["sft", "reward", "dpo", "simpo"])
+def test_example_configs_load(flow):
+    from pathlib import Path
+
+    from fastalign.engine import config as C
+
+    cls = {"sft": C.SFTConfig, "reward": C.RewardConfig, "dpo": C.DPOConfig, "simpo": C.SimPOConfig}[flow]
+    path = Path(__file__).resolve().parents[1] / "configs" / f"{flow}.yaml"
+    cfg = load_config(cls, str(path))
+    assert cfg.name == f"{flow}-tiny" and cfg.model == "tiny"
