@@ -323,7 +323,7 @@ def test_no_grad_gives_the_same_loss_and_upstream_gradient_scales():
         g1 = grads(loss, hidden, weight)
         with torch.no_grad():
             eval_loss, _ = loss_fn(hidden, weight, labels, ref_hidden=ref_hidden)
-        assert rel_err(eval_loss, loss.detach()) < 1e-6
+        assert rel_err(eval_loss, loss.detach()) < 1e-6 and eval_loss.grad_fn is None
         loss, _ = loss_fn(hidden, weight, labels, ref_hidden=ref_hidden)
         g3 = grads(-3.0 * loss, hidden, weight)
         for a, c in zip(g1, g3):

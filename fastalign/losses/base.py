@@ -97,10 +97,6 @@ def reference_head(weight, bias, ref_weight, ref_bias):
     return ref_weight.detach(), None if ref_bias is None else ref_bias.detach()
 
 
-def needs_grad(*tensors) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-
-
 # ----------------------------------------------------------------------------- autograd plumbing
 class _Precomputed(torch.autograd.Function):
     """A loss whose gradients w.r.t. hidden, weight and bias were all computed in the forward.
@@ -130,7 +126,12 @@ class _Precomputed(torch.autograd.Function):
 
 
 def attach(compute, hidden, weight, bias) -> Tensor:
-    """Run ``compute`` (see :class:`_Precomputed`) and return its loss wired into the autograd graph."""
+    """Run ``compute`` (see :class:`_Precomputed`) and return its loss wired into the autograd graph.
+
+    Under ``torch.no_grad()`` (evaluation) or when nothing requires grad, only the forward passes run.
+    """
+    if not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in (hidden, weight, bias)):
+        return compute(False, False, False)[0]
     return _Precomputed.apply(compute, hidden, weight, bias)
 
 
