@@ -306,16 +306,12 @@ def linear_logprobs_grad_in_forward(hidden2d, weight, labels1d, grad_fn: GradFn,
     _check_2d(hidden2d, weight, labels1d, bias)
     hidden2d, weight = hidden2d.detach(), weight.detach()
     bias = None if bias is None else bias.detach()
-    n, hdim = hidden2d.shape
-    vocab = weight.shape[0]
+    n, vocab = hidden2d.shape[0], weight.shape[0]
     dev = hidden2d.device
     logp = torch.zeros(n, dtype=torch.float32, device=dev)
     entropy = torch.zeros_like(logp)
-    grad_hidden = torch.zeros(n, hdim, dtype=hidden2d.dtype, device=dev)
-    grad_weight = torch.zeros(vocab, hdim, dtype=torch.float32, device=dev) if need_weight_grad else None
-    grad_bias = (torch.zeros(vocab, dtype=torch.float32, device=dev)
-                 if need_bias_grad and bias is not None else None)
-    chunks, _ = _plan(labels1d, ignore_index, chunk_size, vocab, _budget(mem_budget))
+    chunks, n_valid = _plan(labels1d, ignore_index, chunk_size, vocab, _budget(mem_budget))
+    grads = _Grads(hidden2d, vocab, True, need_weight_grad, need_bias_grad and bias is not None, n_valid == n)
     native = _native_available(dev)
     w32, b32 = _f32(weight), _f32(bias)
     temperature = float(temperature)
@@ -334,22 +330,52 @@ def linear_logprobs_grad_in_forward(hidden2d, weight, labels1d, grad_fn: GradFn,
             g_lp = torch.zeros_like(lp) if g_lp is None else _f32(g_lp.detach()[loc]).contiguous()
             g_ent = None if g_ent is None else _f32(g_ent.detach()[loc]).contiguous()
             _rows_backward_(z, labels, rel_lse, ent, g_lp, g_ent, temperature, ignore_index, native)
-            _accumulate_grads(z, h32, w32, c.rows, grad_hidden, grad_weight, grad_bias)
-    return logp, entropy, grad_hidden, grad_weight, grad_bias
+            grads.add(z, h32, w32, c.rows)
+    return (logp, entropy, *grads.result())
 
 
-def _accumulate_grads(g: Tensor, h32: Tensor, w32: Tensor, rows, grad_hidden: Tensor | None,
-                      grad_weight: Tensor | None, grad_bias: Tensor | None) -> None:
-    """d_hidden[rows] = G @ W; d_weight += G.T @ h; d_bias += sum_rows G (G = d logits, float32)."""
-    if grad_hidden is not None:
-        if isinstance(rows, slice) and grad_hidden.dtype == torch.float32:
-            torch.mm(g, w32, out=grad_hidden[rows])
-        else:
-            grad_hidden[rows] = torch.mm(g, w32).to(grad_hidden.dtype)
-    if grad_weight is not None:
-        grad_weight.addmm_(g.t(), h32)
-    if grad_bias is not None:
-        grad_bias.add_(g.sum(0))
+class _Grads:
+    """Gradient buffers of hidden, weight and bias (float32 for weight and bias), filled chunk by chunk.
+
+    The first chunk writes d_weight and d_bias directly instead of adding to zeros: zero-filling
+    ``[V, H]`` first would cost a whole extra pass over that memory. d_hidden is zero-filled only
+    when some rows are ignored (no chunk writes them).
+    """
+
+    def __init__(self, hidden2d: Tensor, vocab: int, need_h: bool, need_w: bool, need_b: bool, all_rows: bool):
+        n, hdim = hidden2d.shape
+        dev = hidden2d.device
+        self.hidden = (torch.empty if all_rows else torch.zeros)(n, hdim, dtype=hidden2d.dtype, device=dev) \
+            if need_h else None
+        self.weight = torch.empty(vocab, hdim, dtype=torch.float32, device=dev) if need_w else None
+        self.bias = torch.empty(vocab, dtype=torch.float32, device=dev) if need_b else None
+        self.fresh = True
+
+    def add(self, g: Tensor, h32: Tensor, w32: Tensor, rows) -> None:
+        """d_hidden[rows] = G @ W; d_weight += G.T @ h; d_bias += sum_rows G (G = d logits, float32)."""
+        if self.hidden is not None:
+            if isinstance(rows, slice) and self.hidden.dtype == torch.float32:
+                torch.mm(g, w32, out=self.hidden[rows])
+            else:
+                self.hidden[rows] = torch.mm(g, w32).to(self.hidden.dtype)
+        if self.weight is not None:
+            if self.fresh:
+                torch.mm(g.t(), h32, out=self.weight)
+            else:
+                self.weight.addmm_(g.t(), h32)
+        if self.bias is not None:
+            if self.fresh:
+                torch.sum(g, 0, out=self.bias)
+            else:
+                self.bias.add_(g.sum(0))
+        self.fresh = False
+
+    def result(self) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        if self.fresh:  # no chunk ran: every position ignored
+            for t in (self.hidden, self.weight, self.bias):
+                if t is not None:
+                    t.zero_()
+        return self.hidden, self.weight, self.bias
 
 
 # ------------------------------------------------------------------------------- the autograd op
@@ -362,7 +388,7 @@ class _TokenLogprobs(torch.autograd.Function):
         logp = torch.zeros(n, dtype=torch.float32, device=hidden2d.device)
         entropy = torch.zeros_like(logp)
         # All valid rows' logits within the budget: one chunk, kept. Else quarter-budget chunks, partly kept.
-        chunks, _ = _plan(labels1d, ignore_index, chunk_size, vocab, budget, split=True)
+        chunks, n_valid = _plan(labels1d, ignore_index, chunk_size, vocab, budget, split=True)
         rows_max = max((c.b - c.a for c in chunks), default=1)
         n_keep = min(len(chunks), budget // (4 * vocab * rows_max))
         w32, b32 = _f32(weight), _f32(bias)
@@ -381,7 +407,7 @@ class _TokenLogprobs(torch.autograd.Function):
                 kept[k] = z
         del ws
         ctx.save_for_backward(hidden2d, weight, bias)
-        ctx.chunks, ctx.kept, ctx.stats = chunks, kept, stats
+        ctx.chunks, ctx.kept, ctx.stats, ctx.all_rows = chunks, kept, stats, n_valid == n
         ctx.temperature, ctx.ignore_index, ctx.native = temperature, ignore_index, native
         ctx.set_materialize_grads(False)
         return logp, entropy
@@ -391,14 +417,12 @@ class _TokenLogprobs(torch.autograd.Function):
     def backward(ctx, g_logp, g_entropy):
         hidden2d, weight, bias = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        n, hdim = hidden2d.shape
         vocab = weight.shape[0]
         dev = hidden2d.device
-        grad_hidden = torch.zeros(n, hdim, dtype=hidden2d.dtype, device=dev) if need_h else None
-        grad_weight = torch.zeros(vocab, hdim, dtype=torch.float32, device=dev) if need_w else None
-        grad_bias = torch.zeros(vocab, dtype=torch.float32, device=dev) if need_b and bias is not None else None
         chunks, kept, stats = ctx.chunks, ctx.kept, ctx.stats
-        if (g_logp is not None or g_entropy is not None) and chunks:
+        any_grad = g_logp is not None or g_entropy is not None
+        grads = _Grads(hidden2d, vocab, need_h, need_w, need_b and bias is not None, any_grad and ctx.all_rows)
+        if any_grad and chunks:
             w32, b32 = _f32(weight), _f32(bias)
             g_logp = None if g_logp is None else _f32(g_logp)
             g_entropy = None if g_entropy is None else _f32(g_entropy)
@@ -418,9 +442,10 @@ class _TokenLogprobs(torch.autograd.Function):
                 gl = torch.zeros_like(rel_lse) if g_logp is None else _gather_rows(g_logp, c.rows).contiguous()
                 ge = None if g_entropy is None else _gather_rows(g_entropy, c.rows).contiguous()
                 _rows_backward_(z, labels, rel_lse, ent, gl, ge, ctx.temperature, ctx.ignore_index, ctx.native)
-                _accumulate_grads(z, h32, w32, c.rows, grad_hidden, grad_weight, grad_bias)
+                grads.add(z, h32, w32, c.rows)
                 del z
         ctx.kept, ctx.stats = {}, []
+        grad_hidden, grad_weight, grad_bias = grads.result()
         if grad_weight is not None and weight.dtype != torch.float32:
             grad_weight = grad_weight.to(weight.dtype)
         if grad_bias is not None and bias.dtype != torch.float32:
