@@ -25,11 +25,9 @@ KL_KIND_CODES = {"k1": 0, "k2": 1, "k3": 2, "abs": 3}
 LOSS_TYPE_CODES = {"grpo": 0, "bnpo": 1, "dr_grpo": 2, "dapo": 3}
 DPO_LOSS_CODES = {"sigmoid": 0, "hinge": 1, "ipo": 2, "robust": 3}
 
-# Policy-loss partial sums, one row of this many per program: masked loss, mask count, clipped
-# count, ratio sum, KL sum.
+# Policy-loss partial sums, laid out [_N_PARTIALS, B * NB] with one column per program: masked
+# loss, mask count, clipped count, ratio sum, KL sum.
 _N_PARTIALS = 5
-# stats vector written by the policy-loss finalize kernel.
-_STAT_LOSS, _STAT_CLIP, _STAT_RATIO, _STAT_KL, _STAT_INV_NORM = range(5)
 
 
 # ----------------------------------------------------------------------------------- scalar math
