@@ -89,7 +89,7 @@ def _block(n: int, cap: int) -> int:
     return max(16, min(triton.next_power_of_2(max(n, 1)), cap))
 
 
-def _as_loadable(x: torch.Tensor) -> torch.Tensor:
+def as_loadable(x: torch.Tensor) -> torch.Tensor:
     """A tensor Triton can load element-wise: bool viewed as uint8 (no copy), unit inner stride."""
     if x.dtype == torch.bool:
         x = x.view(torch.uint8)
@@ -321,7 +321,7 @@ def policy_loss_forward(logp, old_logp, advantages, mask, ref_logp, *, beta, kl_
                         loss_type, max_completion_length, num_items):
     """Loss and metrics of the clipped policy loss in one pass over the tokens.
 
-    Inputs are [B, T] (advantages [B] or [B, T]) with unit inner stride, see :func:`_as_loadable`.
+    Inputs are [B, T] (advantages [B] or [B, T]) with unit inner stride, see :func:`as_loadable`.
     Returns ``(stats, row_scale)``: ``stats`` = fp32 [loss, clip_fraction, ratio_mean, kl_mean,
     1/normalizer] and ``row_scale`` = fp32 [B] per-row gradient scales (grpo only).
     """

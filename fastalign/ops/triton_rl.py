@@ -67,7 +67,7 @@ class _PolicyLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logp, old_logp, advantages, mask, ref_logp, num_items_t, opts):
         k = _kernels()
-        load = k._as_loadable
+        load = k.as_loadable
         logp_c, old_c, adv_c, mask_c = load(logp), load(old_logp), load(advantages), load(mask)
         ref_c = load(ref_logp) if opts.beta > 0.0 else None
         stats, row_scale = k.policy_loss_forward(
@@ -76,7 +76,6 @@ class _PolicyLoss(torch.autograd.Function):
             num_items=num_items_t if num_items_t is not None else opts.num_items)
         ctx.save_for_backward(stats, row_scale, logp_c, old_c, adv_c, mask_c, ref_c)
         ctx.opts = opts
-        ctx.adv_shape = advantages.shape
         loss, clip_fraction, ratio_mean, kl_mean = stats[0], stats[1], stats[2], stats[3]
         ctx.mark_non_differentiable(clip_fraction, ratio_mean, kl_mean)
         return loss, clip_fraction, ratio_mean, kl_mean
