@@ -92,3 +92,43 @@ def logprobs_grad64(logits: torch.Tensor, labels: torch.Tensor, grad_logp: torch
     g_ent = grad_entropy.to(torch.float64).unsqueeze(-1)
     dz = g_lp * (onehot - p) - g_ent * p * (z - mean_z)
     return torch.where(valid.unsqueeze(-1), dz, torch.zeros_like(dz)) / temperature
+
+
+def std64(x: torch.Tensor, dim=None) -> torch.Tensor:
+    """Unbiased std written out; a single sample has std 0."""
+    n = x.numel() if dim is None else x.shape[dim]
+    mean = x.mean() if dim is None else x.mean(dim, keepdim=True)
+    if n < 2:
+        return torch.zeros_like(mean)
+    sq = ((x - mean) ** 2).sum() if dim is None else ((x - mean) ** 2).sum(dim, keepdim=True)
+    return (sq / (n - 1)).sqrt()
+
+
+def group_adv64(r: torch.Tensor, group: int, scale: str, eps: float) -> torch.Tensor:
+    """GRPO advantages (r - group mean) / (std + eps), std per group, over the batch or none."""
+    g = r.view(-1, group)
+    adv = g - g.mean(1, keepdim=True)
+    if scale == "group":
+        adv = adv / (std64(g, dim=1) + eps)
+    elif scale == "batch":
+        adv = adv / (std64(r) + eps)
+    return adv.reshape(-1)
+
+
+def gae64(rewards, values, mask, gamma, lam):
+    """GAE on the compacted sequence of unmasked positions of each row, scattered back."""
+    r, v = rewards.double(), values.double()
+    adv_rows = []
+    for b in range(r.shape[0]):
+        idx = mask[b].nonzero().flatten().tolist()
+        row = [torch.zeros((), dtype=torch.float64)] * r.shape[1]
+        running = torch.zeros((), dtype=torch.float64)
+        for k in reversed(range(len(idx))):
+            t = idx[k]
+            next_v = v[b, idx[k + 1]] if k + 1 < len(idx) else 0.0
+            running = r[b, t] + gamma * next_v - v[b, t] + gamma * lam * running
+            row[t] = running
+        adv_rows.append(torch.stack(row))
+    adv = torch.stack(adv_rows)
+    returns = torch.where(mask.bool(), adv + v, torch.zeros_like(adv))
+    return adv, returns

@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TOL, assert_rel, logprobs64, logprobs_grad64
+from conftest import TOL, assert_rel, gae64, group_adv64, logprobs64, logprobs_grad64, std64
 
 from fastalign.ops import reference as R
 
@@ -146,26 +146,6 @@ def test_kl_penalty_zero_when_equal():
 
 
 # -------------------------------------------------------------------------------------- advantages
-def _std64(x: torch.Tensor, dim=None) -> torch.Tensor:
-    """Unbiased std written out; a single sample has std 0."""
-    n = x.numel() if dim is None else x.shape[dim]
-    mean = x.mean() if dim is None else x.mean(dim, keepdim=True)
-    if n < 2:
-        return torch.zeros_like(mean)
-    sq = ((x - mean) ** 2).sum() if dim is None else ((x - mean) ** 2).sum(dim, keepdim=True)
-    return (sq / (n - 1)).sqrt()
-
-
-def _group_adv64(r: torch.Tensor, group: int, scale: str, eps: float) -> torch.Tensor:
-    g = r.view(-1, group)
-    adv = g - g.mean(1, keepdim=True)
-    if scale == "group":
-        adv = adv / (_std64(g, dim=1) + eps)
-    elif scale == "batch":
-        adv = adv / (_std64(r) + eps)
-    return adv.reshape(-1)
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("scale", ["group", "batch", "none"])
 @pytest.mark.parametrize("num_groups,group", [(1, 1), (3, 1), (4, 2), (5, 8), (1, 16)])
@@ -173,7 +153,7 @@ def test_group_advantages(scale, num_groups, group, dtype):
     rewards = torch.randn(num_groups * group).to(dtype).requires_grad_()
     adv = R.group_advantages(rewards, group, scale=scale, eps=1e-4)
     r64 = rewards.detach().double().requires_grad_()
-    expected = _group_adv64(r64, group, scale, 1e-4)
+    expected = group_adv64(r64, group, scale, 1e-4)
     assert adv.dtype == torch.float32
     assert_rel(adv, expected, TOL[dtype], "advantages")
     if group == 1 and scale != "batch":
@@ -184,7 +164,7 @@ def test_group_advantages(scale, num_groups, group, dtype):
         (expected * g.double()).sum().backward()
         # The gradient of (r - mean) / std cancels terms of size |g| / std (a two-sample group's
         # advantages are +-1/sqrt(2) whatever the rewards, so their true gradient is ~eps).
-        std = {"group": _std64(r64.detach().view(-1, group), dim=1).min(), "batch": _std64(r64.detach()),
+        std = {"group": std64(r64.detach().view(-1, group), dim=1).min(), "batch": std64(r64.detach()),
                "none": torch.ones(())}[scale]
         terms = g.abs().max().item() / (std.item() + 1e-4)
         assert_rel(rewards.grad, r64.grad, TOL[dtype], "d rewards", scale=terms)
@@ -226,25 +206,6 @@ def test_rloo_advantages(num_groups, group):
     assert torch.equal(R.rloo_advantages(torch.tensor([1.0, 1.0, 1.0, 0.0, 0.0, 0.0]), 3), torch.zeros(6))
 
 
-def _gae64(rewards, values, mask, gamma, lam):
-    """GAE on the compacted sequence of unmasked positions of each row, scattered back."""
-    r, v = rewards.double(), values.double()
-    adv_rows = []
-    for b in range(r.shape[0]):
-        idx = mask[b].nonzero().flatten().tolist()
-        row = [torch.zeros((), dtype=torch.float64)] * r.shape[1]
-        running = torch.zeros((), dtype=torch.float64)
-        for k in reversed(range(len(idx))):
-            t = idx[k]
-            next_v = v[b, idx[k + 1]] if k + 1 < len(idx) else 0.0
-            running = r[b, t] + gamma * next_v - v[b, t] + gamma * lam * running
-            row[t] = running
-        adv_rows.append(torch.stack(row))
-    adv = torch.stack(adv_rows)
-    returns = torch.where(mask.bool(), adv + v, torch.zeros_like(adv))
-    return adv, returns
-
-
 def _grad(x: torch.Tensor) -> torch.Tensor:
     """x.grad, or zeros when nothing reached x (every position masked)."""
     return torch.zeros_like(x) if x.grad is None else x.grad
@@ -275,7 +236,7 @@ def test_gae_random_masks_with_holes(gamma, lam, batch, length):
     adv, ret = R.gae(rewards, values, mask, gamma=gamma, lam=lam)
     r64 = rewards.detach().double().requires_grad_()
     v64 = values.detach().double().requires_grad_()
-    exp_adv, exp_ret = _gae64(r64, v64, mask, gamma, lam)
+    exp_adv, exp_ret = gae64(r64, v64, mask, gamma, lam)
     assert_rel(adv, exp_adv, FP32, "advantages")
     assert_rel(ret, exp_ret, FP32, "returns")
     assert torch.equal(adv[~mask], torch.zeros(int((~mask).sum())))
