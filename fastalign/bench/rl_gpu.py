@@ -10,7 +10,7 @@ Two modes: ``eager`` (what a training loop sees, Python and launch overhead incl
 ``cuda_graph`` (the same step replayed from a CUDA graph: the kernels' own speed). The pure
 PyTorch reference backend is timed eagerly beside them (``torch_ms``).
 
-    python -m fastalign.bench.rl_gpu [--quick] [--json out.json]
+    fastalign bench rl_gpu [--quick] [--out bench/results]   (or python -m fastalign.bench.rl_gpu)
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import argparse
 import functools
 import itertools
 import json
+import os
 from typing import Callable
 
 import torch
@@ -122,25 +123,29 @@ def run(quick: bool = False) -> list[dict]:
     return records
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="fastalign bench rl_gpu", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="B=64, T=4096, bf16 only, 20 iterations")
-    parser.add_argument("--json", help="write the records to this file")
+    parser.add_argument("--out", default=os.path.join("bench", "results"), help="directory for the JSON")
     args = parser.parse_args(argv)
     records = run(args.quick)
     if not records:
         print("no CUDA device: nothing measured")
-        return
+        return 0
     print(f"{'op':<12} {'B x T':<11} {'dtype':<9} {'mode':<11} {'triton ms':>9} {'copy ms':>8} {'GB/s':>7} "
           f"{'of copy':>7} {'torch ms':>8}")
     for r in records:
         shape = f"{r['B']}x{r['T']}"
         print(f"{r['op']:<12} {shape:<11} {r['dtype']:<9} {r['mode']:<11} {r['triton_ms']:9.4f} "
               f"{r['copy_ms']:8.4f} {r['triton_GBps']:7.0f} {r['bandwidth_fraction']:7.0%} {r['torch_ms']:8.4f}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(records, f, indent=1)
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, "cuda-rl_gpu.json")
+    with open(path, "w") as f:
+        json.dump({"suite": "rl_gpu", "torch": torch.__version__, "triton_target_fraction": 0.7,
+                   "quick": args.quick, "rows": records}, f, indent=2)
+    print(f"wrote {path}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())
