@@ -1,0 +1,97 @@
+"""The ``fastalign`` command: ``--version`` and the ``ops`` table (as installed, in a subprocess)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+import fastalign
+from fastalign import cli
+from fastalign.ops import dispatch
+
+CORE_OPS = ("token_logprobs", "logprobs_from_logits", "sequence_logprobs", "kl_penalty", "group_advantages",
+            "rloo_advantages", "gae", "whiten", "policy_loss", "value_loss", "dpo_loss", "simpo_loss",
+            "bradley_terry_loss")
+
+
+def _command() -> list[str]:
+    """The installed console script, else the module it points to."""
+    script = shutil.which("fastalign", path=os.path.dirname(sys.executable)) or shutil.which("fastalign")
+    return [script] if script else [sys.executable, "-m", "fastalign.cli"]
+
+
+def _table(text: str) -> dict[str, list[str]]:
+    """Rows of the ops table: op -> cells per backend, from the header line to the blank line."""
+    lines = text.splitlines()
+    rows = {}
+    for line in lines[1:]:
+        if not line.strip():
+            break
+        op, *cells = line.split()
+        rows[op] = cells
+    return rows
+
+
+@pytest.fixture(scope="module")
+def cli_runs():
+    """Run ``fastalign --version`` and ``fastalign ops`` at once (each start imports torch)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("FASTALIGN_BACKEND", "TRITON_INTERPRET")}
+    procs = {args[0]: subprocess.Popen(_command() + args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                       env=env)
+             for args in (["--version"], ["ops"])}
+    results = {}
+    for name, proc in procs.items():
+        out, err = proc.communicate(timeout=180)
+        results[name] = (proc.returncode, out, err)
+    return results
+
+
+def test_version(cli_runs):
+    code, out, err = cli_runs["--version"]
+    assert code == 0, err
+    assert out.strip() == f"fastalign {fastalign.__version__}"
+
+
+def test_ops_lists_every_op_and_backend(cli_runs):
+    code, out, err = cli_runs["ops"]
+    assert code == 0, err
+    header = out.splitlines()[0].split()
+    assert header == ["op", "torch", "cpu", "triton", "cuda"]
+    rows = _table(out)
+    assert set(CORE_OPS) <= set(rows), set(CORE_OPS) - set(rows)
+    cpu_ok = dispatch.backends()["cpu"].available
+    for op in CORE_OPS:
+        cells = rows[op]
+        assert len(cells) == 4 and all(c in ("yes", "-", "unavailable") for c in cells), (op, cells)
+        assert cells[0] == "yes", op
+        if "cpu" in dispatch.implementations(op):
+            assert cells[1] == ("yes" if cpu_ok else "unavailable"), op
+    footer = out.split("backends on this machine:")[1]
+    for name, status in dispatch.backends().items():
+        if name == "triton":  # this process may run with the interpreter on; the subprocess does not
+            continue
+        assert f"{name:<7} {'available  ' if status.available else 'unavailable'}  {status.reason}" in footer
+
+
+def test_ops_table_in_process_matches_the_registry(capsys):
+    assert cli.main(["ops"]) == 0
+    rows = _table(capsys.readouterr().out)
+    assert sorted(rows) == dispatch.registered_ops()
+    status = dispatch.backends()
+    for op, cells in rows.items():
+        impls = dispatch.implementations(op)
+        expected = ["-" if b not in impls else ("yes" if status[b].available else "unavailable")
+                    for b in dispatch.BACKENDS]
+        assert cells == expected, op
+
+
+def test_no_command_prints_help(capsys):
+    assert cli.main([]) == 2
+    assert "ops" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as info:
+        cli.main(["no-such-command"])
+    assert info.value.code == 2
