@@ -131,11 +131,11 @@ def make_inputs(batch, vocab, num_neg, dtype, device, spread=3.0):
 
 
 def run_case(device, batch, vocab, num_neg, dtype, top_p, *, min_keep=1, alpha=None, temperature=None,
-             betas_as_tensor=False):
+             betas_as_tensor=False, spread=3.0):
     alpha = float(torch.empty(()).uniform_(0.5, 3.0)) if alpha is None else alpha
     temperature = float(torch.empty(()).uniform_(0.5, 1.5)) if temperature is None else temperature
     betas = [float(b) for b in torch.empty(num_neg).uniform_(0.1, 2.0)]
-    value, base, negatives = make_inputs(batch, vocab, num_neg, dtype, device)
+    value, base, negatives = make_inputs(batch, vocab, num_neg, dtype, device, spread)
     passed = torch.tensor(betas, device=device) if betas_as_tensor else (betas if num_neg else None)
     out = ops.steer_logits(value, base, negatives, alpha=alpha, betas=passed, top_p=top_p,
                            min_tokens_to_keep=min_keep, temperature=temperature)
@@ -177,6 +177,14 @@ def test_tiny_top_p_keeps_only_the_argmax(backend):
     finite = torch.isfinite(out).cpu()
     assert (finite.sum(-1) == 1).all()
     assert torch.equal(finite.float().argmax(-1), value.cpu().argmax(-1))
+
+
+@pytest.mark.parametrize("spread", [0.01, 30.0])
+def test_flat_and_peaked_rows(backend, spread):
+    """Nearly uniform rows (the whole vocabulary in one probability bucket) and very peaked ones."""
+    _, device = backend
+    for top_p in (0.5, 0.95):
+        run_case(device, 3, 300, 1, torch.float32, top_p, spread=spread)
 
 
 def test_float16_inputs(backend):

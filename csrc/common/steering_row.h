@@ -10,10 +10,9 @@
 //   P(t) = mass{e >= t} >= top_p * s  and  count{e >= t} >= min_keep.
 // P only gets harder as t grows, and the largest t where it holds is one of the e_j: the
 // probability of the last token the top-p set needs. Tokens tied with it are kept (the reference's
-// tie rule). t is found by bisection on the bit pattern of t (for non-negative floats the bit
-// order is the numeric order, so ~30 steps pin t exactly) over a candidate buffer that shrinks
-// each step: values below an accepted t can never count again, and values at or above a rejected t
-// always count from then on, so they move into running totals.
+// tie rule). t is found exactly on its float bit pattern (for non-negative floats the bit order is
+// the numeric order): a histogram over the top bits narrows it to one bucket, then bisection
+// over that bucket's values pins it. O(V) per row, no sort.
 #pragma once
 
 #include <cmath>
@@ -75,16 +74,49 @@ FA_HD SteerExpRow steer_row_exp(const T* value, int64_t vocab, float temperature
   return SteerExpRow{s, lo, hi};
 }
 
+// Buckets of e by the top bits of its float pattern: exponent and 3 mantissa bits, 8 per octave.
+constexpr int kSteerBucketShift = 20;
+constexpr int kSteerBuckets = (0x3F800000 >> kSteerBucketShift) + 1;  // e <= 1
+
+FA_HD int steer_bucket(float x) {
+  const uint32_t b = float_to_bits(x) >> kSteerBucketShift;
+  return b < static_cast<uint32_t>(kSteerBuckets) ? static_cast<int>(b) : kSteerBuckets - 1;  // NaN stays in range
+}
+
 // The keep threshold t described above, over e[0, vocab). buf: scratch of vocab floats.
+// One histogram pass (mass and count per bucket) finds the bucket holding t; the bisection then
+// runs over that bucket's few values only, with the buckets above it as running totals.
 FA_HD float steer_row_threshold(const float* e, int64_t vocab, const SteerExpRow& row, float top_p,
                                 int64_t min_keep, float* buf) {
   const float target = top_p * row.sum;
-  // P(lo) is taken as true: at t = min every token is kept, the answer when nothing larger holds.
-  uint32_t lo = float_to_bits(row.min), hi = float_to_bits(row.max);
-  const float* src = e;
-  int64_t n = vocab;
+  float bucket_mass[kSteerBuckets] = {};
+  int64_t bucket_count[kSteerBuckets] = {};
+  for (int64_t j = 0; j < vocab; ++j) {
+    const int b = steer_bucket(e[j]);
+    bucket_mass[b] += e[j];
+    bucket_count[b] += 1;
+  }
   float mass_above = 0.0f;   // mass of the values >= every t still possible
   int64_t count_above = 0;
+  int bucket = kSteerBuckets - 1;
+  for (; bucket >= 0; --bucket) {
+    if (mass_above + bucket_mass[bucket] >= target && count_above + bucket_count[bucket] >= min_keep) break;
+    mass_above += bucket_mass[bucket];
+    count_above += bucket_count[bucket];
+  }
+  if (bucket < 0) return row.min;  // P fails even at the smallest value: keep every token
+  // P holds at the bucket's lower edge and fails at the next bucket's: t lies in this bucket.
+  // P(lo) is taken as true (at lo = min every token is kept, the answer when nothing larger holds).
+  const uint32_t edge = static_cast<uint32_t>(bucket) << kSteerBucketShift;
+  const uint32_t min_bits = float_to_bits(row.min), max_bits = float_to_bits(row.max);
+  const uint32_t next_edge = edge + (1u << kSteerBucketShift);
+  uint32_t lo = edge > min_bits ? edge : min_bits;
+  uint32_t hi = next_edge - 1 < max_bits ? next_edge - 1 : max_bits;
+  int64_t n = 0;
+  for (int64_t j = 0; j < vocab; ++j) {
+    buf[n] = e[j];
+    n += steer_bucket(e[j]) == bucket ? 1 : 0;
+  }
   while (lo < hi) {
     const uint32_t mid = lo + (hi - lo + 1) / 2;
     const float t = bits_to_float(mid);
@@ -92,8 +124,8 @@ FA_HD float steer_row_threshold(const float* e, int64_t vocab, const SteerExpRow
     int64_t count = 0;
     FA_SIMD_REDUCE(reduction(+ : mass, count))
     for (int64_t i = 0; i < n; ++i) {
-      const bool in = src[i] >= t;
-      mass += in ? src[i] : 0.0f;
+      const bool in = buf[i] >= t;
+      mass += in ? buf[i] : 0.0f;
       count += in ? 1 : 0;
     }
     const bool holds = mass_above + mass >= target && count_above + count >= min_keep;
@@ -104,14 +136,14 @@ FA_HD float steer_row_threshold(const float* e, int64_t vocab, const SteerExpRow
       mass_above += mass;
       count_above += count;
     }
-    // Branch-free compaction of the values that can still decide (in place once src is buf).
+    // Keep the values that can still decide: values below an accepted t never count again, values
+    // at or above a rejected t always count from now on (they moved into the totals).
     int64_t kept = 0;
     for (int64_t i = 0; i < n; ++i) {
-      const float x = src[i];
+      const float x = buf[i];
       buf[kept] = x;
       kept += (x >= t) == holds ? 1 : 0;
     }
-    src = buf;
     n = kept;
   }
   return bits_to_float(lo);
