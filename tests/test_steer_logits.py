@@ -79,6 +79,42 @@ def test_interpreter_cases_in_a_fresh_process():
     assert "passed" in summary and "skipped" not in summary, proc.stdout[-2000:]
 
 
+# Compiles the kernel (both mask variants, bf16 and fp32 inputs) to a Hopper cubin in a process without the
+# interpreter, which accepts code the compiler rejects; the divisions by T must stay correctly rounded.
+_COMPILE_FOR_SM90 = r"""
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from fastalign.triton_kernels import steering
+
+fn = steering._steer_kernel
+for dtype in ("*bf16", "*fp32"):
+    for masked in (True, False):
+        constexprs = {"MASKED": masked, "BLOCK_V": 4096, "SEARCH_BLOCK": 512, "NUM_CAND": 16}
+        pointers = {"value_ptr": dtype, "base_ptr": dtype, "neg_ptr": dtype, "betas_ptr": "*fp32", "out_ptr": "*fp32"}
+        floats = {"alpha", "temperature", "top_p"}
+        sig = {n: "constexpr" if n in constexprs else pointers.get(n, "fp32" if n in floats else "i32")
+               for n in fn.arg_names}
+        cst = {(fn.arg_names.index(n),): v for n, v in constexprs.items()}
+        kernel = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=cst), target=GPUTarget("cuda", 90, 32),
+                                options={"num_warps": 8})
+        ptx = kernel.asm["ptx"]
+        assert "div.rn.f32" in ptx and "div.full.f32" not in ptx, (dtype, masked)
+"""
+
+
+def test_kernel_compiles_for_hopper():
+    if triton is None:
+        pytest.skip("triton is not installed")
+    triton_backends = importlib.import_module("triton.backends")
+    if "nvidia" not in getattr(triton_backends, "backends", {}):
+        pytest.skip("this triton has no NVIDIA compiler backend")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", _COMPILE_FOR_SM90], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+
 # ----------------------------------------------------------------------------------- float64 truth
 def steer64(value, base, negatives, *, alpha, betas, top_p, min_keep, temperature):
     """(z, keep, ambiguous, scale): float64 steered logits before masking, the kept tokens, the
