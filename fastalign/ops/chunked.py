@@ -50,7 +50,7 @@ _SUFFIXES = {"": 1, "B": 1, "K": 2**10, "KB": 2**10, "KIB": 2**10, "M": 2**20, "
 # Rows per block in the pure-PyTorch row math: bounds its temporaries to ~16 MiB whatever the chunk.
 _TORCH_BLOCK_ELEMS = 2**22
 # Below this many rows per chunk the GEMMs lose efficiency, so the partial-keep split stops there.
-_MIN_SPLIT_ROWS = 256
+_MIN_SPLIT_ROWS = 512
 _SPLIT = 4
 
 GradFn = Callable[[int, int, Tensor, Tensor], "tuple[Tensor | None, Tensor | None]"]
@@ -394,18 +394,19 @@ class _TokenLogprobs(torch.autograd.Function):
         w32, b32 = _f32(weight), _f32(bias)
         kept: dict[int, Tensor] = {}
         stats = []
-        ws = _workspace(chunks, vocab, hidden2d.device) if n_keep < len(chunks) else None
+        ws = z = None
         for k, c in enumerate(chunks):
             labels = _labels_of(labels1d, c.rows)
-            keep = k >= len(chunks) - n_keep
-            z = _chunk_logits(_f32(_gather_rows(hidden2d, c.rows)), w32, b32, None if keep else ws)
+            if ws is None:
+                ws = _workspace(chunks, vocab, hidden2d.device)
+            z = _chunk_logits(_f32(_gather_rows(hidden2d, c.rows)), w32, b32, ws)
             lp, ent, rel_lse = _rows_forward(z, labels, temperature, ignore_index, native)
             logp[c.rows] = lp
             entropy[c.rows] = ent
             stats.append((labels, rel_lse, ent))
-            if keep:
-                kept[k] = z
-        del ws
+            if k >= len(chunks) - n_keep:  # the last chunks are kept: the buffer now belongs to them
+                kept[k], ws = ws, None
+        del ws, z
         ctx.save_for_backward(hidden2d, weight, bias)
         ctx.chunks, ctx.kept, ctx.stats, ctx.all_rows = chunks, kept, stats, n_valid == n
         ctx.temperature, ctx.ignore_index, ctx.native = temperature, ignore_index, native
@@ -434,16 +435,18 @@ class _TokenLogprobs(torch.autograd.Function):
                 labels, rel_lse, ent = stats[k]
                 h32 = _f32(_gather_rows(hidden2d, c.rows))
                 if k in kept:
-                    z = kept.pop(k)
+                    # A used kept buffer becomes the recompute workspace: nothing new is allocated.
+                    ws = kept.pop(k)
+                    z = ws[:c.b - c.a]
                 else:
-                    if ws is None:  # allocated after the kept chunks are gone: they never coexist
+                    if ws is None:
                         ws = _workspace(chunks, vocab, dev)
                     z = _chunk_logits(h32, w32, b32, ws)
                 gl = torch.zeros_like(rel_lse) if g_logp is None else _gather_rows(g_logp, c.rows).contiguous()
                 ge = None if g_entropy is None else _gather_rows(g_entropy, c.rows).contiguous()
                 _rows_backward_(z, labels, rel_lse, ent, gl, ge, ctx.temperature, ctx.ignore_index, ctx.native)
                 grads.add(z, h32, w32, c.rows)
-                del z
+            del ws, z
         ctx.kept, ctx.stats = {}, []
         grad_hidden, grad_weight, grad_bias = grads.result()
         if grad_weight is not None and weight.dtype != torch.float32:
