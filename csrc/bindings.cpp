@@ -139,7 +139,7 @@ std::tuple<Tensor, Tensor> gae_cpu(const Tensor& rewards, const Tensor& values, 
   Tensor adv = at::empty_like(rewards), ret = at::empty_like(rewards);
   cpu::gae(rewards.data_ptr<float>(), values.data_ptr<float>(), mask.data_ptr<float>(), adv.data_ptr<float>(),
            ret.data_ptr<float>(), rewards.size(0), rewards.size(1), static_cast<float>(gamma),
-           static_cast<float>(lam));
+           static_cast<float>(gamma * lam));  // gamma * lam rounded once, as TRL does
   return {adv, ret};
 }
 
@@ -187,7 +187,7 @@ std::tuple<Tensor, Tensor> gae_bwd_cpu(const std::optional<Tensor>& grad_adv, co
   const float* g_ret = optional_f32(grad_ret, mask.numel(), "grad_returns");
   Tensor d_rewards = at::empty_like(mask), d_values = at::empty_like(mask);
   cpu::gae_backward(g_adv, g_ret, mask.data_ptr<float>(), d_rewards.data_ptr<float>(), d_values.data_ptr<float>(),
-                    mask.size(0), mask.size(1), static_cast<float>(gamma), static_cast<float>(lam));
+                    mask.size(0), mask.size(1), static_cast<float>(gamma), static_cast<float>(gamma * lam));
   return {d_rewards, d_values};
 }
 

@@ -98,7 +98,7 @@ std::tuple<Tensor, Tensor> gae_cuda(const Tensor& rewards, const Tensor& values,
   Tensor adv = at::empty_like(rewards), ret = at::empty_like(rewards);
   check_launch(gpu::gae(rewards.data_ptr<float>(), values.data_ptr<float>(), mask.data_ptr<float>(),
                         adv.data_ptr<float>(), ret.data_ptr<float>(), rewards.size(0), rewards.size(1),
-                        static_cast<float>(gamma), static_cast<float>(lam), current_stream()),
+                        static_cast<float>(gamma), static_cast<float>(gamma * lam), current_stream()),
                "gae");
   return {adv, ret};
 }
@@ -121,7 +121,7 @@ std::tuple<Tensor, Tensor> gae_bwd_cuda(const std::optional<Tensor>& grad_adv, c
   Tensor d_rewards = at::empty_like(mask), d_values = at::empty_like(mask);
   check_launch(gpu::gae_backward(g_adv, g_ret, mask.data_ptr<float>(), d_rewards.data_ptr<float>(),
                                  d_values.data_ptr<float>(), mask.size(0), mask.size(1), static_cast<float>(gamma),
-                                 static_cast<float>(lam), current_stream()),
+                                 static_cast<float>(gamma * lam), current_stream()),
                "gae_bwd");
   return {d_rewards, d_values};
 }

@@ -96,8 +96,10 @@ FA_HD void rloo_advantages_row(const float* r, float* out, int64_t g) {
 }
 
 // Reverse GAE scan over one sequence; masked steps get 0 and carry the chain through.
+// gamma_lam = gamma * lam rounded once from double, as TRL's `args.gamma * args.lam` is, so the
+// scan reproduces TRL's per-timestep loop bit for bit.
 FA_HD void gae_row(const float* rewards, const float* values, const float* mask, float* adv, float* ret,
-                   int64_t len, float gamma, float lam) {
+                   int64_t len, float gamma, float gamma_lam) {
   float running = 0.0f, next_value = 0.0f;
   for (int64_t t = len - 1; t >= 0; --t) {
     if (mask[t] == 0.0f) {
@@ -106,7 +108,7 @@ FA_HD void gae_row(const float* rewards, const float* values, const float* mask,
       continue;
     }
     const float delta = rewards[t] + gamma * next_value - values[t];
-    running = delta + gamma * lam * running;
+    running = delta + gamma_lam * running;
     adv[t] = running;
     ret[t] = running + values[t];
     next_value = values[t];
@@ -114,11 +116,11 @@ FA_HD void gae_row(const float* rewards, const float* values, const float* mask,
 }
 
 // Backward of gae_row: a forward scan. With G_t = g_adv_t + g_ret_t, the gradient reaching
-// delta_t is D_t = G_t + gamma lam D_prev (prev = the previous unmasked step); V_t enters
+// delta_t is D_t = G_t + gamma_lam D_prev (prev = the previous unmasked step); V_t enters
 // delta_t (-1), delta_prev (+gamma, as its next value) and ret_t (+1). Masked steps get 0.
 // g_ret may be null (no gradient from the returns).
 FA_HD void gae_row_backward(const float* g_adv, const float* g_ret, const float* mask, float* d_rewards,
-                            float* d_values, int64_t len, float gamma, float lam) {
+                            float* d_values, int64_t len, float gamma, float gamma_lam) {
   float carry = 0.0f;
   for (int64_t t = 0; t < len; ++t) {
     if (mask[t] == 0.0f) {
@@ -127,7 +129,7 @@ FA_HD void gae_row_backward(const float* g_adv, const float* g_ret, const float*
       continue;
     }
     const float gr = g_ret ? g_ret[t] : 0.0f;
-    const float d = (g_adv ? g_adv[t] : 0.0f) + gr + gamma * lam * carry;
+    const float d = (g_adv ? g_adv[t] : 0.0f) + gr + gamma_lam * carry;
     d_rewards[t] = d;
     d_values[t] = gr - d + gamma * carry;
     carry = d;

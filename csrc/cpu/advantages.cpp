@@ -29,11 +29,11 @@ void rloo_advantages(const float* rewards, float* out, int64_t n, int64_t group_
 }
 
 void gae(const float* rewards, const float* values, const float* mask, float* adv, float* ret, int64_t batch,
-         int64_t len, float gamma, float lam) {
+         int64_t len, float gamma, float gamma_lam) {
 #pragma omp parallel for schedule(static) if (batch * len > 16384)
   for (int64_t b = 0; b < batch; ++b) {
     const int64_t o = b * len;
-    gae_row(rewards + o, values + o, mask + o, adv + o, ret + o, len, gamma, lam);
+    gae_row(rewards + o, values + o, mask + o, adv + o, ret + o, len, gamma, gamma_lam);
   }
 }
 
@@ -63,12 +63,12 @@ void group_advantages_backward(const float* rewards, const float* grad, float* d
 }
 
 void gae_backward(const float* grad_adv, const float* grad_ret, const float* mask, float* d_rewards,
-                  float* d_values, int64_t batch, int64_t len, float gamma, float lam) {
+                  float* d_values, int64_t batch, int64_t len, float gamma, float gamma_lam) {
 #pragma omp parallel for schedule(static) if (batch * len > 16384)
   for (int64_t b = 0; b < batch; ++b) {
     const int64_t o = b * len;
     gae_row_backward(grad_adv ? grad_adv + o : nullptr, grad_ret ? grad_ret + o : nullptr, mask + o, d_rewards + o,
-                     d_values + o, len, gamma, lam);
+                     d_values + o, len, gamma, gamma_lam);
   }
 }
 

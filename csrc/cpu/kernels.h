@@ -23,8 +23,9 @@ void logprobs_backward(const T* logits, const int64_t* labels, const float* rel_
 
 void group_advantages(const float* rewards, float* out, int64_t n, int64_t group_size, int scale, float eps);
 void rloo_advantages(const float* rewards, float* out, int64_t n, int64_t group_size);
+// gamma_lam = gamma * lam, rounded to float once (see gae_row).
 void gae(const float* rewards, const float* values, const float* mask, float* adv, float* ret, int64_t batch,
-         int64_t len, float gamma, float lam);
+         int64_t len, float gamma, float gamma_lam);
 
 // ---- RL and preference ops (advantages.cpp, rl_ops.cpp). All float32; masks are float weights
 // (0 = ignored). Every *_backward takes the forward's inputs and the output gradient(s).
@@ -32,7 +33,7 @@ void group_advantages_backward(const float* rewards, const float* grad, float* d
                                int64_t group_size, int scale, float eps);
 // grad_adv / grad_ret may be null (no gradient from that output).
 void gae_backward(const float* grad_adv, const float* grad_ret, const float* mask, float* d_rewards, float* d_values,
-                  int64_t batch, int64_t len, float gamma, float lam);
+                  int64_t batch, int64_t len, float gamma, float gamma_lam);
 // stats[4] = mean, 1/sqrt(var + eps), mask count, variance divisor: what the backward needs.
 void whiten_forward(const float* x, const float* mask, float* out, float* stats, int64_t n, bool shift_mean,
                     float eps);

@@ -185,20 +185,20 @@ __global__ void rloo_kernel(const float* rewards, float* out, int64_t groups, in
 }
 
 __global__ void gae_kernel(const float* rewards, const float* values, const float* mask, float* adv, float* ret,
-                           int64_t batch, int64_t len, float gamma, float lam) {
+                           int64_t batch, int64_t len, float gamma, float gamma_lam) {
   const int64_t b = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (b >= batch) return;
   const int64_t o = b * len;
-  gae_row(rewards + o, values + o, mask + o, adv + o, ret + o, len, gamma, lam);
+  gae_row(rewards + o, values + o, mask + o, adv + o, ret + o, len, gamma, gamma_lam);
 }
 
 __global__ void gae_backward_kernel(const float* grad_adv, const float* grad_ret, const float* mask, float* d_rewards,
-                                    float* d_values, int64_t batch, int64_t len, float gamma, float lam) {
+                                    float* d_values, int64_t batch, int64_t len, float gamma, float gamma_lam) {
   const int64_t b = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (b >= batch) return;
   const int64_t o = b * len;
   gae_row_backward(grad_adv ? grad_adv + o : nullptr, grad_ret ? grad_ret + o : nullptr, mask + o, d_rewards + o,
-                   d_values + o, len, gamma, lam);
+                   d_values + o, len, gamma, gamma_lam);
 }
 
 __global__ void sequence_logprobs_kernel(const float* token_logp, const float* mask, float* out, int64_t batch,
@@ -271,20 +271,20 @@ cudaError_t rloo_advantages(const float* rewards, float* out, int64_t n, int64_t
 }
 
 cudaError_t gae(const float* rewards, const float* values, const float* mask, float* adv, float* ret, int64_t batch,
-                int64_t len, float gamma, float lam, cudaStream_t stream) {
+                int64_t len, float gamma, float gamma_lam, cudaStream_t stream) {
   if (batch == 0 || len == 0) return cudaSuccess;
   constexpr int threads = 128;
   gae_kernel<<<static_cast<unsigned>(ceil_div(batch, threads)), threads, 0, stream>>>(rewards, values, mask, adv, ret,
-                                                                                     batch, len, gamma, lam);
+                                                                                     batch, len, gamma, gamma_lam);
   return cudaGetLastError();
 }
 
 cudaError_t gae_backward(const float* grad_adv, const float* grad_ret, const float* mask, float* d_rewards,
-                         float* d_values, int64_t batch, int64_t len, float gamma, float lam, cudaStream_t stream) {
+                         float* d_values, int64_t batch, int64_t len, float gamma, float gamma_lam, cudaStream_t stream) {
   if (batch == 0 || len == 0) return cudaSuccess;
   constexpr int threads = 128;
   gae_backward_kernel<<<static_cast<unsigned>(ceil_div(batch, threads)), threads, 0, stream>>>(
-      grad_adv, grad_ret, mask, d_rewards, d_values, batch, len, gamma, lam);
+      grad_adv, grad_ret, mask, d_rewards, d_values, batch, len, gamma, gamma_lam);
   return cudaGetLastError();
 }
 

@@ -239,14 +239,14 @@ void test_gae() {
   const float gamma = 0.99f, lam = 0.95f;
   Vec r = randn(B * T), v = randn(B * T), m = mask_with_holes(B, T);
   Vec adv(B * T), ret(B * T);
-  cpu::gae(r.data(), v.data(), m.data(), adv.data(), ret.data(), B, T, gamma, lam);
+  cpu::gae(r.data(), v.data(), m.data(), adv.data(), ret.data(), B, T, gamma, gamma * lam);
   DVec want_adv, want_ret;
   gae_double(to_double(r), to_double(v), m, B, T, gamma, lam, want_adv, want_ret);
   check_close(adv, want_adv, 1e-5, "gae advantages (with holes)");
   check_close(ret, want_ret, 1e-5, "gae returns (with holes)");
 
   Vec ga = randn(B * T), gr = randn(B * T), d_r(B * T), d_v(B * T);
-  cpu::gae_backward(ga.data(), gr.data(), m.data(), d_r.data(), d_v.data(), B, T, gamma, lam);
+  cpu::gae_backward(ga.data(), gr.data(), m.data(), d_r.data(), d_v.data(), B, T, gamma, gamma * lam);
   auto objective = [&](const DVec& rr, const DVec& vv) {
     DVec a, rt;
     gae_double(rr, vv, m, B, T, gamma, lam, a, rt);
