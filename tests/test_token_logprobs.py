@@ -90,8 +90,9 @@ def test_matches_float64(backend, dtype, lead, hdim, vocab, chunk_size, temperat
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_float16_and_no_bias(backend):
+def test_float16_no_bias_int32_labels(backend):
     hidden, weight, _, labels = make((4, 9), 33, 71, torch.float16, bias=False)
+    labels = labels.to(torch.int32)
     g_logp, g_ent = torch.randn(4, 9, dtype=torch.float64), torch.randn(4, 9, dtype=torch.float64)
     got = run(backend, hidden, weight, None, labels, g_logp, g_ent, temperature=1.3, chunk_size=8)
     check(got, expected(hidden, weight, None, labels, 1.3, g_logp, g_ent), TOL[torch.float16])

@@ -19,10 +19,13 @@ Memory budget and the keep/recompute switch (``mem_budget`` bytes; default
 
 * ``choose_chunk_size`` picks the rows per chunk so that one chunk's float32 logits fit the budget.
 * :func:`token_logprobs_chunked` (the autograd op) needs the logits again in the backward. When
-  the budget holds ALL chunks' logits it keeps them: 3 GEMMs in all (forward, then d_hidden and
-  d_weight). Otherwise it uses quarter-budget chunks, keeps the logits of the last chunks that
-  fit the budget and recomputes the others in the backward: between 3 and 4 GEMMs (4 when none
-  fits). Kept chunks are consumed first in the backward, so the peak stays within the budget.
+  the budget holds ALL valid rows' logits it keeps them: 3 GEMMs in all (forward, then d_hidden
+  and d_weight). Otherwise it keeps the logits of as many of the LAST chunks as fit the budget
+  and recomputes the others in the backward: 3 + (recomputed rows / N) GEMMs, 4 when none fits
+  (e.g. N=4096, V=32000 at 256 MiB: 8 chunks of 512 rows, 4 kept, 3.5 GEMMs). Chunks are cut
+  to a quarter of the budget (but not below 512 rows, where GEMMs lose efficiency) so that the
+  kept part fills the budget closely. The backward consumes the kept chunks first and reuses
+  their buffer for the recomputed ones, so the logits never take more than the budget.
 * :func:`linear_logprobs_grad_in_forward` is for losses whose gradient w.r.t. each token's
   log-prob is known in the forward (GRPO/PPO, or a DPO pair): it never keeps anything and does
   the forward and backward of each chunk at once (3 GEMMs per chunk).
