@@ -11,9 +11,38 @@
 
 #include <cstdint>
 
+#include "fast_exp.h"
 #include "macros.h"
 
 namespace fastalign {
+
+// exp(x) for any x: the branch-free exp_nonpositive of -|x| and, for x > 0, its reciprocal, so
+// elementwise CPU loops vectorize (libm's expf does not). Relative error < 3e-7; inf above ~87.
+FA_HD float exp_any(float x) {
+#if defined(__CUDA_ARCH__)
+  return expf(x);
+#else
+  const float e = exp_nonpositive(-fabsf(x));
+  const float inverse = 1.0f / e;  // computed unconditionally: a select, not a branch, so loops vectorize
+  return x > 0.0f ? inverse : e;
+#endif
+}
+
+// expm1(x) with full relative precision near 0 (Taylor series for |x| < 0.5, error < 4e-8
+// relative), exp(x) - 1 elsewhere; both sides computed and one selected, so loops vectorize.
+FA_HD float expm1_any(float x) {
+  float p = 1.0f / 362880.0f;
+  p = p * x + 1.0f / 40320.0f;
+  p = p * x + 1.0f / 5040.0f;
+  p = p * x + 1.0f / 720.0f;
+  p = p * x + 1.0f / 120.0f;
+  p = p * x + 1.0f / 24.0f;
+  p = p * x + 1.0f / 6.0f;
+  p = p * x + 0.5f;
+  const float series = x + p * x * x;
+  const float direct = exp_any(x) - 1.0f;
+  return fabsf(x) < 0.5f ? series : direct;
+}
 
 // ------------------------------------------------------------------------------------ scalars
 FA_HD float log_sigmoid(float x) {
@@ -34,9 +63,8 @@ FA_HD float kl_value(float d, int kind) {
     case kKlK2:
       return 0.5f * d * d;
     case kKlK3: {
-      // exp(d) - d - 1 cancels near d = 0: there its Taylor series (error < 4e-8 relative for
-      // |d| < 0.5), elsewhere expm1(d) - d, which loses at most a few bits.
-      if (fabsf(d) >= 0.5f) return expm1f(d) - d;
+      // exp(d) - d - 1 cancels near d = 0: there its Taylor series d^2 (1/2 + d/6 + ...), exact
+      // to 4e-8 relative for |d| < 0.5; elsewhere exp(d) - d - 1 loses at most a few bits.
       float p = 1.0f / 362880.0f;
       p = p * d + 1.0f / 40320.0f;
       p = p * d + 1.0f / 5040.0f;
@@ -45,7 +73,9 @@ FA_HD float kl_value(float d, int kind) {
       p = p * d + 1.0f / 24.0f;
       p = p * d + 1.0f / 6.0f;
       p = p * d + 0.5f;
-      return p * d * d;
+      const float series = p * d * d;
+      const float direct = (exp_any(d) - d) - 1.0f;
+      return fabsf(d) < 0.5f ? series : direct;
     }
     default:
       return fabsf(d);
@@ -60,7 +90,7 @@ FA_HD float kl_grad_logp(float d, int kind) {
     case kKlK2:
       return -d;
     case kKlK3:
-      return -expm1f(d);
+      return -expm1_any(d);
     default:
       return d > 0.0f ? -1.0f : (d < 0.0f ? 1.0f : 0.0f);
   }
@@ -83,16 +113,19 @@ struct PolicyToken {
   float clipped;  // 1 where the clip is active in the direction that matters for A's sign
 };
 
+// KlKind >= 0 fixes the KL estimator at compile time (the CPU loops dispatch on it once, so
+// they vectorize); -1 reads c.kl_kind.
+template <int KlKind = -1>
 FA_HD PolicyToken policy_token_forward(float logp, float old_logp, float adv, float ref_logp,
                                        const PolicyConfig& c) {
   PolicyToken t;
-  t.ratio = expf(logp - old_logp);
+  t.ratio = exp_any(logp - old_logp);
   const float clipped = fminf(fmaxf(t.ratio, c.ratio_low), c.ratio_high);
   const float a = t.ratio * adv, b = clipped * adv;
   t.loss = -(a < b ? a : b);
   t.kl = 0.0f;
   if (c.beta > 0.0f) {
-    t.kl = kl_value(ref_logp - logp, c.kl_kind);
+    t.kl = kl_value(ref_logp - logp, KlKind >= 0 ? KlKind : c.kl_kind);
     t.loss += c.beta * t.kl;
   }
   t.clipped = ((t.ratio < c.ratio_low && adv < 0.0f) || (t.ratio > c.ratio_high && adv > 0.0f)) ? 1.0f : 0.0f;
@@ -104,9 +137,10 @@ struct PolicyTokenGrad {
   float d_adv;   // d loss_token / d advantage
 };
 
+template <int KlKind = -1>
 FA_HD PolicyTokenGrad policy_token_backward(float logp, float old_logp, float adv, float ref_logp,
                                             const PolicyConfig& c) {
-  const float ratio = expf(logp - old_logp);
+  const float ratio = exp_any(logp - old_logp);
   const float clipped = fminf(fmaxf(ratio, c.ratio_low), c.ratio_high);
   const float a = ratio * adv, b = clipped * adv;
   // torch.minimum's split: all to the smaller operand, half each on a tie.
@@ -115,36 +149,9 @@ FA_HD PolicyTokenGrad policy_token_backward(float logp, float old_logp, float ad
   const float inside = (ratio >= c.ratio_low && ratio <= c.ratio_high) ? 1.0f : 0.0f;
   PolicyTokenGrad g;
   g.d_logp = -(wa + wb * inside) * adv * ratio;
-  if (c.beta > 0.0f) g.d_logp += c.beta * kl_grad_logp(ref_logp - logp, c.kl_kind);
+  if (c.beta > 0.0f) g.d_logp += c.beta * kl_grad_logp(ref_logp - logp, KlKind >= 0 ? KlKind : c.kl_kind);
   g.d_adv = -(wa * ratio + wb * clipped);
   return g;
-}
-
-// Per-row partial sums of the policy loss; Acc is double on the CPU, float on the GPU.
-template <typename Acc>
-struct PolicyRowSums {
-  Acc loss = 0, count = 0, clipped = 0, ratio = 0, kl = 0;
-};
-
-// Sums over t = start, start + stride, ... < len of one row (stride 1 on the CPU, a warp's lanes
-// on the GPU). adv_per_token selects advantages[t] over the row's single advantage adv[0].
-template <typename Acc>
-FA_HD PolicyRowSums<Acc> policy_row_sums(const float* logp, const float* old_logp, const float* adv,
-                                         bool adv_per_token, const float* mask, const float* ref_logp,
-                                         int64_t len, int64_t start, int64_t stride, const PolicyConfig& c) {
-  PolicyRowSums<Acc> s;
-  for (int64_t t = start; t < len; t += stride) {
-    const float m = mask[t];
-    if (m == 0.0f) continue;
-    const PolicyToken tok = policy_token_forward(logp[t], old_logp[t], adv_per_token ? adv[t] : adv[0],
-                                                 ref_logp ? ref_logp[t] : 0.0f, c);
-    s.loss += static_cast<Acc>(tok.loss * m);
-    s.count += static_cast<Acc>(m);
-    s.clipped += static_cast<Acc>(tok.clipped * m);
-    s.ratio += static_cast<Acc>(tok.ratio * m);
-    s.kl += static_cast<Acc>(tok.kl * m);
-  }
-  return s;
 }
 
 // ------------------------------------------------------------------------------------ value loss

@@ -4,7 +4,14 @@
 //
 // Reductions are deterministic: partial sums over fixed-size chunks (or rows), in double, then a
 // serial combine, so the result does not depend on the thread count.
+// No floating-point trap semantics: lets GCC if-convert the selects of the exp helpers (both sides
+// computed, one kept) so the elementwise loops vectorize. No result changes: no reassociation.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC optimize("no-trapping-math")
+#endif
+
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
 #include "../common/rl_math.h"
@@ -36,14 +43,47 @@ float clamp_min_one(double x) { return static_cast<float>(x < 1.0 ? 1.0 : x); }
 }  // namespace
 
 // ---------------------------------------------------------------------------------------- KL
-void kl_forward(const float* logp, const float* ref_logp, float* out, int64_t n, int kind) {
+namespace {
+
+// The estimator is a template argument so its switch folds away and the loop vectorizes.
+template <int Kind>
+void kl_forward_kind(const float* logp, const float* ref_logp, float* out, int64_t n) {
 #pragma omp parallel for schedule(static) if (n > kParallelMin)
-  for (int64_t i = 0; i < n; ++i) out[i] = kl_value(ref_logp[i] - logp[i], kind);
+  for (int64_t i = 0; i < n; ++i) out[i] = kl_value(ref_logp[i] - logp[i], Kind);
+}
+
+template <int Kind>
+void kl_backward_kind(const float* grad, const float* logp, const float* ref_logp, float* d_logp, int64_t n) {
+#pragma omp parallel for schedule(static) if (n > kParallelMin)
+  for (int64_t i = 0; i < n; ++i) d_logp[i] = grad[i] * kl_grad_logp(ref_logp[i] - logp[i], Kind);
+}
+
+}  // namespace
+
+void kl_forward(const float* logp, const float* ref_logp, float* out, int64_t n, int kind) {
+  switch (kind) {
+    case kKlK1:
+      return kl_forward_kind<kKlK1>(logp, ref_logp, out, n);
+    case kKlK2:
+      return kl_forward_kind<kKlK2>(logp, ref_logp, out, n);
+    case kKlK3:
+      return kl_forward_kind<kKlK3>(logp, ref_logp, out, n);
+    default:
+      return kl_forward_kind<kKlAbs>(logp, ref_logp, out, n);
+  }
 }
 
 void kl_backward(const float* grad, const float* logp, const float* ref_logp, float* d_logp, int64_t n, int kind) {
-#pragma omp parallel for schedule(static) if (n > kParallelMin)
-  for (int64_t i = 0; i < n; ++i) d_logp[i] = grad[i] * kl_grad_logp(ref_logp[i] - logp[i], kind);
+  switch (kind) {
+    case kKlK1:
+      return kl_backward_kind<kKlK1>(grad, logp, ref_logp, d_logp, n);
+    case kKlK2:
+      return kl_backward_kind<kKlK2>(grad, logp, ref_logp, d_logp, n);
+    case kKlK3:
+      return kl_backward_kind<kKlK3>(grad, logp, ref_logp, d_logp, n);
+    default:
+      return kl_backward_kind<kKlAbs>(grad, logp, ref_logp, d_logp, n);
+  }
 }
 
 // ---------------------------------------------------------------------------------------- sequence sums
@@ -78,18 +118,60 @@ void sequence_logprobs_backward(const float* grad, const float* mask, float* d_l
 }
 
 // ---------------------------------------------------------------------------------------- policy loss
+namespace {
+
+// Calls fn(std::integral_constant<int, kind>) so per-token code sees the KL estimator as a constant.
+template <typename Fn>
+void with_kl_kind(int kind, Fn&& fn) {
+  switch (kind) {
+    case kKlK1:
+      return fn(std::integral_constant<int, kKlK1>{});
+    case kKlK2:
+      return fn(std::integral_constant<int, kKlK2>{});
+    case kKlK3:
+      return fn(std::integral_constant<int, kKlK3>{});
+    default:
+      return fn(std::integral_constant<int, kKlAbs>{});
+  }
+}
+
+struct PolicyRowSums {
+  double loss = 0, count = 0, clipped = 0, ratio = 0, kl = 0;
+};
+
+}  // namespace
+
 void policy_loss_forward(const float* logp, const float* old_logp, const float* adv, bool adv_per_token,
                          const float* mask, const float* ref_logp, int64_t batch, int64_t len, const PolicyConfig& c,
                          int loss_type, int64_t max_completion_length, float num_items, float* loss, float* metrics,
                          float* row_scale) {
-  std::vector<PolicyRowSums<double>> rows(static_cast<size_t>(batch));
+  std::vector<PolicyRowSums> rows(static_cast<size_t>(batch));
+  with_kl_kind(c.kl_kind, [&](auto kind) {
+    constexpr int Kind = decltype(kind)::value;
 #pragma omp parallel for schedule(static) if (batch * len > kParallelMin)
-  for (int64_t b = 0; b < batch; ++b) {
-    const int64_t o = b * len;
-    rows[b] = policy_row_sums<double>(logp + o, old_logp + o, adv + (adv_per_token ? o : b), adv_per_token, mask + o,
-                                      ref_logp ? ref_logp + o : nullptr, len, 0, 1, c);
-  }
-  PolicyRowSums<double> total;
+    for (int64_t b = 0; b < batch; ++b) {
+      const int64_t o = b * len;
+      const float row_adv = adv[adv_per_token ? o : b];
+      // Float partial sums within a row (SIMD lanes), double across rows. Masked tokens are
+      // selected out rather than multiplied by 0, so padding holding inf/NaN cannot leak in.
+      float s_loss = 0.0f, s_count = 0.0f, s_clipped = 0.0f, s_ratio = 0.0f, s_kl = 0.0f;
+#pragma omp simd reduction(+ : s_loss, s_count, s_clipped, s_ratio, s_kl)
+      for (int64_t t = 0; t < len; ++t) {
+        const int64_t i = o + t;
+        const float m = mask[i];
+        const PolicyToken tok = policy_token_forward<Kind>(logp[i], old_logp[i], adv_per_token ? adv[i] : row_adv,
+                                                           ref_logp ? ref_logp[i] : 0.0f, c);
+        const bool on = m != 0.0f;
+        s_loss += on ? tok.loss * m : 0.0f;
+        s_count += m;
+        s_clipped += on ? tok.clipped * m : 0.0f;
+        s_ratio += on ? tok.ratio * m : 0.0f;
+        s_kl += on ? tok.kl * m : 0.0f;
+      }
+      rows[b] = PolicyRowSums{s_loss, s_count, s_clipped, s_ratio, s_kl};
+    }
+  });
+  PolicyRowSums total;
   for (const auto& r : rows) {
     total.loss += r.loss;
     total.count += r.count;
@@ -129,31 +211,29 @@ void policy_loss_backward(const float* grad_loss, const float* logp, const float
                           bool adv_per_token, const float* mask, const float* ref_logp, const float* row_scale,
                           int64_t batch, int64_t len, const PolicyConfig& c, float* d_logp, float* d_adv) {
   const float g = *grad_loss;
+  with_kl_kind(c.kl_kind, [&](auto kind) {
+    constexpr int Kind = decltype(kind)::value;
 #pragma omp parallel for schedule(static) if (batch * len > kParallelMin)
-  for (int64_t b = 0; b < batch; ++b) {
-    const float scale = g * row_scale[b];
-    float adv_row_grad = 0.0f;
-    for (int64_t t = 0; t < len; ++t) {
-      const int64_t i = b * len + t;
-      const float m = mask[i];
-      if (m == 0.0f) {
-        d_logp[i] = 0.0f;
-        if (d_adv && adv_per_token) d_adv[i] = 0.0f;
-        continue;
+    for (int64_t b = 0; b < batch; ++b) {
+      const int64_t o = b * len;
+      const float scale = g * row_scale[b];
+      const float row_adv = adv[adv_per_token ? o : b];
+      float adv_row_grad = 0.0f;
+#pragma omp simd reduction(+ : adv_row_grad)
+      for (int64_t t = 0; t < len; ++t) {
+        const int64_t i = o + t;
+        const float m = mask[i];
+        const PolicyTokenGrad tg = policy_token_backward<Kind>(logp[i], old_logp[i], adv_per_token ? adv[i] : row_adv,
+                                                               ref_logp ? ref_logp[i] : 0.0f, c);
+        const bool on = m != 0.0f;
+        d_logp[i] = on ? scale * m * tg.d_logp : 0.0f;
+        const float da = on ? scale * m * tg.d_adv : 0.0f;
+        if (d_adv && adv_per_token) d_adv[i] = da;
+        adv_row_grad += da;
       }
-      const PolicyTokenGrad tg = policy_token_backward(logp[i], old_logp[i], adv_per_token ? adv[i] : adv[b],
-                                                       ref_logp ? ref_logp[i] : 0.0f, c);
-      d_logp[i] = scale * m * tg.d_logp;
-      if (d_adv) {
-        if (adv_per_token) {
-          d_adv[i] = scale * m * tg.d_adv;
-        } else {
-          adv_row_grad += scale * m * tg.d_adv;
-        }
-      }
+      if (d_adv && !adv_per_token) d_adv[b] = adv_row_grad;
     }
-    if (d_adv && !adv_per_token) d_adv[b] = adv_row_grad;
-  }
+  });
 }
 
 // ---------------------------------------------------------------------------------------- value loss
