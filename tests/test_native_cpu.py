@@ -189,6 +189,23 @@ def test_group_advantages_equal_rewards_exactly_zero(scale):
         assert torch.equal(ops.group_advantages(torch.full((8,), 0.7), 4, scale=scale), torch.zeros(8))
 
 
+@pytest.mark.parametrize("scale", ["group", "batch"])
+def test_group_advantages_gradient_of_equal_rewards(scale):
+    # std has no derivative at 0: both backends take it as 0, d r = (g - mean_group(g)) / eps.
+    equal_part = torch.full((4,), -1.7)
+    rewards = torch.cat([equal_part, equal_part if scale == "batch" else torch.randn(4)]).requires_grad_()
+    g = torch.randn(8)
+    grads = {}
+    for name in ("cpu", "torch"):
+        rewards.grad = None
+        with ops.backend(name):
+            (ops.group_advantages(rewards, 4, scale=scale) * g).sum().backward()
+        grads[name] = rewards.grad.clone()
+    centered = g[:4].double() - g[:4].double().mean()
+    assert_rel(grads["cpu"][:4], centered / 1e-4, TOL[torch.float32], "equal group")
+    assert_rel(grads["cpu"], grads["torch"], TOL[torch.float32], "native vs reference")
+
+
 @pytest.mark.parametrize("num_groups,group", [(1, 2), (6, 3), (2, 33)])
 def test_rloo_advantages(num_groups, group):
     rewards = torch.randn(num_groups * group, requires_grad=True)

@@ -182,6 +182,18 @@ def test_group_advantages_equal_rewards_exactly_zero(scale):
     assert adv[4:8].abs().sum() > 0
 
 
+@pytest.mark.parametrize("scale", ["group", "batch"])
+def test_group_advantages_gradient_of_equal_rewards_is_finite(scale):
+    # std has no derivative at 0; the spec takes it as 0 there, so d r = (g - mean_group(g)) / eps
+    # for a group (or, with scale="batch", a whole batch) of equal rewards.
+    rewards = torch.full((8,), 0.3, requires_grad=True)
+    adv = R.group_advantages(rewards, 4, scale=scale, eps=1e-4)
+    g = torch.randn(8)
+    (adv * g).sum().backward()
+    centered = (g.double().view(2, 4) - g.double().view(2, 4).mean(1, keepdim=True)).reshape(-1)
+    assert_rel(rewards.grad, centered / 1e-4, FP32, "d rewards")
+
+
 def test_group_advantages_known_values():
     # Group [0, 1]: mean 0.5, unbiased std sqrt(0.5) -> +-0.5 / (sqrt(0.5) + eps).
     adv = R.group_advantages(torch.tensor([0.0, 1.0]), 2, scale="group", eps=0.0)

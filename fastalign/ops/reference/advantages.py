@@ -17,8 +17,10 @@ def _unbiased_std(x: torch.Tensor, mean: torch.Tensor, dim=None) -> torch.Tensor
     n = x.shape[dim] if dim is not None else x.numel()
     if n < 2:
         return torch.zeros_like(mean)
-    sq = (x - mean) ** 2
-    return (sq.sum(dim=dim, keepdim=dim is not None) / (n - 1)).sqrt()
+    var = ((x - mean) ** 2).sum(dim=dim, keepdim=dim is not None) / (n - 1)
+    # sqrt has an infinite slope at 0, which made the gradient of an equal-reward group NaN; take
+    # the std's gradient there as 0 (what the native backward does): d adv = (g - mean g) / eps.
+    return torch.where(var > 0, var.clamp(min=torch.finfo(var.dtype).tiny).sqrt(), torch.zeros_like(var))
 
 
 def group_advantages(rewards, group_size, *, scale="group", eps=1e-4):
@@ -28,8 +30,8 @@ def group_advantages(rewards, group_size, *, scale="group", eps=1e-4):
     if scale == "group":
         adv = adv / (_unbiased_std(r, mean, dim=1) + eps)
     elif scale == "batch":
-        flat = rewards.float()
-        adv = adv / (_unbiased_std(flat, flat.mean()) + eps)
+        flat = rewards.float().view(1, -1)
+        adv = adv / (_unbiased_std(flat, _group_mean(flat), dim=1) + eps)
     return adv.reshape(rewards.shape)
 
 
