@@ -128,7 +128,8 @@ FA_HD PolicyToken policy_token_forward(float logp, float old_logp, float adv, fl
     t.kl = kl_value(ref_logp - logp, KlKind >= 0 ? KlKind : c.kl_kind);
     t.loss += c.beta * t.kl;
   }
-  t.clipped = ((t.ratio < c.ratio_low && adv < 0.0f) || (t.ratio > c.ratio_high && adv > 0.0f)) ? 1.0f : 0.0f;
+  // Bitwise &, | (not &&, ||): no short-circuit branches, so SIMD loops stay branch-free.
+  t.clipped = (((t.ratio < c.ratio_low) & (adv < 0.0f)) | ((t.ratio > c.ratio_high) & (adv > 0.0f))) ? 1.0f : 0.0f;
   return t;
 }
 
@@ -146,7 +147,7 @@ FA_HD PolicyTokenGrad policy_token_backward(float logp, float old_logp, float ad
   // torch.minimum's split: all to the smaller operand, half each on a tie.
   const float wa = a < b ? 1.0f : (a > b ? 0.0f : 0.5f);
   const float wb = 1.0f - wa;
-  const float inside = (ratio >= c.ratio_low && ratio <= c.ratio_high) ? 1.0f : 0.0f;
+  const float inside = ((ratio >= c.ratio_low) & (ratio <= c.ratio_high)) ? 1.0f : 0.0f;
   PolicyTokenGrad g;
   g.d_logp = -(wa + wb * inside) * adv * ratio;
   if (c.beta > 0.0f) g.d_logp += c.beta * kl_grad_logp(ref_logp - logp, KlKind >= 0 ? KlKind : c.kl_kind);
@@ -175,7 +176,7 @@ FA_HD float value_token_backward(float v, float old_v, float ret, float clip) {
   const float vc = old_v + fminf(fmaxf(diff, -clip), clip);
   const float u = (v - ret) * (v - ret), w = (vc - ret) * (vc - ret);
   const float wu = u > w ? 1.0f : (u < w ? 0.0f : 0.5f);  // torch.maximum's split
-  const float inside = (diff >= -clip && diff <= clip) ? 1.0f : 0.0f;
+  const float inside = ((diff >= -clip) & (diff <= clip)) ? 1.0f : 0.0f;
   return wu * 2.0f * (v - ret) + (1.0f - wu) * inside * 2.0f * (vc - ret);
 }
 
