@@ -223,9 +223,20 @@ def test_flat_and_peaked_rows(backend, spread):
         run_case(device, 3, 300, 1, torch.float32, top_p, spread=spread)
 
 
-def test_float16_inputs(backend):
+def test_float16_and_float64_inputs(backend):
     _, device = backend
     run_case(device, 2, 129, 1, torch.float16, 0.8)
+    run_case(device, 2, 129, 1, torch.float64, 0.8)
+
+
+def test_native_op_schema_and_fake():
+    """The custom op's schema, fake (meta) kernel and torch.compile tracing agree with the real kernel."""
+    if not dispatch.backends()["cpu"].available:
+        pytest.skip(dispatch.backends()["cpu"].reason)
+    op = torch.ops.fastalign.steer_logits.default
+    value, base, negatives = make_inputs(3, 50, 2, torch.bfloat16, "cpu")
+    torch.library.opcheck(op, (value, base, negatives, torch.ones(2), 1.5, 0.7, 0.9, 2))
+    torch.library.opcheck(op, (value, base, None, torch.ones(0), 0.0, 1.0, 1.0, 1))
 
 
 def test_identity_without_steering(backend):
@@ -250,6 +261,13 @@ def test_ties_at_the_boundary_are_all_kept(backend):
             kept = torch.isfinite(out).cpu()[0]
             assert kept.sum().item() == expected, (dtype, top_p, min_keep, kept.tolist())
             assert kept[:expected].all()
+    # A tied level filling a row of awkward length (remainders after every SIMD width): top_p needs two
+    # of its 193 tokens, so all of them stay. A kernel whose exp differs by an ulp between its vector
+    # body and its scalar remainder keeps only the remainder's copies.
+    value = torch.tensor([[4.0] * 10 + [3.0] * 193], device=device)
+    for dtype in (torch.float32, torch.bfloat16):
+        kept = torch.isfinite(ops.steer_logits(value.to(dtype), value.to(dtype), top_p=0.13)).cpu()[0]
+        assert kept.all(), (dtype, kept.sum().item())
     # Two tied maxima and a tiny top_p: both stay.
     value = torch.tensor([[0.0, 2.0, -1.0, 2.0]], device=device)
     kept = torch.isfinite(ops.steer_logits(value, value, top_p=1e-9)).cpu()[0]
@@ -259,8 +277,9 @@ def test_ties_at_the_boundary_are_all_kept(backend):
 def test_bf16_ties_everywhere(backend):
     """Coarse bf16 logits tie often; the tie rule must agree with the float64 truth exactly."""
     _, device = backend
-    value = torch.randint(-4, 5, (4, 200)).to(torch.bfloat16).to(device)
-    base = torch.randint(-4, 5, (4, 200)).to(torch.bfloat16).to(device)
+    # V = 203 leaves a remainder after every SIMD width: equal logits there must still tie exactly.
+    value = torch.randint(-4, 5, (6, 203)).to(torch.bfloat16).to(device)
+    base = torch.randint(-4, 5, (6, 203)).to(torch.bfloat16).to(device)
     for top_p in (0.3, 0.7, 0.95):
         out = ops.steer_logits(value, base, alpha=1.5, top_p=top_p)
         check(out, steer64(value, base, None, alpha=1.5, betas=[], top_p=top_p, min_keep=1, temperature=1.0))

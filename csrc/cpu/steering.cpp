@@ -1,8 +1,12 @@
 // steer_logits on the CPU: OpenMP over rows, the row math in ../common/steering_row.h.
 
-// As in logprobs.cpp: lets GCC if-convert the float compares of the row loops (vectorize them).
+// no-trapping-math, as in logprobs.cpp: lets GCC if-convert the float compares of the row loops
+// (vectorize them). fp-contract=off: equal logits must get bit-equal exp values wherever they sit in
+// the row, or the tie rule breaks; with contraction GCC fused multiply-adds in the vector body but
+// not in the scalar remainder (measured: the last columns of a bf16 row got exp(-1) one ulp higher).
+// Clang contracts per source expression, the same way in both paths.
 #if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC optimize("no-trapping-math")
+#pragma GCC optimize("no-trapping-math", "fp-contract=off")
 #endif
 
 #include <vector>
