@@ -6,8 +6,9 @@
 One decode step of token-level steering at B=8 sequences, V=32000, K=1 negative branch: the
 combination alone (top_p=1) and with the top-p mask (top_p=0.9, where the reference sorts every
 row). Inputs are logits-like (N(0, 3²)), fp32 and bf16 (``--quick``: fp32, fewer calls). Each row
-of the result is the median wall time of ``iters`` calls after a warm-up, and ``speedup`` is the
-torch backend's time over this backend's, from the same run. Results: ``DIR/<device>-steering.json``
+of the result is the median wall time (``ms``) and process-CPU time (``cpu_ms``, all threads) of
+``iters`` calls after a warm-up; ``speedup`` is the torch backend's wall time over this backend's,
+from the same run. Results: ``DIR/<device>-steering.json``
 (default DIR ``bench/results``).
 """
 
@@ -25,19 +26,21 @@ import torch
 B, V, K = 8, 32000, 1
 
 
-def _median_seconds(fn, iters: int, device: torch.device) -> float:
+def _median_seconds(fn, iters: int, device: torch.device) -> tuple[float, float]:
+    """Median (wall, process-CPU) seconds per call; CPU time is what a busy shared machine distorts least."""
     def call():
         fn()
         if device.type == "cuda":
             torch.cuda.synchronize()
 
     call()  # warm-up (Triton compiles here)
-    times = []
+    wall, cpu = [], []
     for _ in range(iters):
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         call()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        wall.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - cpu_start)
+    return statistics.median(wall), statistics.median(cpu)
 
 
 def run(quick: bool = False, device: str | None = None) -> list[dict]:
@@ -63,9 +66,10 @@ def run(quick: bool = False, device: str | None = None) -> list[dict]:
                 with ops.backend(name):
                     times[name] = _median_seconds(step, iters, device)
             for name in backends:
+                wall, cpu = times[name]
                 rows.append({"op": "steer_logits", "backend": name, "device": device.type, "batch": B, "vocab": V,
                              "num_negatives": K, "dtype": str(dtype).replace("torch.", ""), "top_p": top_p,
-                             "ms": times[name] * 1e3, "speedup": times["torch"] / times[name],
+                             "ms": wall * 1e3, "cpu_ms": cpu * 1e3, "speedup": times["torch"][0] / wall,
                              "threads": torch.get_num_threads(), "iters": iters})
     return rows
 
@@ -79,9 +83,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda needs a CUDA device, and torch sees none")
     rows = run(args.quick, args.device)
-    print(f"{'dtype':9} {'top_p':>5} {'backend':8} {'ms':>9} {'speedup':>8}")
+    print(f"{'dtype':9} {'top_p':>5} {'backend':8} {'ms':>9} {'cpu_ms':>9} {'speedup':>8}")
     for r in rows:
-        print(f"{r['dtype']:9} {r['top_p']:5.2f} {r['backend']:8} {r['ms']:9.3f} {r['speedup']:7.2f}x")
+        print(f"{r['dtype']:9} {r['top_p']:5.2f} {r['backend']:8} {r['ms']:9.3f} {r['cpu_ms']:9.3f} "
+              f"{r['speedup']:7.2f}x")
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"{rows[0]['device']}-steering.json")
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
