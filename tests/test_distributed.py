@@ -54,6 +54,16 @@ WORKER = textwrap.dedent('''
         metrics, _ = accumulate_gradients(model, stream.next(), loss_fn, weight, state)
         results[name] = (metrics, {k: p.grad.clone() for k, p in unwrap(model).named_parameters()})
         unwrap(model).zero_grad(set_to_none=True)
+    # FSDP2 (fully_shard per decoder layer + root) on the SFT loss: gathered gradients must match too.
+    fsdp_policy = CausalLMLogprobs(load_causal_lm("tiny"))
+    fsdp_policy.load_state_dict(unwrap(model).state_dict())
+    sharded = wrap_model(fsdp_policy, state, fsdp=True)
+    stream = BatchStream([loading.encode_sft(tok, r, 64) for r in sft_rows], lambda e, i: loading.collate(e, 0),
+                         batch_size=8, micro_batch_size=micro, state=state, seed=seed)
+    metrics, _ = accumulate_gradients(sharded, stream.next(), sft_loss, lambda b: b.num_target_tokens(), state)
+    grads = {k: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).clone()
+             for k, p in sharded.named_parameters()}
+    results["fsdp"] = (metrics, grads)
     if state.is_main:
         torch.save(results, out)
     shutdown(state)
@@ -75,7 +85,8 @@ def test_two_gloo_processes_match_one_process(tmp_path):
     _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone", str(worker),
           str(tmp_path / "two.pt"), str(seed), "2"], env)
     one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
-    for name in ("sft", "dpo"):
+    one["fsdp"] = one["sft"]  # one process: the same loss and gradients whatever the wrapping
+    for name in ("sft", "dpo", "fsdp"):
         (m1, g1), (m2, g2) = one[name], two[name]
         assert m1.keys() == m2.keys()
         for k in m1:

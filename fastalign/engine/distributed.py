@@ -108,3 +108,30 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 def no_sync(model: torch.nn.Module, skip: bool):
     """Skip DDP's gradient all-reduce for all but the last micro-batch of a step."""
     return model.no_sync() if skip and hasattr(model, "no_sync") else nullcontext()
+
+
+def is_sharded(model) -> bool:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        from torch.distributed._composable.fsdp import FSDPModule
+    return isinstance(model, FSDPModule)
+
+
+def full_model(model, state: DistState, fresh_factory):
+    """The trained module, unsharded, for evaluation and saving on the main process.
+
+    Plain and DDP models are returned as they are. An FSDP2 model's full state is gathered (a
+    collective: every process calls this) into ``fresh_factory()`` on the main process; the others
+    get None.
+    """
+    if not is_sharded(model):
+        return unwrap(model)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not state.is_main:
+        return None
+    fresh = fresh_factory()
+    fresh.load_state_dict(full)
+    return fresh.to(state.device)

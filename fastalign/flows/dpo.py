@@ -19,7 +19,7 @@ from fastalign import ops
 from fastalign.data import loading
 from fastalign.engine import evaluation
 from fastalign.engine.config import DPOConfig
-from fastalign.engine.distributed import shutdown, unwrap, wrap_model
+from fastalign.engine.distributed import full_model, shutdown, unwrap, wrap_model
 from fastalign.engine.optim import build_optimizer, build_scheduler
 from fastalign.engine.runs import start_run, write_json
 from fastalign.engine.trainer import BatchStream, train
@@ -69,7 +69,9 @@ def run(cfg: DPOConfig) -> dict:
                    loss_fn=loss_fn, weight_fn=lambda b: b.input_ids.shape[0] // 2, state=state, desc="dpo")
 
     # --- evaluation on held-out data -------------------------------------------------------------
-    lm = unwrap(model).lm
+    # An FSDP-sharded model is gathered whole onto the main process first.
+    trained = full_model(model, state, lambda: CausalLMLogprobs(load_from_config(cfg, start)))
+    lm = trained.lm if trained is not None else None
     report = {"flow": "dpo", "run_dir": str(run_dir), "steps": result.step, "loss_type": cfg.loss_type,
               "reference": cfg.reference, "reference_extra_mib": reference.extra_bytes / 2**20,
               "final_train_loss": result.history[-1]["loss"] if result.history else None}

@@ -19,7 +19,7 @@ import torch
 from fastalign import ops
 from fastalign.data import loading
 from fastalign.engine.config import RewardConfig
-from fastalign.engine.distributed import shutdown, unwrap, wrap_model
+from fastalign.engine.distributed import full_model, shutdown, unwrap, wrap_model
 from fastalign.engine.evaluation import heldout_rows
 from fastalign.engine.optim import build_optimizer, build_scheduler
 from fastalign.engine.runs import start_run, write_json
@@ -60,15 +60,17 @@ def run(cfg: RewardConfig) -> dict:
                    loss_fn=loss_fn, weight_fn=lambda b: b.input_ids.shape[0] // 2, state=state, desc="reward")
 
     # --- evaluation on held-out pairs -------------------------------------------------------------
+    # An FSDP-sharded model is gathered whole onto the main process first.
+    trained = full_model(model, state, lambda: ScalarHeadModel(load_from_config(cfg, start)))
     report = {"flow": "reward", "run_dir": str(run_dir), "steps": result.step,
               "final_train_loss": result.history[-1]["loss"] if result.history else None}
     if state.is_main:
         heldout = heldout_rows(cfg, "preferences")
         if heldout is not None:
-            report.update(pair_accuracy(unwrap(model), tokenizer, heldout, cfg.max_length))
+            report.update(pair_accuracy(trained, tokenizer, heldout, cfg.max_length))
 
         # --- report: the trained reward model and the numbers --------------------------------------
-        unwrap(model).save(run_dir / "model", tokenizer)
+        trained.save(run_dir / "model", tokenizer)
         write_json(run_dir / "eval.json", report)
         print(f"reward: {report}")
     shutdown(state)

@@ -16,7 +16,7 @@ from fastalign import ops
 from fastalign.data import loading
 from fastalign.engine import evaluation
 from fastalign.engine.config import SimPOConfig
-from fastalign.engine.distributed import shutdown, unwrap, wrap_model
+from fastalign.engine.distributed import full_model, shutdown, unwrap, wrap_model
 from fastalign.engine.optim import build_optimizer, build_scheduler
 from fastalign.engine.runs import start_run, write_json
 from fastalign.engine.trainer import BatchStream, train
@@ -57,7 +57,9 @@ def run(cfg: SimPOConfig) -> dict:
                    loss_fn=loss_fn, weight_fn=lambda b: b.input_ids.shape[0] // 2, state=state, desc="simpo")
 
     # --- evaluation on held-out data -------------------------------------------------------------
-    lm = unwrap(model).lm
+    # An FSDP-sharded model is gathered whole onto the main process first.
+    trained = full_model(model, state, lambda: CausalLMLogprobs(load_from_config(cfg, start)))
+    lm = trained.lm if trained is not None else None
     report = {"flow": "simpo", "run_dir": str(run_dir), "steps": result.step,
               "final_train_loss": result.history[-1]["loss"] if result.history else None}
     if state.is_main:

@@ -44,8 +44,10 @@ class CausalLMLogprobs(nn.Module):
     def forward(self, input_ids, attention_mask=None, labels=None, position_ids=None):
         hidden = self.hidden_states(input_ids, attention_mask, position_ids)
         head = lm_head(self.lm)
-        return ops.token_logprobs(hidden[:, :-1], head.weight, labels[:, 1:], bias=head.bias,
+        logp = ops.token_logprobs(hidden[:, :-1], head.weight, labels[:, 1:], bias=head.bias,
                                   ignore_index=IGNORE_INDEX)
+        # FSDP2 warns about (and cannot hook in-place ops on) a returned view; [B, T] floats are cheap to copy.
+        return logp.clone() if logp._base is not None else logp
 
 
 def target_mask(labels):
