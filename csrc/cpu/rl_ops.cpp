@@ -120,19 +120,24 @@ void sequence_logprobs_backward(const float* grad, const float* mask, float* d_l
 // ---------------------------------------------------------------------------------------- policy loss
 namespace {
 
-// Calls fn(std::integral_constant<int, kind>) so per-token code sees the KL estimator as a constant.
+// Calls fn(kind constant, per-token constant) so the per-token loops see the KL estimator and the
+// advantages' layout as compile-time constants: no conditional loads, so they vectorize.
 template <typename Fn>
-void with_kl_kind(int kind, Fn&& fn) {
-  switch (kind) {
-    case kKlK1:
-      return fn(std::integral_constant<int, kKlK1>{});
-    case kKlK2:
-      return fn(std::integral_constant<int, kKlK2>{});
-    case kKlK3:
-      return fn(std::integral_constant<int, kKlK3>{});
-    default:
-      return fn(std::integral_constant<int, kKlAbs>{});
-  }
+void with_policy_variant(int kind, bool adv_per_token, Fn&& fn) {
+  auto with_kind = [&](auto per_token) {
+    switch (kind) {
+      case kKlK1:
+        return fn(std::integral_constant<int, kKlK1>{}, per_token);
+      case kKlK2:
+        return fn(std::integral_constant<int, kKlK2>{}, per_token);
+      case kKlK3:
+        return fn(std::integral_constant<int, kKlK3>{}, per_token);
+      default:
+        return fn(std::integral_constant<int, kKlAbs>{}, per_token);
+    }
+  };
+  if (adv_per_token) return with_kind(std::true_type{});
+  return with_kind(std::false_type{});
 }
 
 struct PolicyRowSums {
@@ -146,12 +151,14 @@ void policy_loss_forward(const float* logp, const float* old_logp, const float* 
                          int loss_type, int64_t max_completion_length, float num_items, float* loss, float* metrics,
                          float* row_scale) {
   std::vector<PolicyRowSums> rows(static_cast<size_t>(batch));
-  with_kl_kind(c.kl_kind, [&](auto kind) {
+  const float* ref = ref_logp ? ref_logp : logp;  // read but unused when beta == 0: keeps loads unconditional
+  with_policy_variant(c.kl_kind, adv_per_token, [&](auto kind, auto per_token) {
     constexpr int Kind = decltype(kind)::value;
+    constexpr bool PerToken = decltype(per_token)::value;
 #pragma omp parallel for schedule(static) if (batch * len > kParallelMin)
     for (int64_t b = 0; b < batch; ++b) {
       const int64_t o = b * len;
-      const float row_adv = adv[adv_per_token ? o : b];
+      const float row_adv = adv[PerToken ? o : b];
       // Float partial sums within a row (SIMD lanes), double across rows. Masked tokens are
       // selected out rather than multiplied by 0, so padding holding inf/NaN cannot leak in.
       float s_loss = 0.0f, s_count = 0.0f, s_clipped = 0.0f, s_ratio = 0.0f, s_kl = 0.0f;
@@ -159,8 +166,7 @@ void policy_loss_forward(const float* logp, const float* old_logp, const float* 
       for (int64_t t = 0; t < len; ++t) {
         const int64_t i = o + t;
         const float m = mask[i];
-        const PolicyToken tok = policy_token_forward<Kind>(logp[i], old_logp[i], adv_per_token ? adv[i] : row_adv,
-                                                           ref_logp ? ref_logp[i] : 0.0f, c);
+        const PolicyToken tok = policy_token_forward<Kind>(logp[i], old_logp[i], PerToken ? adv[i] : row_adv, ref[i], c);
         const bool on = m != 0.0f;
         s_loss += on ? tok.loss * m : 0.0f;
         s_count += m;
@@ -211,27 +217,37 @@ void policy_loss_backward(const float* grad_loss, const float* logp, const float
                           bool adv_per_token, const float* mask, const float* ref_logp, const float* row_scale,
                           int64_t batch, int64_t len, const PolicyConfig& c, float* d_logp, float* d_adv) {
   const float g = *grad_loss;
-  with_kl_kind(c.kl_kind, [&](auto kind) {
+  const float* ref = ref_logp ? ref_logp : logp;  // read but unused when beta == 0: keeps loads unconditional
+  with_policy_variant(c.kl_kind, adv_per_token, [&](auto kind, auto per_token) {
     constexpr int Kind = decltype(kind)::value;
+    constexpr bool PerToken = decltype(per_token)::value;
 #pragma omp parallel for schedule(static) if (batch * len > kParallelMin)
     for (int64_t b = 0; b < batch; ++b) {
       const int64_t o = b * len;
       const float scale = g * row_scale[b];
-      const float row_adv = adv[adv_per_token ? o : b];
+      const float row_adv = adv[PerToken ? o : b];
       float adv_row_grad = 0.0f;
 #pragma omp simd reduction(+ : adv_row_grad)
       for (int64_t t = 0; t < len; ++t) {
         const int64_t i = o + t;
         const float m = mask[i];
-        const PolicyTokenGrad tg = policy_token_backward<Kind>(logp[i], old_logp[i], adv_per_token ? adv[i] : row_adv,
-                                                               ref_logp ? ref_logp[i] : 0.0f, c);
+        const PolicyTokenGrad tg = policy_token_backward<Kind>(logp[i], old_logp[i], PerToken ? adv[i] : row_adv,
+                                                               ref[i], c);
         const bool on = m != 0.0f;
         d_logp[i] = on ? scale * m * tg.d_logp : 0.0f;
-        const float da = on ? scale * m * tg.d_adv : 0.0f;
-        if (d_adv && adv_per_token) d_adv[i] = da;
-        adv_row_grad += da;
+        adv_row_grad += on ? scale * m * tg.d_adv : 0.0f;
       }
-      if (d_adv && !adv_per_token) d_adv[b] = adv_row_grad;
+      if (d_adv == nullptr) continue;
+      if (PerToken) {  // a second pass only when per-token advantages need their gradient (rare)
+        for (int64_t t = 0; t < len; ++t) {
+          const int64_t i = o + t;
+          const float m = mask[i];
+          const PolicyTokenGrad tg = policy_token_backward<Kind>(logp[i], old_logp[i], adv[i], ref[i], c);
+          d_adv[i] = m != 0.0f ? scale * m * tg.d_adv : 0.0f;
+        }
+      } else {
+        d_adv[b] = adv_row_grad;
+      }
     }
   });
 }
