@@ -26,11 +26,14 @@ from fastalign.models.loading import load_causal_lm, load_tokenizer
 STAGES = {"sft": SFTConfig, "reward": RewardConfig, "dpo": DPOConfig, "simpo": SimPOConfig}
 # Sized for ~2-3 minutes on two CPU cores; QUICK is a smoke test of the same path.
 DEFAULTS = {
-    "sft": dict(dataset="arith*7+pronoun", num_examples=1000, max_steps=350, batch_size=128, micro_batch_size=32,
-                lr=3e-3, warmup_steps=20),
-    "reward": dict(dataset="pronoun+arith", num_examples=1000, max_steps=40, batch_size=32, lr=1e-3, warmup_steps=5),
-    "dpo": dict(dataset="pronoun", num_examples=1000, max_steps=40, batch_size=32, lr=5e-4, beta=0.1, warmup_steps=5),
-    "simpo": dict(dataset="pronoun", num_examples=1000, max_steps=40, batch_size=32, lr=5e-4, beta=2.0, gamma=0.5,
+    # Measured: 2-digit addition generalises to held-out problems after ~300 steps of batch 128 at a
+    # constant 3e-3; pronoun needs few rows (16 occupations), so it gets 1 row in 16.
+    "sft": dict(dataset="arith*15+pronoun", num_examples=600, max_steps=300, batch_size=128, micro_batch_size=16,
+                lr=3e-3, warmup_steps=20, min_lr_ratio=1.0),
+    # Gentle preference stages: enough to move the pronoun behaviour, little drift elsewhere (KL column).
+    "reward": dict(dataset="pronoun+arith", num_examples=1000, max_steps=30, batch_size=32, lr=1e-3, warmup_steps=5),
+    "dpo": dict(dataset="pronoun", num_examples=1000, max_steps=30, batch_size=32, lr=1e-4, beta=0.1, warmup_steps=5),
+    "simpo": dict(dataset="pronoun", num_examples=1000, max_steps=30, batch_size=32, lr=1e-4, beta=2.0, gamma=0.5,
                   warmup_steps=5),
 }
 QUICK = {
@@ -137,8 +140,9 @@ def run_pipeline(*, name="pipeline", output_dir="runs", quick=False, seed=0, thr
 
 def write_report(root: Path, table: str, rows: dict, timings: dict, configs: dict) -> Path:
     lines = ["# fastalign pipeline report", "",
-             "Tiny Llama (character-level) trained from scratch on the built-in tasks: SFT on `arith+pronoun`, "
-             "then a reward model, DPO and SimPO from the SFT model on `pronoun` pairs (neutral \"their\" chosen "
+             f"Tiny Llama (character-level) trained from scratch on the built-in tasks: SFT on "
+             f"`{configs['sft'].dataset}`, then a reward model (`{configs['reward'].dataset}`), DPO and SimPO "
+             f"from the SFT model on `{configs['dpo'].dataset}` pairs (neutral \"their\" chosen "
              "over the stereotyped pronoun). All numbers on held-out prompts/pairs; greedy decoding for the "
              "task verifiers; KL is a Monte-Carlo estimate on completions sampled from each model.", "",
              table, "", "## Time per stage (s)", "",
