@@ -10,8 +10,9 @@ LM head without ever building an ``N x V`` tensor. Both loops rest on the primit
   (when given as hidden states) is computed in the same loop under ``no_grad`` (1 GEMM).
 * :func:`pair_loss` — DPO/SimPO: a pair's term depends only on its own two sequences and the
   ``1/B`` mean is known up front, so a pair's token gradients are fixed once the pair's sequence
-  log-probs are. Pairs whose logits fit the memory budget go as one chunk each (the row pass sees
-  the whole pair, computes the pair's loss and hands back its token gradients: 3 GEMMs + the
+  log-probs are. Consecutive pairs whose logits fit the memory budget together keep those logits:
+  one GEMM, the fused row pass (:func:`fastalign.ops.logprobs_from_logits`, gradient written in
+  place), the pair losses, two GEMMs into one float32 weight-gradient buffer (4 GEMMs with the
   reference). Pairs too long for the budget are token-chunked: a no-grad pass for the sequence
   log-probs, then the pass with gradients (5 GEMMs with the reference).
 
@@ -26,6 +27,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from fastalign import ops
 from fastalign.ops import chunked
 from fastalign.ops import validation as v
 
@@ -207,6 +209,10 @@ def token_loss(hidden, weight, labels, per_token: TokenLossFn, *, bias=None, ref
 
 
 # ------------------------------------------------------------------------------ DPO/SimPO: pairs
+def _f32(x: Tensor) -> Tensor:
+    return x if x.dtype == torch.float32 else x.float()
+
+
 def _segment_sum(values: Tensor, segment: Tensor, n_segments: int) -> Tensor:
     return torch.zeros(n_segments, dtype=values.dtype, device=values.device).index_add_(0, segment, values)
 
@@ -329,35 +335,47 @@ def pair_loss(hidden, weight, labels, per_pair: PairLossFn, *, average, nll_coef
             if g_b is not None:
                 gb = g_b if gb is None else gb.add_(g_b)
 
-        # Pairs that fit the budget: the whole group is one chunk, whose row pass yields the pair losses.
+        # Pairs that fit the budget: the group's logits are kept (one GEMM), the row pass gives its log-probs,
+        # the pair losses give d(logp), the row kernel turns the logits into their gradient in place, and two
+        # GEMMs finish: 3 GEMMs + the reference, accumulating into ONE float32 weight-gradient buffer.
+        head = None
         for pairs in groups:
             pos, seq = positions(pairs)
             n_tok = pos.numel()
-            reference_pass(pos, seq, max(1, n_tok))
+            reference_pass(pos, seq, chunk_size)
             pairs_t = torch.tensor(pairs, dtype=torch.int64, device=dev)
             h_sel, lab_sel = hidden2d.index_select(0, pos), labels1d.index_select(0, pos)
-            seen = []
-
-            def grad_fn(s, e, lp, ent, seq=seq, pairs_t=pairs_t, seen=seen):
-                with torch.enable_grad():
-                    lp_ = lp.detach().requires_grad_()
-                    part, pl, nll, sums = loss_of(pairs_t, seq, lp_)
-                    g_lp, = torch.autograd.grad(part, lp_) if part.requires_grad else (None,)
-                seen.append((part.detach(), pl, nll, sums, ent.sum()))
-                return g_lp, None
-
             if grad and n_tok:
-                _, _, g_h, g_w, g_b = chunked.linear_logprobs_grad_in_forward(
-                    h_sel, weight, lab_sel, grad_fn, bias=bias, ignore_index=ignore_index, chunk_size=n_tok,
-                    need_weight_grad=need_w, need_bias_grad=need_b)
-                add_grads(pos, g_h, g_w, g_b)
+                if head is None:
+                    head = (_f32(weight.detach()), None if bias is None else _f32(bias.detach()))
+                    gw = torch.zeros(weight.shape, dtype=torch.float32, device=dev) if need_w else None
+                    gb = torch.zeros(bias.shape, dtype=torch.float32, device=dev) if need_b else None
+                h32 = _f32(h_sel.detach())
+                z = torch.mm(h32, head[0].t()) if head[1] is None else torch.addmm(head[1], h32, head[0].t())
+                with torch.enable_grad():
+                    z.requires_grad_()
+                    lp, ent = ops.logprobs_from_logits(z, lab_sel, ignore_index=ignore_index, return_entropy=True,
+                                                       inplace_backward=True)
+                    ent_sum = ent.detach().sum()
+                    part, pl, nll, sums = loss_of(pairs_t, seq, lp)
+                    g_z, = torch.autograd.grad(part, z)  # written into z's buffer: no second [n, V] tensor
+                # Nothing of the graph may outlive the group: its outputs hold the logits buffer.
+                part, pl, sums = part.detach(), pl.detach(), sums.detach()
+                nll = None if nll is None else nll.detach()
+                del z, lp, ent
+                if gh is not None:
+                    gh.index_copy_(0, pos, torch.mm(g_z, head[0]).to(gh.dtype))
+                if gw is not None:
+                    gw.addmm_(g_z.t(), h32)
+                if gb is not None:
+                    gb.add_(g_z.sum(0))
+                del g_z
             else:
                 lp, ent = (chunked.linear_logprobs_no_grad(h_sel, weight, lab_sel, bias=bias,
                                                            ignore_index=ignore_index, chunk_size=max(1, n_tok))
                            if n_tok else (h_sel.new_zeros(0, dtype=torch.float32),) * 2)
                 part, pl, nll, sums = loss_of(pairs_t, seq, lp)
-                seen.append((part, pl, nll, sums, ent.sum()))
-            part, pl, nll, sums, ent_sum = seen[0]
+                ent_sum = ent.sum()
             total = total + part
             record(pairs_t, pl, nll, sums, ent_sum)
 
