@@ -38,6 +38,7 @@ PROBE = textwrap.dedent("""
             return int(re.search(field + r":\\s+(\\d+)", f.read()).group(1))
 
     run(64)  # warm-up, small: one-time initialization is not the op's memory
+    weight.grad = None
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset the RSS high-water mark to the current RSS
     base = status_kb("VmRSS")
