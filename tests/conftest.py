@@ -95,13 +95,14 @@ def logprobs_grad64(logits: torch.Tensor, labels: torch.Tensor, grad_logp: torch
 
 
 def std64(x: torch.Tensor, dim=None) -> torch.Tensor:
-    """Unbiased std written out; a single sample has std 0."""
+    """Unbiased std written out; a single sample has std 0, and so has its slope where it is 0."""
     n = x.numel() if dim is None else x.shape[dim]
     mean = x.mean() if dim is None else x.mean(dim, keepdim=True)
     if n < 2:
         return torch.zeros_like(mean)
     sq = ((x - mean) ** 2).sum() if dim is None else ((x - mean) ** 2).sum(dim, keepdim=True)
-    return (sq / (n - 1)).sqrt()
+    var = sq / (n - 1)
+    return torch.where(var > 0, var.clamp(min=1e-300).sqrt(), torch.zeros_like(var))
 
 
 def group_adv64(r: torch.Tensor, group: int, scale: str, eps: float) -> torch.Tensor:
