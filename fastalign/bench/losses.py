@@ -220,6 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--iters", type=int, default=None, help="timed calls per implementation (default 2, 3 quick)")
     parser.add_argument("--liger-compiled", action="store_true", help="run Liger with compiled=True")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per implementation subprocess")
+    parser.add_argument("--no-suites", action="store_true", help="skip the rl_ops / rl_gpu suites in the report")
     parser.add_argument("--worker", nargs=2, metavar=("CASE", "IMPL"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.iters is None:
@@ -263,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "suite": "losses", "quick": args.quick, "liger_compiled": args.liger_compiled,
         "machine": common.machine_info(args.device), "results": results, "ratios": ratios, "chart": chart,
-        "suites": _other_suites(args.quick, args.device),
+        "suites": {} if args.no_suites else _other_suites(args.quick, args.device),
     }
     path = common.write_json(os.path.join(args.out, f"{tag}.json"), report)
     print(f"\nwrote {path}" + (f" and {chart}" if chart else ""))
