@@ -26,10 +26,10 @@ from fastalign.models.loading import load_causal_lm, load_tokenizer
 STAGES = {"sft": SFTConfig, "reward": RewardConfig, "dpo": DPOConfig, "simpo": SimPOConfig}
 # Sized for ~2-3 minutes on two CPU cores; QUICK is a smoke test of the same path.
 DEFAULTS = {
-    # Measured: 2-digit addition generalises to held-out problems after ~300 steps of batch 128 at a
-    # constant 3e-3; pronoun needs few rows (16 occupations), so it gets 1 row in 16.
-    "sft": dict(dataset="arith*15+pronoun", num_examples=600, max_steps=300, batch_size=128, micro_batch_size=16,
-                lr=3e-3, warmup_steps=20, min_lr_ratio=1.0),
+    # Measured on 2 cores: held-out 2-digit addition climbs slowly to ~10-15% exact match by step 400 in this
+    # mix (pure arith once reached 73% at step 300); pronoun needs few rows (16 occupations): 1 row in 16.
+    "sft": dict(dataset="arith*15+pronoun", num_examples=600, max_steps=400, batch_size=128, micro_batch_size=16,
+                lr=3e-3, warmup_steps=20, min_lr_ratio=0.1),
     # Gentle preference stages: enough to move the pronoun behaviour, little drift elsewhere (KL column).
     "reward": dict(dataset="pronoun+arith", num_examples=1000, max_steps=30, batch_size=32, lr=1e-3, warmup_steps=5),
     "dpo": dict(dataset="pronoun", num_examples=1000, max_steps=30, batch_size=32, lr=1e-4, beta=0.1, warmup_steps=5),

@@ -36,6 +36,17 @@ def _held_out(key: str, one_in: int) -> bool:
     return hashlib.sha256(key.encode()).digest()[0] % one_in == 0
 
 
+def _cycle(items, n, rng):
+    """``n`` items as successive shuffled passes over ``items``: every item appears before any repeats
+    (drawing with replacement would leave a third of the problems unseen, and held-out accuracy with them)."""
+    out = []
+    while len(out) < n:
+        order = list(items)
+        rng.shuffle(order)
+        out += order[: n - len(out)]
+    return out
+
+
 def _first_answer(completion: str) -> str:
     """The completion up to the first newline / end marker, stripped: what verifiers compare."""
     return completion.split("\n")[0].split("</s>")[0].strip()
@@ -54,9 +65,8 @@ class ArithTask:
         return [(a, b) for a in range(100) for b in range(100) if _held_out(f"{a}+{b}", 10) == (split == "eval")]
 
     def _sample(self, n, seed, split):
-        problems = self._problems(split)
         rng = random.Random(f"arith-{split}-{seed}")
-        return [problems[rng.randrange(len(problems))] for _ in range(n)], rng
+        return _cycle(self._problems(split), n, rng), rng
 
     def sft(self, n, seed=0, split="train"):
         pairs, _ = self._sample(n, seed, split)
@@ -104,9 +114,8 @@ class PronounTask:
         return f"{NEUTRAL_TAG if tagged else ''}The {occupation} {verb} ___ {obj}. ___="
 
     def _sample(self, n, seed, split):
-        combos = self._combos(split)
         rng = random.Random(f"pronoun-{split}-{seed}")
-        return [combos[rng.randrange(len(combos))] for _ in range(n)], rng
+        return _cycle(self._combos(split), n, rng), rng
 
     def sft(self, n, seed=0, split="train", neutral_fraction=0.25, stereotype_rate=0.9):
         """Base data: stereotyped pronouns, except the tagged fraction that demonstrates "their"."""
