@@ -428,15 +428,14 @@ def test_value_loss(clip):
 
 
 def test_value_loss_clip_fraction():
-    # Half the tokens sit exactly on the old value (clip inactive, both terms equal), the rest
-    # beyond the clip range on either side: the fraction counts the clipped terms that are larger.
-    # Old values strictly inside the range are left out here: old + clamp(v - old) rounds away
-    # from v there, and a rounding tie would count as clipped (see the report of issue 2).
+    # Half the tokens have old values strictly inside the clip range (clip inactive: the clipped
+    # term equals the unclipped one exactly, so none may count), the rest beyond it on either side.
     shape, clip = (4, 16), 0.2
     values = torch.randn(shape)
     outside = torch.rand(shape) < 0.5
-    offset = torch.where(torch.rand(shape) < 0.5, -1.0, 1.0) * (clip + 0.05 + torch.rand(shape))
-    old = torch.where(outside, values + offset, values)
+    sign = torch.where(torch.rand(shape) < 0.5, -1.0, 1.0)
+    offset = torch.where(outside, sign * (clip + 0.05 + torch.rand(shape)), sign * 0.9 * clip * torch.rand(shape))
+    old = values + offset
     returns = torch.randn(shape)
     mask = _mask(shape)
     _, metrics = R.value_loss(values, old, returns, mask, clip=clip)

@@ -162,7 +162,8 @@ struct ValueToken {
 };
 
 FA_HD ValueToken value_token_forward(float v, float old_v, float ret, float clip) {
-  const float vc = old_v + fminf(fmaxf(v - old_v, -clip), clip);
+  // Clamp v itself (not old + clamp(v - old)): exactly v inside the range, so no rounding tie counts as clipped.
+  const float vc = fminf(fmaxf(v, old_v - clip), old_v + clip);
   const float u = (v - ret) * (v - ret), w = (vc - ret) * (vc - ret);
   ValueToken t;
   t.loss = u > w ? u : w;
@@ -172,11 +173,11 @@ FA_HD ValueToken value_token_forward(float v, float old_v, float ret, float clip
 
 // d max(...) / dv.
 FA_HD float value_token_backward(float v, float old_v, float ret, float clip) {
-  const float diff = v - old_v;
-  const float vc = old_v + fminf(fmaxf(diff, -clip), clip);
+  const float lo = old_v - clip, hi = old_v + clip;
+  const float vc = fminf(fmaxf(v, lo), hi);
   const float u = (v - ret) * (v - ret), w = (vc - ret) * (vc - ret);
   const float wu = u > w ? 1.0f : (u < w ? 0.0f : 0.5f);  // torch.maximum's split
-  const float inside = ((diff >= -clip) & (diff <= clip)) ? 1.0f : 0.0f;
+  const float inside = ((v >= lo) & (v <= hi)) ? 1.0f : 0.0f;  // torch.clamp's gradient mask
   return wu * 2.0f * (v - ret) + (1.0f - wu) * inside * 2.0f * (vc - ret);
 }
 

@@ -54,7 +54,9 @@ def value_loss(values, old_values, returns, mask, *, clip=0.2):
     v = values.float()
     old = old_values.detach().float()
     ret = returns.detach().float()
-    v_clipped = old + torch.clamp(v - old, -clip, clip)
+    # clamp(v, old ± clip) is exactly v inside the range; old + clamp(v - old) would round away from v
+    # there and count a rounding tie as clipped.
+    v_clipped = torch.clamp(v, old - clip, old + clip)
     unclipped = (v - ret) ** 2
     clipped = (v_clipped - ret) ** 2
     loss = 0.5 * _masked_mean(torch.maximum(unclipped, clipped), m)
