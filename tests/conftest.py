@@ -7,10 +7,20 @@ NaN or Inf in the actual value always fails, and an all-zero expectation is comp
 
 from __future__ import annotations
 
+import importlib
+import os
+
 import pytest
 import torch
 
-from fastalign.ops import dispatch
+# Triton decorates its own library functions (tl.sum, ...) when it is first imported, so the CPU
+# interpreter must be chosen before anything imports triton: here, before any test module loads.
+# Without CUDA every Triton kernel then runs in the interpreter on CPU tensors, in this process.
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if TRITON_DEVICE == "cpu":
+    os.environ["TRITON_INTERPRET"] = "1"
+
+from fastalign.ops import dispatch  # noqa: E402
 
 # Relative-error tolerances against float64 (DESIGN.md, "Numerics").
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-2, torch.float64: 1e-5}
@@ -49,6 +59,23 @@ def torch_backend():
     """Run the test body on the pure-PyTorch reference backend."""
     with dispatch.backend("torch"):
         yield
+
+
+def use_triton() -> None:
+    """Skip unless the triton backend runs here (compiled on CUDA, else in the interpreter)."""
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed")
+    dispatch._triton_status.cache_clear()  # cached, maybe while a test had TRITON_INTERPRET unset
+    status = dispatch.backends()["triton"]
+    if not status.available:
+        pytest.skip(f"triton backend unavailable: {status.reason}")
+    if TRITON_DEVICE == "cpu":
+        import triton
+        from triton.runtime.interpreter import InterpretedFunction
+
+        # A kernel decorated outside the interpreter would be launched as GPU code: fail, don't skip.
+        assert isinstance(triton.language.sum, InterpretedFunction), \
+            "triton was imported before tests/conftest.py set TRITON_INTERPRET=1"
 
 
 @pytest.fixture

@@ -5,10 +5,8 @@ tokens strictly more probable than j is below top_p, or fewer than min_tokens_to
 strictly more probable (so tokens tied with the last one needed are kept). Where that mass lies
 within float32 rounding of top_p the decision is ambiguous; only those tokens may go either way.
 
-The triton backend runs in Triton's CPU interpreter without CUDA. Triton decorates its library
-functions when it is imported, so TRITON_INTERPRET=1 is set at the top of this module; if triton
-was imported earlier without it (another test module), the in-process triton cases skip and
-``test_interpreter_cases_in_a_fresh_process`` runs them in a new interpreter.
+The triton backend runs in Triton's CPU interpreter without CUDA (tests/conftest.py selects it
+before anything imports triton).
 """
 
 from __future__ import annotations
@@ -20,21 +18,16 @@ import sys
 
 import pytest
 import torch
+from conftest import TRITON_DEVICE as DEVICE
+from conftest import use_triton
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-if DEVICE == "cpu":
-    os.environ["TRITON_INTERPRET"] = "1"
-
-from fastalign import ops  # noqa: E402
-from fastalign.ops import dispatch  # noqa: E402
+from fastalign import ops
+from fastalign.ops import dispatch
 
 try:
     import triton
-    from triton.runtime.interpreter import InterpretedFunction
-    TRITON_IN_PROCESS = DEVICE == "cuda" or isinstance(triton.language.sum, InterpretedFunction)
 except ImportError:
     triton = None
-    TRITON_IN_PROCESS = False
 
 # The kernels compute in float32 from inputs that are exact in float64, whatever their storage
 # dtype, so float32 accuracy applies to bf16 inputs too (stricter than the bf16 tolerance).
@@ -49,34 +42,13 @@ def backend(request):
     """Yield (backend name, device of its inputs) with the backend forced; skip when unavailable."""
     name = request.param
     if name == "triton":
-        if triton is None:
-            pytest.skip("triton is not installed")
-        if not TRITON_IN_PROCESS:
-            pytest.skip("triton was imported before TRITON_INTERPRET=1; a fresh process runs these cases")
-        if DEVICE == "cpu":
-            dispatch._triton_status.cache_clear()  # maybe computed before the variable was set
-            from fastalign.triton_kernels import steering
-            if not isinstance(steering._steer_kernel, InterpretedFunction):
-                importlib.reload(steering)  # decorated before the variable was set
+        use_triton()
     status = dispatch.backends()[name]
     if not status.available:
         pytest.skip(f"{name} backend unavailable: {status.reason}")
     device = DEVICE if name == "triton" else "cpu"
     with dispatch.backend(name):
         yield name, device
-
-
-def test_interpreter_cases_in_a_fresh_process():
-    if triton is None:
-        pytest.skip("triton is not installed")
-    if TRITON_IN_PROCESS:
-        pytest.skip("the triton cases ran in this process")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "triton"],
-                          env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
-    summary = proc.stdout.strip().splitlines()[-1]
-    assert "passed" in summary and "skipped" not in summary, proc.stdout[-2000:]
 
 
 # Compiles the kernel (both mask variants, bf16 and fp32 inputs) to a Hopper cubin in a process without the

@@ -6,65 +6,29 @@ vocabularies that are not a multiple of the block, one row, ignored rows, all ro
 temperature, bias, entropy gradients, several vocabulary chunks in the backward, and the error
 bound of gradient filtering. bf16 inputs go through the interpreter's fp32 upcast of ``tl.dot``.
 
-Triton decorates its own library functions when it is imported, so TRITON_INTERPRET=1 is set
-before the import, at the top of this module (as in test_triton_rl.py). If triton was imported
-earlier without it, the in-process tests skip and ``test_in_a_fresh_process`` runs this file in
-a new interpreter instead. On a CUDA machine tests/gpu/test_gpu_logprobs.py covers the compiled
-kernels; this module then runs the same checks compiled, on the GPU.
+tests/conftest.py selects the interpreter (TRITON_INTERPRET=1) before anything imports triton.
+On a CUDA machine tests/gpu/test_gpu_logprobs.py covers the compiled kernels; this module then
+runs the same checks compiled, on the GPU.
 """
 
 from __future__ import annotations
 
-import importlib
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
+from conftest import TRITON_DEVICE as DEVICE
+from conftest import use_triton
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-if DEVICE == "cpu":
-    os.environ["TRITON_INTERPRET"] = "1"
-triton = pytest.importorskip("triton")
+from fastalign import ops
+from fastalign.ops import dispatch
 
-from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
-
-from fastalign import ops  # noqa: E402
-from fastalign.ops import dispatch  # noqa: E402
-
-IN_PROCESS = DEVICE == "cuda" or isinstance(triton.language.sum, InterpretedFunction)
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-2}
 
 
-def _kernel_modules():
-    from fastalign.triton_kernels import logprobs_rows, token_logprobs
-    return token_logprobs, logprobs_rows
-
-
 @pytest.fixture(autouse=True)
-def triton_backend(request):
-    if request.node.name == "test_in_a_fresh_process":
-        yield
-        return
-    if not IN_PROCESS:
-        pytest.skip("triton was imported before TRITON_INTERPRET=1 was set; test_in_a_fresh_process runs this")
-    if DEVICE == "cpu":
-        dispatch._triton_status.cache_clear()  # it is cached, maybe from before the variable was set
-        for module in _kernel_modules():
-            if not module.INTERPRET:
-                importlib.reload(module)  # decorated before the variable was set
+def triton_backend():
+    use_triton()
     with ops.backend("triton"):
         yield
-
-
-def test_in_a_fresh_process():
-    if IN_PROCESS:
-        pytest.skip("the tests of this module ran in this process")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
-                          env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -217,7 +181,8 @@ def _filter_setup(n, h, v, dtype):
 
 
 def test_grad_filtering_error_within_bound():
-    tl_kernels, _ = _kernel_modules()
+    from fastalign.triton_kernels import token_logprobs as tl_kernels
+
     n, h, v, eps = 48, 32, 290, 1e-4
     hidden, weight, bias, labels = _filter_setup(n, h, v, torch.float32)
     g_logp, g_ent = torch.rand(n, device=DEVICE) + 0.5, torch.rand(n, device=DEVICE) * 0.1

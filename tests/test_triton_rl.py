@@ -4,10 +4,7 @@ Without CUDA the kernels run in Triton's CPU interpreter; with CUDA they run com
 Values, metrics and gradients are checked against float64 formulas written here, with fresh
 random inputs on every run.
 
-Triton decorates its own library functions (tl.sum, tl.zeros, ...) when it is imported, so
-TRITON_INTERPRET=1 is set before the import, at the top of this module, and stays set for the
-session. If another module imported triton earlier without it, the in-process tests skip and
-``test_in_a_fresh_process`` runs this file in a new interpreter instead.
+tests/conftest.py selects the interpreter (TRITON_INTERPRET=1) before anything imports triton.
 """
 
 from __future__ import annotations
@@ -20,44 +17,20 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import TRITON_DEVICE as DEVICE
+from conftest import use_triton
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-if DEVICE == "cpu":
-    os.environ["TRITON_INTERPRET"] = "1"
-triton = pytest.importorskip("triton")
+from fastalign import ops
+from fastalign.ops import dispatch
 
-from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
-
-from fastalign import ops  # noqa: E402
-from fastalign.ops import dispatch  # noqa: E402
-
-IN_PROCESS = DEVICE == "cuda" or isinstance(triton.language.sum, InterpretedFunction)
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
 DTYPES = [torch.float32, torch.bfloat16]
 
 
 @pytest.fixture(autouse=True)
-def triton_backend(request):
-    if request.node.name == "test_in_a_fresh_process":
-        yield
-        return
-    if not IN_PROCESS:
-        pytest.skip("triton was imported before TRITON_INTERPRET=1 was set; test_in_a_fresh_process runs this")
-    if DEVICE == "cpu":
-        dispatch._triton_status.cache_clear()  # it is cached, maybe from before the variable was set
-        from fastalign.triton_kernels import rl_losses
-        if not isinstance(rl_losses._kl_fwd_kernel, InterpretedFunction):
-            importlib.reload(rl_losses)  # decorated before the variable was set
+def triton_backend():
+    use_triton()
     yield
-
-
-def test_in_a_fresh_process():
-    if IN_PROCESS:
-        pytest.skip("the tests of this module ran in this process")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
-                          env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
 
 
 def rel_err(got: torch.Tensor, want: torch.Tensor, scale: float = 0.0) -> float:
