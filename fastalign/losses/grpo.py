@@ -14,23 +14,9 @@ from fastalign import ops
 from fastalign.ops import validation as v
 from fastalign.ops.kl import KL_KINDS
 from fastalign.ops.policy import LOSS_TYPES
+from fastalign.ops.reference.policy import token_weights
 
 from . import base
-
-
-def _token_weights(mask, loss_type, max_completion_length, num_items):
-    """Weight of each token's term in the loss: its mask over the loss type's normalizer."""
-    m = mask.to(torch.float32)
-    batch, length = m.shape
-    if loss_type == "grpo":  # mean over each sequence's tokens, then over sequences
-        return m / (m.sum(1, keepdim=True).clamp(min=1.0) * batch)
-    if loss_type == "bnpo":  # token mean over the local batch
-        return m / m.sum().clamp(min=1.0)
-    if loss_type == "dr_grpo":  # constant normalizer: batch x max completion length
-        return m / (batch * (length if max_completion_length is None else max_completion_length))
-    # dapo: the global token count (num_items, e.g. summed over processes and accumulation steps)
-    count = m.sum() if num_items is None else torch.as_tensor(num_items, dtype=torch.float32, device=m.device)
-    return m / count.clamp(min=1.0)
 
 
 def _masked_mean(x, m):
@@ -83,7 +69,7 @@ def clipped_policy_loss(hidden, weight, labels, *, advantages, mask=None, old_lo
     valid = labels != ignore_index
     m = valid if mask is None else valid & (mask != 0)
     labels_eff = labels if mask is None else labels.masked_fill(~m, ignore_index)  # masked tokens cost no GEMM
-    w = _token_weights(m, loss_type, max_completion_length, num_items).reshape(-1)
+    w = token_weights(m, loss_type, max_completion_length, num_items).reshape(-1)
     w_ent = (m.to(torch.float32) / m.sum().clamp(min=1.0)).reshape(-1) * float(entropy_coef)
     adv = advantages.detach().float()
     adv = (adv.unsqueeze(1) if adv.dim() == 1 else adv).expand(bt).reshape(-1)

@@ -11,6 +11,25 @@ def _masked_mean(x, m):
     return (x * m).sum() / m.sum().clamp(min=1.0)
 
 
+def token_weights(mask, loss_type, max_completion_length=None, num_items=None):
+    """Weight of each token's term in the policy loss: its mask over the loss type's normalizer.
+
+    ``grpo``: mean over each sequence's tokens, then over sequences; ``bnpo``: token mean over the
+    local batch; ``dr_grpo``: constant batch x max completion length; ``dapo``: the global token
+    count ``num_items`` (summed over processes and accumulation steps; default the local count).
+    """
+    m = mask.to(torch.float32)
+    batch, length = m.shape
+    if loss_type == "grpo":
+        return m / (m.sum(1, keepdim=True).clamp(min=1.0) * batch)
+    if loss_type == "bnpo":
+        return m / m.sum().clamp(min=1.0)
+    if loss_type == "dr_grpo":
+        return m / (batch * (length if max_completion_length is None else max_completion_length))
+    count = m.sum() if num_items is None else torch.as_tensor(num_items, dtype=torch.float32, device=m.device)
+    return m / count.clamp(min=1.0)
+
+
 def policy_loss(logp, old_logp, advantages, mask, *, ref_logp=None, beta=0.0, kl_kind="k3",
                 clip_low=0.2, clip_high=None, loss_type="grpo", max_completion_length=None,
                 num_items=None):
@@ -27,16 +46,7 @@ def policy_loss(logp, old_logp, advantages, mask, *, ref_logp=None, beta=0.0, kl
     if beta > 0.0:
         kl = kl_penalty(lp, ref_logp, kind=kl_kind)
         per_token = per_token + beta * kl
-    if loss_type == "grpo":
-        loss = ((per_token * m).sum(-1) / m.sum(-1).clamp(min=1.0)).mean()
-    elif loss_type == "bnpo":
-        loss = (per_token * m).sum() / m.sum().clamp(min=1.0)
-    elif loss_type == "dr_grpo":
-        length = logp.shape[-1] if max_completion_length is None else max_completion_length
-        loss = (per_token * m).sum() / (logp.shape[0] * length)
-    else:  # dapo
-        count = m.sum() if num_items is None else torch.as_tensor(num_items, dtype=torch.float32)
-        loss = (per_token * m).sum() / torch.clamp(count.to(per_token.device), min=1.0)
+    loss = (per_token * token_weights(m, loss_type, max_completion_length, num_items)).sum()
     with torch.no_grad():
         low = (ratio < 1.0 - clip_low) & (adv < 0)
         high = (ratio > 1.0 + clip_high) & (adv > 0)
