@@ -75,3 +75,15 @@ def heldout_rows(cfg, kind: str):
     if tasks.parse_task_spec(cfg.dataset):
         return loading.load_rows(cfg.dataset, kind, n=cfg.num_eval_examples, seed=cfg.seed, split="eval")
     return None
+
+
+def policy_metrics(cfg, lm, tokenizer, start_lm, prompts) -> dict:
+    """What every policy-training flow reports at the end: the task verifiers on held-out prompts
+    (built-in tasks of ``cfg.dataset``) and the KL to the starting model on ``prompts`` (rows with a
+    ``prompt``; skipped when None)."""
+    out = task_metrics(lm, tokenizer, cfg.dataset, n=cfg.num_eval_examples, seed=cfg.seed,
+                       batch_size=cfg.eval_batch_size)
+    if prompts is not None:
+        out["kl_to_start"] = kl_to_reference(lm, start_lm, tokenizer, [r["prompt"] for r in prompts], seed=cfg.seed,
+                                             batch_size=cfg.eval_batch_size)
+    return out

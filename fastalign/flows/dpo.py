@@ -85,11 +85,7 @@ def run(cfg: DPOConfig) -> dict:
             rc, rr = evaluation.sequence_logps(start_lm, tokenizer, enc)
             report["eval_reward_accuracy"] = float(((pc - rc) > (pr - rr)).float().mean())
             report["eval_margin"] = float(cfg.beta * ((pc - rc) - (pr - rr)).mean())
-        report.update(evaluation.task_metrics(lm, tokenizer, cfg.dataset, n=cfg.num_eval_examples, seed=cfg.seed,
-                                              batch_size=cfg.eval_batch_size))
-        if prompts is not None:
-            report["kl_to_start"] = evaluation.kl_to_reference(lm, start_lm, tokenizer, [r["prompt"] for r in prompts],
-                                                               seed=cfg.seed, batch_size=cfg.eval_batch_size)
+        report.update(evaluation.policy_metrics(cfg, lm, tokenizer, start_lm, prompts))
 
         # --- report: the trained policy and the numbers --------------------------------------------
         save_pretrained(lm, tokenizer, run_dir / "model")

@@ -71,11 +71,7 @@ def run(cfg: SimPOConfig) -> dict:
             pc, pr = evaluation.sequence_logps(lm, tokenizer, enc, average=True)
             report["eval_reward_accuracy"] = float((pc > pr).float().mean())
             report["eval_margin"] = float(cfg.beta * (pc - pr).mean())
-        report.update(evaluation.task_metrics(lm, tokenizer, cfg.dataset, n=cfg.num_eval_examples, seed=cfg.seed,
-                                              batch_size=cfg.eval_batch_size))
-        if prompts is not None:
-            report["kl_to_start"] = evaluation.kl_to_reference(lm, start_lm, tokenizer, [r["prompt"] for r in prompts],
-                                                               seed=cfg.seed, batch_size=cfg.eval_batch_size)
+        report.update(evaluation.policy_metrics(cfg, lm, tokenizer, start_lm, prompts))
 
         # --- report: the trained policy and the numbers --------------------------------------------
         save_pretrained(lm, tokenizer, run_dir / "model")
