@@ -127,6 +127,69 @@ class SimPOConfig(TrainConfig):
     lr: float = knob(5e-4, "peak learning rate", minimum=0)
 
 
+@dataclass
+class PPOConfig(TrainConfig):
+    """Classic RLHF: ``max_steps`` rollouts of ``batch_size`` prompts, each trained ``ppo_epochs`` times in
+    minibatches of ``mini_batch_size`` completions (one optimizer step each)."""
+
+    init_from: str = knob("", "policy (and reference) start (e.g. an SFT run's model/ folder; default: model)")
+    reward_model: str = knob("", "a `fastalign reward` run's model/ folder (required)")
+    value_model: str = choice("separate", ("separate", "policy_trunk"),
+                              "separate: a value model initialised from the reward model; policy_trunk: a value "
+                              "head on the policy's trunk (one model, two heads)")
+    reference: str = choice("frozen_copy", ("frozen_copy", "adapter", "shared_trunk"),
+                            "how the reference model is held (see fastalign.models.reference)")
+    reference_dtype: str = choice("", ("", "float32", "bfloat16"), "frozen_copy dtype (default: the policy's)")
+    reference_offload: bool = knob(False, "frozen_copy lives on CPU between uses (on a GPU run)")
+    trainable_top_layers: int = knob(1, "shared_trunk: how many top layers the policy trains", minimum=1)
+    reward_offload: bool = knob(False, "the reward model lives on CPU between uses (copied to the device to score)")
+    dataset: str = knob("pronoun+arith", "prompts: built-in task(s) joined by '+', a JSONL/Parquet file or a hub id")
+    batch_size: int = knob(64, "prompts (one completion each) per rollout", minimum=1)
+    mini_batch_size: int = knob(16, "completions per optimizer step; must divide batch_size / world size", minimum=1)
+    ppo_epochs: int = knob(4, "passes over each rollout", minimum=1)
+    max_steps: int = knob(30, "rollouts (each followed by ppo_epochs x batch / mini_batch optimizer steps)", minimum=1)
+    max_new_tokens: int = knob(0, "completion tokens per rollout sample (0 = the tasks' own limit; 16 for files)",
+                               minimum=0)
+    temperature: float = knob(1.0, "rollout sampling temperature (the loss divides the logits by it too)", minimum=0)
+    kl_estimator: str = choice("k1", ("k1", "k3"), "per-token KL estimator folded into the reward")
+    kl_coef: float = knob(0.05, "KL penalty β (the adaptive controller's start value)", minimum=0)
+    kl_target: float = knob(0.0, "adaptive KL controller's target (nats per completion; 0 = fixed β)", minimum=0)
+    kl_horizon: int = knob(10000, "adaptive KL controller's horizon in completions", minimum=1)
+    gamma: float = knob(1.0, "GAE discount", minimum=0, maximum=1)
+    lam: float = knob(0.95, "GAE λ", minimum=0, maximum=1)
+    whiten_advantages: bool = knob(True, "whiten the advantages over each rollout's completion tokens")
+    cliprange: float = knob(0.2, "policy ratio clip ε (< 1)", minimum=0)
+    cliprange_value: float = knob(0.2, "value clip around the rollout's values", minimum=0)
+    vf_coef: float = knob(0.1, "value loss weight", minimum=0)
+    entropy_coef: float = knob(0.0, "entropy bonus weight", minimum=0)
+    lr: float = knob(1e-4, "peak learning rate (policy and value model)", minimum=0)
+    warmup_steps: int = knob(0, "linear warmup, in rollouts", minimum=0)
+    min_lr_ratio: float = knob(1.0, "cosine decay floor over the rollouts (1 = constant lr)", minimum=0, maximum=1)
+    log_every: int = knob(1, "rollouts between metric lines", minimum=1)
+
+    def validate(self):
+        super().validate()
+        if not self.reward_model:
+            raise ValueError("config key 'reward_model' must name a trained reward model folder (a `fastalign reward` "
+                             "run's model/), got ''")
+        if self.mini_batch_size > self.batch_size or self.batch_size % self.mini_batch_size:
+            raise ValueError(f"config key 'mini_batch_size' must divide batch_size ({self.batch_size}), "
+                             f"got {self.mini_batch_size}")
+        if not 0 < self.cliprange < 1:
+            raise ValueError(f"config key 'cliprange' must be in (0, 1), got {self.cliprange!r}")
+        if self.cliprange_value <= 0:
+            raise ValueError(f"config key 'cliprange_value' must be > 0, got {self.cliprange_value!r}")
+        if self.temperature <= 0:
+            raise ValueError(f"config key 'temperature' must be > 0 (PPO samples its rollouts), "
+                             f"got {self.temperature!r}")
+        if self.resume:
+            raise ValueError("config key 'resume' is not supported by ppo (it saves only the final model), got True")
+        if self.fsdp:
+            raise ValueError("config key 'fsdp' is not supported by ppo (the fused loss reads the LM head outside the "
+                             "forward; use DDP), got True")
+        return self
+
+
 def _convert(key, value, kind, source):
     """``value`` (from YAML or a command-line string) as ``kind``, or ValueError naming the key."""
     bad = lambda: ValueError(f"config key {key!r} ({source}) must be {kind.__name__}, got {value!r}")

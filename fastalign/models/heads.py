@@ -103,3 +103,46 @@ class ScalarHeadModel(nn.Module):
         model = cls(load_causal_lm(str(folder), **load_kwargs))
         model.score.load_state_dict(load_file(str(folder / cls.HEAD_FILE)))
         return model
+
+
+class PolicyValueModel(nn.Module):
+    """PPO's policy: a causal LM whose ``forward`` returns the trunk's hidden states ``[B, T, H]`` (for
+    the fused policy loss through :func:`lm_head`) and, with ``value_head=True``, per-token values
+    ``[B, T]`` from a ``Linear(H, 1)`` on the same trunk (one model, two heads: no separate critic).
+
+    The value head starts at zero, so the first values are 0 and the first value loss is the returns'
+    mean square.
+    """
+
+    def __init__(self, lm, value_head: bool = False):
+        super().__init__()
+        self.lm = lm
+        self.value_head = None
+        if value_head:
+            hidden = base_causal_lm(lm).config.hidden_size
+            self.value_head = nn.Linear(hidden, 1, bias=True).to(next(lm.parameters()).dtype)
+            nn.init.zeros_(self.value_head.weight)
+            nn.init.zeros_(self.value_head.bias)
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None):
+        hidden = decoder(self.lm)(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                  use_cache=False).last_hidden_state
+        values = None if self.value_head is None else self.value_head(hidden).squeeze(-1).float()
+        return hidden, values
+
+
+class TokenValueModel(nn.Module):
+    """PPO's separate value model: a :class:`ScalarHeadModel`'s trunk and head read at every position.
+
+    Built from a trained reward model (the usual initialisation of the critic), it returns ``[B, T]``
+    values; the LM head stays frozen (unused).
+    """
+
+    def __init__(self, scalar_model: ScalarHeadModel):
+        super().__init__()
+        self.lm, self.score = scalar_model.lm, scalar_model.score
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None):
+        hidden = decoder(self.lm)(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                  use_cache=False).last_hidden_state
+        return self.score(hidden).squeeze(-1).float()
