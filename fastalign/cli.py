@@ -73,16 +73,22 @@ FLOW_HELP = {"sft": "supervised fine-tuning", "reward": "reward model (Bradley-T
              "dpo": "DPO (sigmoid | hinge | ipo | robust)", "simpo": "SimPO (reference-free)"}
 
 
+def _flow_config_classes() -> dict:
+    """Each flow's config class (its fields are the flow's knobs)."""
+    from fastalign.engine import config as cfgmod
+
+    return {"sft": cfgmod.SFTConfig, "reward": cfgmod.RewardConfig, "dpo": cfgmod.DPOConfig,
+            "simpo": cfgmod.SimPOConfig}
+
+
 def _cmd_flow(args: argparse.Namespace) -> int:
     import importlib
 
     from fastalign.engine import config as cfgmod
     from fastalign.engine.trainer import TrainingDiverged
 
-    classes = {"sft": cfgmod.SFTConfig, "reward": cfgmod.RewardConfig, "dpo": cfgmod.DPOConfig,
-               "simpo": cfgmod.SimPOConfig}
     try:
-        cfg = cfgmod.load_config(classes[args.command], args.config, args.overrides)
+        cfg = cfgmod.load_config(_flow_config_classes()[args.command], args.config, args.overrides)
         importlib.import_module(f"fastalign.flows.{args.command}").run(cfg)
     except (ValueError, TypeError, OSError, ImportError, TrainingDiverged) as e:
         print(f"fastalign {args.command}: error: {e}", file=sys.stderr)
@@ -107,8 +113,14 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
 
 def _add_flow_commands(sub) -> None:
     """``sft|reward|dpo|simpo --config cfg.yaml [--key value ...]`` and ``pipeline``."""
+    from fastalign.engine.config import describe
+
+    classes = _flow_config_classes()
     for flow, text in FLOW_HELP.items():
-        p = sub.add_parser(flow, help=f"{text}: --config cfg.yaml, then --key value overrides")
+        p = sub.add_parser(flow, help=f"{text}: --config cfg.yaml, then --key value overrides",
+                           formatter_class=argparse.RawDescriptionHelpFormatter,
+                           epilog="config keys (in the YAML file or as --key value overrides):\n"
+                                  + describe(classes[flow]))
         p.add_argument("--config", default=None, help="YAML file of config keys (see configs/)")
         p.set_defaults(func=_cmd_flow, takes_overrides=True)
     p = sub.add_parser("pipeline", help="every flow on the tiny default model + results table and report.md")

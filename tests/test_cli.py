@@ -95,3 +95,17 @@ def test_no_command_prints_help(capsys):
     with pytest.raises(SystemExit) as info:
         cli.main(["no-such-command"])
     assert info.value.code == 2
+
+
+def test_flow_help_lists_every_config_key(capsys):
+    import dataclasses
+
+    from fastalign.engine.config import DPOConfig
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["dpo", "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    for f in dataclasses.fields(DPOConfig):
+        assert f"--{f.name} (" in out, f.name
+    assert "--loss_type (str, default 'sigmoid')" in out and "sigmoid | hinge | ipo | robust" in out

@@ -280,6 +280,18 @@ def load_config(cls, path=None, overrides=None, **values):
     return cls(**resolved).validate()
 
 
+def describe(cls) -> str:
+    """One line per knob of ``cls``: ``--key (type, default): help [choices]``, for ``--help``."""
+    hints = typing.get_type_hints(cls)
+    lines = []
+    for f in dataclasses.fields(cls):
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        extra = f" [{' | '.join(map(str, f.metadata['choices']))}]" if "choices" in f.metadata else ""
+        text = f.metadata.get("help", "")
+        lines.append(f"  --{f.name} ({hints[f.name].__name__}, default {default!r}){': ' + text if text else ''}{extra}")
+    return "\n".join(lines)
+
+
 def config_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
 
