@@ -70,7 +70,8 @@ def _add_bench_command(sub) -> None:
 
 
 FLOW_HELP = {"sft": "supervised fine-tuning", "reward": "reward model (Bradley-Terry)",
-             "dpo": "DPO (sigmoid | hinge | ipo | robust)", "simpo": "SimPO (reference-free)"}
+             "dpo": "DPO (sigmoid | hinge | ipo | robust)", "simpo": "SimPO (reference-free)",
+             "ppo": "PPO, classic RLHF (policy, reference, reward and value models)"}
 
 
 def _flow_config_classes() -> dict:
@@ -78,7 +79,7 @@ def _flow_config_classes() -> dict:
     from fastalign.engine import config as cfgmod
 
     return {"sft": cfgmod.SFTConfig, "reward": cfgmod.RewardConfig, "dpo": cfgmod.DPOConfig,
-            "simpo": cfgmod.SimPOConfig}
+            "simpo": cfgmod.SimPOConfig, "ppo": cfgmod.PPOConfig}
 
 
 def _cmd_flow(args: argparse.Namespace) -> int:

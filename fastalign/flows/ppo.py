@@ -1,0 +1,415 @@
+"""Proximal Policy Optimization, classic RLHF: policy, reference, reward model and value model.
+
+Each step samples one completion per prompt from the policy (a rollout), scores it with the reward
+model, folds a per-token KL penalty against the reference into the rewards (``kl_estimator`` k1 or k3;
+β fixed, or adapted after each rollout by Ziegler et al.'s controller when ``kl_target > 0``),
+estimates advantages with ``ops.gae`` and whitens them with ``ops.whiten``, then trains ``ppo_epochs``
+passes over the rollout in minibatches of ``mini_batch_size`` completions, one optimizer step each:
+the clipped policy loss (:class:`fastalign.losses.FusedLinearPPOLoss`, from hidden states and the LM
+head, never the logits) plus ``vf_coef`` times the clipped value loss (``ops.value_loss``).
+
+Supports: a separate value model initialised from the reward model (``value_model: separate``, the
+usual choice) or a value head on the policy's trunk (``policy_trunk``: one model, two heads); the
+reference as ``frozen_copy`` (optionally bf16 and/or on CPU between uses), ``adapter`` (LoRA policy,
+no extra memory) or ``shared_trunk``; the reward model on CPU between uses (``reward_offload``); LoRA
+policies; DDP under torchrun (each process samples its share of the prompts). The memory each role
+takes (parameters + buffers) is printed at start-up and stored in ``eval.json`` under ``memory_mib``.
+
+Assumptions: one completion per prompt; the reward model scores prompt + completion at its last real
+token, the format it was trained on (a completion cut at ``max_new_tokens`` is scored without its EOS);
+the old log-probs come from one forward over prompt + completion after sampling (the same forward
+gives the values; the reference's gives its log-probs), and the reference is read at temperature 1;
+the lr schedule advances once per rollout; advantages are whitened per process, as TRL does; no
+resume, no FSDP; only the final policy is saved (``<run>/model``; the value model is not). The final
+evaluation — the task verifiers on held-out prompts, the learned and the true (verifier) reward of
+greedy completions from the start and the trained policy, and the KL to the start — goes to
+``<run>/eval.json``.
+
+Run: ``fastalign ppo --config configs/ppo.yaml --reward_model runs/rm/model [--key value ...]``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+
+from fastalign import ops
+from fastalign.data import loading, tasks
+from fastalign.engine import evaluation
+from fastalign.engine.config import PPOConfig
+from fastalign.engine.distributed import all_reduce_sum, shutdown, unwrap, wrap_model
+from fastalign.engine.generation import decode, generate
+from fastalign.engine.logging import RunLogger
+from fastalign.engine.optim import build_optimizer, build_scheduler
+from fastalign.engine.runs import start_run, write_json
+from fastalign.engine.trainer import BatchStream, TrainingDiverged
+from fastalign.losses import FusedLinearPPOLoss
+from fastalign.models.heads import (
+    IGNORE_INDEX,
+    CausalLMLogprobs,
+    PolicyValueModel,
+    ScalarHeadModel,
+    TokenValueModel,
+    lm_head,
+    target_mask,
+)
+from fastalign.models.loading import load_causal_lm, load_from_config, load_tokenizer, save_pretrained
+from fastalign.models.reference import build_reference
+
+FILE_MAX_NEW_TOKENS = 16  # completion length for prompts that are not built-in tasks (when max_new_tokens = 0)
+
+
+# --------------------------------------------------------------------------------------- KL control
+class FixedKLController:
+    """β stays at its start value."""
+
+    def __init__(self, kl_coef: float):
+        self.value = float(kl_coef)
+
+    def update(self, current_kl: float, n_steps: int) -> float:
+        return self.value
+
+
+class AdaptiveKLController:
+    """Ziegler et al. (2019), as in TRL and OpenRLHF: after a rollout of ``n_steps`` completions whose mean
+    KL to the reference was ``current_kl`` nats, ``β ← β · (1 + clip(current_kl / target − 1, ±0.2) ·
+    n_steps / horizon)``: β grows while the policy is further than ``target`` from the reference."""
+
+    def __init__(self, kl_coef: float, target: float, horizon: int):
+        if target <= 0:
+            raise ValueError(f"target must be > 0 nats, got {target!r}")
+        if horizon < 1:
+            raise ValueError(f"horizon must be >= 1 completions, got {horizon!r}")
+        self.value, self.target, self.horizon = float(kl_coef), float(target), int(horizon)
+
+    def update(self, current_kl: float, n_steps: int) -> float:
+        error = min(max(current_kl / self.target - 1.0, -0.2), 0.2)
+        self.value *= 1.0 + error * n_steps / self.horizon
+        return self.value
+
+
+def kl_controller(cfg: PPOConfig):
+    if cfg.kl_target > 0:
+        return AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
+    return FixedKLController(cfg.kl_coef)
+
+
+# ----------------------------------------------------------------------------- rewards, advantages
+def token_rewards(scores, logps, ref_logps, mask, *, kl_coef, kl_estimator="k1"):
+    """Per-token rewards ``[B, T]``: ``−kl_coef · KL_t`` on every completion token, plus the reward model's
+    ``scores [B]`` on each row's last completion token. Returns ``(rewards, kl)``, both 0 off the mask."""
+    m = mask.bool()
+    if not bool(m.any(1).all()):
+        raise ValueError("mask must select at least one completion token in every row")
+    kl = torch.where(m, ops.kl_penalty(logps, ref_logps, kind=kl_estimator), torch.zeros_like(logps))
+    rewards = -float(kl_coef) * kl
+    positions = torch.arange(m.shape[1], device=m.device).expand_as(m)
+    last = torch.where(m, positions, torch.full_like(positions, -1)).amax(1)
+    rewards[torch.arange(m.shape[0], device=m.device), last] += scores.float()
+    return rewards, kl
+
+
+def advantages_and_returns(rewards, values, mask, *, gamma, lam, whiten=True):
+    """GAE over the completion tokens (``ops.gae``), the advantages then whitened over the batch's
+    completion tokens (``ops.whiten``); returns ``(advantages, returns)`` with ``returns = GAE + values``."""
+    advantages, returns = ops.gae(rewards, values, mask, gamma=gamma, lam=lam)
+    if whiten:
+        advantages = ops.whiten(advantages, mask)
+    return advantages, returns
+
+
+# ------------------------------------------------------------------------------------------ roles
+def module_bytes(module) -> int:
+    """Parameters + buffers, in bytes (a shared tensor counted once)."""
+    tensors = {id(t): t for t in itertools.chain(module.parameters(), module.buffers())}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+class OffloadedModel:
+    """A frozen model that runs on ``device``; with ``offload`` it lives on the CPU and each call copies its
+    weights to ``device`` for the forward (``torch.func.functional_call``) and drops the copies after, so
+    between uses it takes no device memory. Frozen weights never change, so nothing is copied back."""
+
+    def __init__(self, module, device, offload: bool):
+        self.device, self.offload = torch.device(device), bool(offload)
+        self.module = module.eval().requires_grad_(False).to("cpu" if self.offload else self.device)
+
+    @torch.no_grad()
+    def __call__(self, *args, **kwargs):
+        if not self.offload:
+            return self.module(*args, **kwargs)
+        named = itertools.chain(self.module.named_parameters(), self.module.named_buffers())
+        on_device = {name: t.to(self.device, non_blocking=True) for name, t in named}
+        return torch.func.functional_call(self.module, on_device, args, kwargs)
+
+
+def _reference_bytes(reference) -> int:
+    held = getattr(reference, "model", None) or getattr(reference, "top", None)
+    return module_bytes(held) if held is not None else int(reference.extra_bytes)
+
+
+# ------------------------------------------------------------------------------------------ rollout
+@dataclass
+class Rollout:
+    """One completion per prompt and what PPO needs of it; token tensors are ``[B, T-1]``, aligned with the
+    policy's log-probs (position t scores ``input_ids[:, t+1]``; the value there is the state before it)."""
+
+    batch: loading.Batch  # prompt + completion, right-padded [B, T]
+    mask: torch.Tensor  # completion tokens
+    logps: torch.Tensor  # the policy's log-probs at sampling time (PPO's old log-probs)
+    ref_logps: torch.Tensor
+    values: torch.Tensor  # 0 off the mask
+    scores: torch.Tensor  # [B] the reward model's score of each completion
+    verifier: list  # [B] the task verifier's reward (None for prompts that are not built-in tasks)
+    completions: list  # [B] decoded completions
+    rows: list  # [B] the prompt rows
+
+
+def max_new_tokens(cfg: PPOConfig) -> int:
+    if cfg.max_new_tokens:
+        return cfg.max_new_tokens
+    names = tasks.parse_task_spec(cfg.dataset)
+    return max(tasks.get_task(n).max_new_tokens for n in names) if names else FILE_MAX_NEW_TOKENS
+
+
+def _policy_logps(policy_module, hidden, labels, temperature):
+    head = lm_head(policy_module.lm)
+    return ops.token_logprobs(hidden[:, :-1], head.weight, labels[:, 1:], bias=head.bias, temperature=temperature,
+                              ignore_index=IGNORE_INDEX)
+
+
+@torch.no_grad()
+def sample_rollout(policy, critic, reference, reward_model, tokenizer, rows, cfg: PPOConfig, device,
+                   generator=None) -> Rollout:
+    """Sample one completion per row from the policy, then score it with every role (one forward each)."""
+    policy_module = unwrap(policy)
+    new_tokens = max_new_tokens(cfg)
+    prompt_ids = [loading.encode_prompt(tokenizer, r["prompt"])[-max(cfg.max_length - new_tokens, 1):] for r in rows]
+    completions = generate(policy_module.lm, tokenizer, prompt_ids, max_new_tokens=new_tokens,
+                           temperature=cfg.temperature, batch_size=len(prompt_ids), generator=generator)
+    # A completion whose every sampled token was padding is empty: nothing to score or train on.
+    keep = [i for i, c in enumerate(completions) if c]
+    if not keep:
+        raise ValueError("every completion of the rollout is empty (the policy sampled only padding)")
+    rows, prompt_ids = [rows[i] for i in keep], [prompt_ids[i] for i in keep]
+    completions = [completions[i] for i in keep]
+    examples = [{"input_ids": p + c, "labels": [IGNORE_INDEX] * len(p) + c} for p, c in zip(prompt_ids, completions)]
+    batch = loading.collate(examples, tokenizer.pad_token_id).to(device)
+    mask = target_mask(batch.labels)
+
+    was_training = policy_module.training
+    policy_module.eval()
+    hidden, values = policy_module(batch.input_ids, batch.attention_mask)
+    logps = _policy_logps(policy_module, hidden, batch.labels, cfg.temperature)
+    policy_module.train(was_training)
+    # After the policy's forward: shared_trunk reuses the trunk activations it just computed.
+    ref_logps = reference.token_logps(batch)
+    if critic is not None:
+        critic_module = unwrap(critic)
+        was_training = critic_module.training
+        critic_module.eval()
+        values = critic_module(batch.input_ids, batch.attention_mask)
+        critic_module.train(was_training)
+    values = torch.where(mask, values[:, :-1], torch.zeros_like(logps))
+    scores = reward_model(batch.input_ids, batch.attention_mask).float()
+
+    texts = decode(tokenizer, completions)
+    verifier = [tasks.get_task(r["task"]).reward(r, t) if r.get("task") in tasks.TASKS else None
+                for r, t in zip(rows, texts)]
+    return Rollout(batch, mask, logps, ref_logps.float(), values, scores, verifier, texts, rows)
+
+
+# ----------------------------------------------------------------------------------------- training
+def _rows_of(batch: loading.Batch, idx, width) -> loading.Batch:
+    return loading.Batch(batch.input_ids[idx, :width], batch.attention_mask[idx, :width], batch.labels[idx, :width])
+
+
+def minibatch_loss(policy, critic, policy_loss_fn, rollout: Rollout, idx, advantages, returns, cfg: PPOConfig):
+    """``policy loss + vf_coef · value loss`` on the rollout rows ``idx``; returns ``(loss, metrics)``."""
+    width = int(rollout.batch.attention_mask[idx].sum(1).max())  # right padding: trailing pads change nothing
+    batch, cut = _rows_of(rollout.batch, idx, width), slice(0, width - 1)
+    mask = rollout.mask[idx, cut]
+    hidden, values = policy(batch.input_ids, batch.attention_mask)
+    head = lm_head(unwrap(policy).lm)
+    pg_loss, pg = policy_loss_fn(hidden[:, :-1], head.weight, batch.labels[:, 1:], advantages=advantages[idx, cut],
+                                 mask=mask, old_logps=rollout.logps[idx, cut], bias=head.bias)
+    if critic is not None:
+        values = critic(batch.input_ids, batch.attention_mask)
+    vf_loss, vf = ops.value_loss(values[:, :-1], rollout.values[idx, cut], returns[idx, cut], mask,
+                                 clip=cfg.cliprange_value)
+    loss = pg_loss + cfg.vf_coef * vf_loss
+    metrics = {"loss": loss.detach(), "policy_loss": pg_loss.detach(), "value_loss": vf_loss.detach(),
+               "clip_fraction": pg["clip_ratio/region_mean"], "entropy": pg["entropy"],
+               "approx_kl": pg["approx_kl"], "value_clip_fraction": vf["clip_fraction"]}
+    return loss, metrics
+
+
+def _global_mean(values: dict, state) -> dict:
+    keys = sorted(values)
+    sums = all_reduce_sum(torch.tensor([float(values[k]) for k in keys], dtype=torch.float64), state)
+    return {k: float(s) / state.world_size for k, s in zip(keys, sums)}
+
+
+def rollout_metrics(rollout: Rollout, kl, kl_coef, state) -> dict:
+    """Learned reward, true (verifier) reward per task, KL per completion (global means over processes)."""
+    count = all_reduce_sum(float(len(rollout.rows)), state)
+    mean = lambda x: all_reduce_sum(float(x), state) / count
+    seq_kl = kl.sum(1)
+    out = {"score": mean(rollout.scores.sum()), "kl": mean(seq_kl.sum()),
+           "non_score_reward": mean(-kl_coef * seq_kl.sum()),
+           "completion_length": mean(rollout.mask.sum())}
+    for name in sorted(tasks.TASKS):
+        hits = [v for v, r in zip(rollout.verifier, rollout.rows) if r.get("task") == name]
+        n = all_reduce_sum(float(len(hits)), state)
+        if n:
+            out[f"{name}/verifier_reward"] = all_reduce_sum(float(sum(hits)), state) / n
+    return out
+
+
+# --------------------------------------------------------------------------------------- evaluation
+@torch.no_grad()
+def heldout_rewards(lm, reward_model, tokenizer, rows, cfg: PPOConfig, device) -> dict:
+    """Mean learned reward and mean verifier reward of greedy completions of held-out prompt rows."""
+    scores, verifier = [], []
+    by_task = itertools.groupby(sorted(rows, key=lambda r: str(r.get("task"))), key=lambda r: r.get("task"))
+    for task, group in by_task:
+        group = list(group)
+        new = tasks.get_task(task).max_new_tokens if task in tasks.TASKS else (cfg.max_new_tokens or
+                                                                               FILE_MAX_NEW_TOKENS)
+        prompt_ids = [loading.encode_prompt(tokenizer, r["prompt"]) for r in group]
+        completions = generate(lm, tokenizer, prompt_ids, max_new_tokens=new, batch_size=cfg.eval_batch_size)
+        for start in range(0, len(group), cfg.eval_batch_size):
+            part = slice(start, start + cfg.eval_batch_size)
+            examples = [{"input_ids": p + c, "labels": [IGNORE_INDEX] * len(p) + c}
+                        for p, c in zip(prompt_ids[part], completions[part])]
+            batch = loading.collate(examples, tokenizer.pad_token_id).to(device)
+            scores += reward_model(batch.input_ids, batch.attention_mask).float().tolist()
+        if task in tasks.TASKS:
+            verifier += [tasks.get_task(task).reward(r, t) for r, t in zip(group, decode(tokenizer, completions))]
+    out = {"eval_learned_reward": sum(scores) / len(scores)}
+    if verifier:
+        out["eval_verifier_reward"] = sum(verifier) / len(verifier)
+    return out
+
+
+# --------------------------------------------------------------------------------------------- flow
+def run(cfg: PPOConfig) -> dict:
+    # --- config, run folder -------------------------------------------------------------------
+    state, run_dir = start_run(cfg, "ppo")
+    start = cfg.init_from or cfg.model
+    per_rank = cfg.batch_size // state.world_size
+    if cfg.batch_size % state.world_size or per_rank % cfg.mini_batch_size:
+        raise ValueError(f"mini_batch_size must divide batch_size / world size = {cfg.batch_size} / "
+                         f"{state.world_size}, got {cfg.mini_batch_size}")
+
+    # --- roles: policy (+ value head), reference, reward model, value model ----------------------
+    tokenizer = load_tokenizer(cfg.tokenizer or start)
+    lm = load_from_config(cfg, start, device=state.device)
+    policy = PolicyValueModel(lm, value_head=cfg.value_model == "policy_trunk").to(state.device)
+    # Before wrapping: shared_trunk decides which layers train.
+    reference = build_reference(cfg.reference, CausalLMLogprobs(lm), cfg)
+    reward_model = OffloadedModel(ScalarHeadModel.load(cfg.reward_model, dtype=cfg.dtype), state.device,
+                                  cfg.reward_offload)
+    critic = None
+    if cfg.value_model == "separate":
+        critic = TokenValueModel(ScalarHeadModel.load(cfg.reward_model, dtype=cfg.dtype)).to(state.device)
+    memory = {"policy": module_bytes(lm) / 2**20,
+              "value_model": module_bytes(critic if critic is not None else policy.value_head) / 2**20,
+              "reference": _reference_bytes(reference) / 2**20,
+              "reward_model": module_bytes(reward_model.module) / 2**20}
+    if state.is_main:
+        where = lambda off: "CPU between uses" if off else f"on {state.device}"
+        print("memory by role (parameters + buffers): "
+              f"policy {memory['policy']:.2f} MiB {where(False)}; "
+              f"value model {memory['value_model']:.2f} MiB "
+              f"({'separate, from the reward model' if critic is not None else 'head on the policy trunk'}); "
+              f"reference {memory['reference']:.2f} MiB ({reference.name}, "
+              f"{where(getattr(reference, 'offload', False))}); "
+              f"reward model {memory['reward_model']:.2f} MiB ({where(reward_model.offload)})")
+    policy = wrap_model(policy, state)
+    critic = wrap_model(critic, state) if critic is not None else None
+
+    # --- data: prompt rows, each process its share of every rollout --------------------------------
+    rows = loading.load_rows(cfg.dataset, "prompts", n=cfg.num_examples, seed=cfg.seed)
+    stream = BatchStream(rows, lambda examples, index: examples, batch_size=cfg.batch_size, state=state, seed=cfg.seed)
+
+    # --- loss, optimizer, KL controller -------------------------------------------------------------
+    policy_loss_fn = FusedLinearPPOLoss(epsilon_low=cfg.cliprange, temperature=cfg.temperature,
+                                        entropy_coef=cfg.entropy_coef)
+    params = list(unwrap(policy).parameters()) + (list(unwrap(critic).parameters()) if critic is not None else [])
+    optimizer = build_optimizer(params, cfg)
+    scheduler = build_scheduler(optimizer, cfg)
+    trainable = [p for p in params if p.requires_grad]
+    controller = kl_controller(cfg)
+    generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + state.rank)
+    logger = RunLogger(run_dir, total_steps=cfg.max_steps, enabled=state.is_main, progress=cfg.progress,
+                       tensorboard=cfg.tensorboard, desc="ppo")
+
+    # --- loop: rollout → rewards and advantages → PPO epochs over minibatches ------------------------
+    history = []
+    for step in range(1, cfg.max_steps + 1):
+        t0 = time.time()
+        rollout = sample_rollout(policy, critic, reference, reward_model, tokenizer, stream.next()[0], cfg,
+                                 state.device, generator)
+        kl_coef = controller.value
+        rewards, kl = token_rewards(rollout.scores, rollout.logps, rollout.ref_logps, rollout.mask, kl_coef=kl_coef,
+                                    kl_estimator=cfg.kl_estimator)
+        advantages, returns = advantages_and_returns(rewards, rollout.values, rollout.mask, gamma=cfg.gamma,
+                                                     lam=cfg.lam, whiten=cfg.whiten_advantages)
+        t1 = time.time()
+        sums, updates = {}, 0
+        for _ in range(cfg.ppo_epochs):
+            order = torch.randperm(len(rollout.rows), generator=generator).to(state.device)
+            for idx in order.split(cfg.mini_batch_size):
+                loss, metrics = minibatch_loss(policy, critic, policy_loss_fn, rollout, idx, advantages, returns, cfg)
+                loss.backward()
+                loss = float(loss.detach())
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(
+                    trainable, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")))
+                if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+                    logger.close(plot=False)
+                    what = "loss" if not math.isfinite(loss) else "gradient norm"
+                    raise TrainingDiverged(f"{what} became non-finite at rollout {step} (optimizer update "
+                                           f"{updates + 1}); training stopped, no model was saved")
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                updates += 1
+                for k, v in dict(metrics, grad_norm=grad_norm).items():
+                    sums[k] = sums.get(k, 0.0) + float(v)
+        scheduler.step()
+        out = rollout_metrics(rollout, kl, kl_coef, state)
+        out.update(_global_mean({k: v / updates for k, v in sums.items()}, state))
+        controller.update(out["kl"], n_steps=cfg.batch_size)
+        out.update(kl_coef=kl_coef, lr=scheduler.get_last_lr()[0], rollout_s=t1 - t0, train_s=time.time() - t1)
+        history.append({"step": step, **out})
+        if step % cfg.log_every == 0 or step == cfg.max_steps:
+            logger.log(step, out)
+        else:
+            logger.advance()
+    logger.close()
+
+    # --- evaluation on held-out prompts --------------------------------------------------------------
+    report = {"flow": "ppo", "run_dir": str(run_dir), "steps": cfg.max_steps, "value_model": cfg.value_model,
+              "reference": cfg.reference, "memory_mib": memory, "final_kl_coef": controller.value,
+              "first_rollout": {k: history[0][k] for k in ("score", "kl") if k in history[0]},
+              "last_rollout": {k: history[-1][k] for k in ("score", "kl") if k in history[-1]}}
+    if state.is_main:
+        trained = unwrap(policy).lm
+        start_lm = load_causal_lm(start, dtype=cfg.dtype, device=state.device)
+        prompts = evaluation.heldout_rows(cfg, "prompts")
+        report.update(evaluation.policy_metrics(cfg, trained, tokenizer, start_lm, prompts))
+        if prompts is not None:
+            report.update(heldout_rewards(trained, reward_model, tokenizer, prompts, cfg, state.device))
+            report.update({f"start/{k}": v for k, v in
+                           heldout_rewards(start_lm, reward_model, tokenizer, prompts, cfg, state.device).items()})
+
+        # --- report: the trained policy and the numbers ------------------------------------------------
+        save_pretrained(trained, tokenizer, run_dir / "model")
+        write_json(run_dir / "eval.json", report)
+        print(f"ppo: {report}")
+    shutdown(state)
+    return report

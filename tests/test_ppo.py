@@ -1,0 +1,240 @@
+"""The ppo flow: end to end with both value-model options, its advantages against ops.gae/ops.whiten and
+a float64 loop on a recorded rollout, the KL controllers, reward-model offload, bad configs."""
+
+import json
+import math
+import random
+
+import pytest
+import torch
+
+from fastalign import cli, ops
+from fastalign.engine.config import PPOConfig, RewardConfig, load_config
+from fastalign.engine.logging import read_metrics
+from fastalign.flows import ppo
+from fastalign.models.heads import CausalLMLogprobs, PolicyValueModel, ScalarHeadModel, TokenValueModel
+from fastalign.models.loading import load_causal_lm, load_tokenizer
+from fastalign.models.reference import FrozenCopy
+
+SMALL = dict(max_steps=2, batch_size=8, mini_batch_size=4, ppo_epochs=2, num_examples=16, num_eval_examples=4,
+             progress=False, threads=1, max_length=48)
+
+
+@pytest.fixture(scope="module")
+def reward_model_dir(tmp_path_factory):
+    """A (briefly trained) reward model folder from the reward flow, as PPO gets it in the pipeline."""
+    from fastalign.flows import reward
+
+    root = tmp_path_factory.mktemp("ppo_rm")
+    reward.run(load_config(RewardConfig, overrides=dict(max_steps=1, batch_size=4, num_examples=8, num_eval_examples=2,
+                                                        progress=False, threads=1, warmup_steps=0, max_length=48,
+                                                        output_dir=str(root), name="rm")))
+    return str(root / "rm" / "model")
+
+
+def _cfg(tmp_path, reward_model_dir, name, **over):
+    return load_config(PPOConfig, overrides=dict(SMALL, output_dir=str(tmp_path), name=name,
+                                                  reward_model=reward_model_dir, **over))
+
+
+# ------------------------------------------------------------------------------------ end to end
+@pytest.mark.parametrize("value_model, extra", [
+    ("separate", dict(kl_estimator="k1", reward_offload=True)),
+    ("policy_trunk", dict(kl_estimator="k3", kl_target=0.5, kl_horizon=100)),
+])
+def test_ppo_flow_end_to_end(tmp_path, reward_model_dir, value_model, extra):
+    report = ppo.run(_cfg(tmp_path, reward_model_dir, "run", value_model=value_model, **extra))
+    run = tmp_path / "run"
+    for f in ("config.yaml", "metrics.jsonl", "eval.json", "model/config.json"):
+        assert (run / f).exists(), f
+    assert json.loads((run / "eval.json").read_text()) == report
+    for key in ("arith/exact_match", "pronoun/neutral_rate", "kl_to_start", "eval_learned_reward",
+                "eval_verifier_reward", "start/eval_learned_reward", "start/eval_verifier_reward"):
+        assert math.isfinite(report[key]), key
+
+    # Memory by role: the policy is the whole tiny LM; the value model is a whole trunk or one Linear(H, 1).
+    lm = load_causal_lm("tiny")
+    lm_mib = ppo.module_bytes(lm) / 2**20
+    mem = report["memory_mib"]
+    assert mem["policy"] == pytest.approx(lm_mib) and mem["reference"] == pytest.approx(lm_mib)
+    assert mem["reward_model"] == pytest.approx(lm_mib + (128 + 1) * 4 / 2**20)
+    expected_value = mem["reward_model"] if value_model == "separate" else (128 + 1) * 4 / 2**20
+    assert mem["value_model"] == pytest.approx(expected_value)
+
+    rows = read_metrics(run / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2]
+    for key in ("loss", "policy_loss", "value_loss", "score", "kl", "kl_coef", "clip_fraction", "grad_norm"):
+        assert all(math.isfinite(r[key]) for r in rows), key
+    # The first rollout is sampled from the starting policy, which is the reference: no KL at all.
+    assert abs(rows[0]["kl"]) < 1e-5
+    if extra.get("kl_target"):  # KL 0 < target: the adaptive controller lowers β by the clipped 20% step
+        assert rows[1]["kl_coef"] == pytest.approx(0.05 * (1 - 0.2 * 8 / 100))
+    else:
+        assert rows[1]["kl_coef"] == 0.05
+    # The policy trained: the saved model differs from the start.
+    trained = load_causal_lm(str(run / "model"))
+    moved = max((a - b).abs().max().item() for a, b in zip(trained.parameters(), lm.parameters()))
+    assert moved > 0
+
+
+# ------------------------------------------------------------------------- advantages on a rollout
+def _float64_advantages(rollout, kl_coef, kl_estimator, gamma, lam):
+    """TRL's per-timestep GAE loop over each row's completion tokens, then whitening, in float64."""
+    adv_rows, ret_rows = [], []
+    for b in range(rollout.mask.shape[0]):
+        pos = rollout.mask[b].nonzero().flatten().tolist()
+        d = (rollout.ref_logps[b, pos] - rollout.logps[b, pos]).double()
+        kl = -d if kl_estimator == "k1" else torch.exp(d) - d - 1
+        r = -kl_coef * kl
+        r[-1] += float(rollout.scores[b])
+        v = rollout.values[b, pos].double()
+        adv, last = torch.zeros_like(r), 0.0
+        for t in reversed(range(len(pos))):
+            next_v = v[t + 1] if t + 1 < len(pos) else 0.0
+            last = r[t] + gamma * next_v - v[t] + gamma * lam * last
+            adv[t] = last
+        adv_rows.append(adv)
+        ret_rows.append(adv + v)
+    flat = torch.cat(adv_rows)
+    white = (flat - flat.mean()) / torch.sqrt(flat.var(unbiased=True) + 1e-8)
+    return white, torch.cat(ret_rows)
+
+
+@pytest.mark.parametrize("kl_estimator", ["k1", "k3"])
+def test_advantages_on_a_recorded_rollout_match_ops_and_float64(tmp_path, reward_model_dir, kl_estimator):
+    cfg = _cfg(tmp_path, reward_model_dir, "adv", batch_size=12, max_new_tokens=7, dataset="arith+pronoun")
+    tokenizer = load_tokenizer("tiny")
+    lm = load_causal_lm("tiny")
+    reference = FrozenCopy(CausalLMLogprobs(lm))
+    with torch.no_grad():  # move the policy off the reference so the KL term is not zero
+        for p in lm.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    policy = PolicyValueModel(lm)
+    critic = TokenValueModel(ScalarHeadModel.load(reward_model_dir))
+    reward_model = ppo.OffloadedModel(ScalarHeadModel.load(reward_model_dir), "cpu", offload=False)
+    from fastalign.data import tasks
+
+    rows = tasks.task_rows("arith+pronoun", "prompts", 6, seed=random.randrange(1000))
+    rollout = ppo.sample_rollout(policy, critic, reference, reward_model, tokenizer, rows, cfg, torch.device("cpu"))
+
+    # The mask selects exactly the sampled completion tokens; the sampling-time log-probs are the policy's.
+    lengths = rollout.batch.attention_mask.sum(1)
+    prompt_lengths = (rollout.batch.labels == -100).logical_and(rollout.batch.attention_mask.bool()).sum(1)
+    assert torch.equal(rollout.mask.sum(1), lengths - prompt_lengths)
+    expected_logps = CausalLMLogprobs(lm)(rollout.batch.input_ids, rollout.batch.attention_mask, rollout.batch.labels)
+    assert torch.equal(rollout.logps, expected_logps.detach())
+    assert float((rollout.logps - rollout.ref_logps).abs().max()) > 0
+
+    kl_coef, gamma, lam = random.uniform(0.01, 0.5), random.uniform(0.9, 1.0), random.uniform(0.8, 1.0)
+    rewards, kl = ppo.token_rewards(rollout.scores, rollout.logps, rollout.ref_logps, rollout.mask, kl_coef=kl_coef,
+                                    kl_estimator=kl_estimator)
+    advantages, returns = ppo.advantages_and_returns(rewards, rollout.values, rollout.mask, gamma=gamma, lam=lam)
+
+    # The flow's advantages are ops.gae then ops.whiten on the same rollout ...
+    gae_adv, gae_ret = ops.gae(rewards, rollout.values, rollout.mask, gamma=gamma, lam=lam)
+    assert torch.equal(advantages, ops.whiten(gae_adv, rollout.mask))
+    assert torch.equal(returns, gae_ret)
+    # ... and both are the textbook recursion over each row's completion tokens (float64).
+    white64, returns64 = _float64_advantages(rollout, kl_coef, kl_estimator, gamma, lam)
+    m = rollout.mask
+    assert not torch.isnan(advantages).any()
+    assert (advantages[m].double() - white64).abs().max() / white64.abs().max() < 1e-5
+    assert (returns[m].double() - returns64).abs().max() / returns64.abs().max() < 1e-5
+    assert float(advantages[~m].abs().max()) == 0.0 and float(returns[~m].abs().max()) == 0.0
+
+
+def test_token_rewards_place_the_score_on_the_last_completion_token():
+    mask = torch.tensor([[0, 1, 1, 1, 0], [0, 0, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    logps, ref = -torch.rand(3, 5), -torch.rand(3, 5)
+    scores = torch.randn(3)
+    rewards, kl = ppo.token_rewards(scores, logps, ref, mask, kl_coef=0.1, kl_estimator="k1")
+    expected = torch.where(mask, -0.1 * (logps - ref), torch.zeros(()))
+    expected[0, 3] += scores[0]
+    expected[1, 2] += scores[1]
+    expected[2, 4] += scores[2]
+    assert torch.allclose(rewards, expected, atol=1e-6, rtol=0)
+    assert torch.equal(kl, torch.where(mask, logps - ref, torch.zeros(())))
+    with pytest.raises(ValueError, match="mask must select at least one completion token"):
+        ppo.token_rewards(scores, logps, ref, mask & torch.tensor([[1], [0], [1]], dtype=torch.bool), kl_coef=0.1)
+
+
+# ---------------------------------------------------------------------------------- KL controller
+def test_adaptive_kl_controller_follows_ziegler_update_rule():
+    beta, target, horizon = random.uniform(0.01, 1), random.uniform(0.5, 5), random.randint(100, 20000)
+    ctl = ppo.AdaptiveKLController(beta, target, horizon)
+    expected = beta
+    for kl in (target * 3, target * 1.1, target, target * 0.95, 0.0, target * 0.5):
+        n = random.randint(1, 512)
+        error = min(max(kl / target - 1, -0.2), 0.2)
+        expected *= 1 + error * n / horizon
+        assert ctl.update(kl, n) == pytest.approx(expected, rel=1e-12)
+        assert ctl.value == pytest.approx(expected, rel=1e-12)
+    # β rises while the KL is above target and falls below it.
+    up, down = ppo.AdaptiveKLController(0.1, 1.0, 1000), ppo.AdaptiveKLController(0.1, 1.0, 1000)
+    assert up.update(2.0, 64) > 0.1 > down.update(0.5, 64)
+    fixed = ppo.FixedKLController(0.3)
+    assert fixed.update(100.0, 64) == 0.3 == fixed.value
+    with pytest.raises(ValueError, match="target must be > 0"):
+        ppo.AdaptiveKLController(0.1, 0.0, 100)
+
+
+def test_kl_controller_from_config(tmp_path, reward_model_dir):
+    assert isinstance(ppo.kl_controller(_cfg(tmp_path, reward_model_dir, "a")), ppo.FixedKLController)
+    ctl = ppo.kl_controller(_cfg(tmp_path, reward_model_dir, "b", kl_target=2.0, kl_horizon=500, kl_coef=0.2))
+    assert isinstance(ctl, ppo.AdaptiveKLController) and (ctl.value, ctl.target, ctl.horizon) == (0.2, 2.0, 500)
+
+
+# ---------------------------------------------------------------------------------------- offload
+def test_offloaded_reward_model_runs_on_the_device_and_stays_on_cpu_between_uses():
+    # The meta device stands in for an accelerator: a real second device, no data to copy.
+    module = torch.nn.Sequential(torch.nn.Embedding(10, 6), torch.nn.Linear(6, 1))
+    module.register_buffer("scale", torch.tensor(2.0))
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    seen = []
+    module[1].register_forward_pre_hook(lambda mod, args: seen.append((mod.weight.device.type, args[0].device.type)))
+    holder = ppo.OffloadedModel(module, "meta", offload=True)
+    for _ in range(2):
+        out = holder(torch.zeros(3, 4, dtype=torch.long, device="meta"))
+        assert out.device.type == "meta" and out.shape == (3, 4, 1)
+        # Between uses: every weight and buffer on the CPU, with its values, and no gradient.
+        assert {t.device.type for t in list(module.parameters()) + list(module.buffers())} == {"cpu"}
+        for k, v in module.state_dict().items():
+            assert torch.equal(v, before[k]), k
+    assert seen == [("meta", "meta")] * 2
+    assert not any(p.requires_grad for p in module.parameters())
+
+
+# ------------------------------------------------------------------------------------- bad config
+@pytest.mark.parametrize("over, message", [
+    (dict(reward_model=""), "'reward_model' must name a trained reward model folder"),
+    (dict(batch_size=8, mini_batch_size=3), "'mini_batch_size' must divide batch_size \\(8\\), got 3"),
+    (dict(batch_size=4, mini_batch_size=8), "'mini_batch_size' must divide batch_size \\(4\\), got 8"),
+    (dict(cliprange=1.0), "'cliprange' must be in \\(0, 1\\), got 1.0"),
+    (dict(cliprange_value=0.0), "'cliprange_value' must be > 0"),
+    (dict(temperature=0.0), "'temperature' must be > 0"),
+    (dict(reference="precomputed"), "'reference' must be one of \\['frozen_copy', 'adapter', 'shared_trunk'\\]"),
+    (dict(value_model="critic"), "'value_model' must be one of \\['separate', 'policy_trunk'\\], got 'critic'"),
+    (dict(kl_estimator="k2"), "'kl_estimator' must be one of \\['k1', 'k3'\\], got 'k2'"),
+    (dict(gamma=1.5), "'gamma' must be <= 1"),
+    (dict(resume=True), "'resume' is not supported by ppo"),
+    (dict(fsdp=True), "'fsdp' is not supported by ppo"),
+])
+def test_bad_config_names_the_key(over, message):
+    values = {"reward_model": "some/folder", **over}
+    with pytest.raises(ValueError, match=message):
+        load_config(PPOConfig, overrides=values)
+
+
+def test_reward_model_that_is_not_a_reward_folder_is_refused(tmp_path):
+    from fastalign.models.tiny import tiny_path
+
+    cfg = load_config(PPOConfig, overrides=dict(SMALL, output_dir=str(tmp_path), name="bad",
+                                                reward_model=str(tiny_path())))
+    with pytest.raises(ValueError, match="is not a reward model folder"):
+        ppo.run(cfg)
+
+
+def test_cli_ppo_reports_a_bad_key(capsys):
+    assert cli.main(["ppo", "--reward_model", "x", "--kl_coeff", "0.1"]) == 1
+    err = capsys.readouterr().err
+    assert "unknown config key 'kl_coeff'" in err and "did you mean 'kl_coef'" in err
