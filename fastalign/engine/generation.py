@@ -1,8 +1,22 @@
-"""Batched generation from prompts (left-padded) with a KV cache, for evaluation and rollouts."""
+"""Batched generation from prompts (left-padded) with a KV cache, for evaluation and rollouts.
+
+* :func:`generate` — completion token lists (greedy or plain temperature sampling); what evaluation uses.
+* :func:`sample` — a :class:`Rollout` for online RL: token ids, completion masks and the sampling log-probs,
+  with temperature, top-p, top-k, a token limit, stop on EOS and on stop strings, ``num_samples`` per prompt.
+* :class:`VLLMSampler` — the same ``sample`` interface on vLLM (used when vLLM is installed and a GPU is
+  present; see :func:`make_sampler`), with its weight sync.
+* :func:`gathered_for_generation` — FSDP2-sharded models keep their full parameters gathered while generating.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
+from dataclasses import dataclass
+
 import torch
+
+from fastalign.data.loading import IGNORE_INDEX
 
 
 @torch.no_grad()
@@ -42,3 +56,319 @@ def generate(model, tokenizer, prompt_ids, *, max_new_tokens, temperature=0.0, b
 
 def decode(tokenizer, completions):
     return [tokenizer.decode(c, skip_special_tokens=True) for c in completions]
+
+
+# ----------------------------------------------------------------------------------------- rollouts
+@dataclass
+class Rollout:
+    """Sampled completions of a batch of prompts: ``num_samples`` rows per prompt, contiguous.
+
+    ``prompt_ids``/``prompt_mask`` ``[N, P]`` are left-padded; ``completion_ids``/``completion_mask``/``logprobs``
+    ``[N, T]`` right-padded. The mask covers each completion up to and including its EOS token or the token
+    that completed a stop string (everything when it hit ``max_new_tokens``). ``logprobs`` (fp32, 0 off the
+    mask) are the sampling policy's ``log softmax(logits / temperature)`` of each sampled token.
+    """
+
+    prompt_ids: torch.Tensor
+    prompt_mask: torch.Tensor
+    completion_ids: torch.Tensor
+    completion_mask: torch.Tensor
+    logprobs: torch.Tensor
+    prompt_index: torch.Tensor  # [N] which input prompt each row completes
+
+    def completions(self) -> list[list[int]]:
+        """The completion token lists (the masked tokens of each row)."""
+        return [row[:int(n)] for row, n in zip(self.completion_ids.tolist(), self.completion_mask.sum(1).tolist())]
+
+    def training_batch(self, pad_id):
+        """``(input_ids, attention_mask, labels)`` ``[N, P' + T]`` right-padded for a training forward: each row's
+        prompt then its completion, labels ``IGNORE_INDEX`` on prompt and padding. The completion token ``t``
+        sits at column ``prompt_len + t``; :func:`completion_positions` gives those columns."""
+        lengths = self.prompt_mask.sum(1)
+        width = int((lengths + self.completion_mask.sum(1)).max())
+        n = self.prompt_ids.shape[0]
+        ids = torch.full((n, width), pad_id, dtype=torch.long)
+        labels = torch.full((n, width), IGNORE_INDEX, dtype=torch.long)
+        mask = torch.zeros((n, width), dtype=torch.long)
+        for i in range(n):
+            p = self.prompt_ids[i][self.prompt_mask[i].bool()]
+            c = self.completion_ids[i][self.completion_mask[i].bool()]
+            ids[i, :len(p)], ids[i, len(p):len(p) + len(c)] = p, c
+            labels[i, len(p):len(p) + len(c)] = c
+            mask[i, :len(p) + len(c)] = 1
+        return ids, mask, labels
+
+
+class _SamplingLogprobs:
+    """A logits processor that is the whole sampling transform: it records ``log softmax(logits / T)`` of the
+    step (kept for one step only, ``[N, V]``), then applies temperature, top-k and top-p and returns the scores
+    HF samples from. The log-prob of the token sampled at step ``s`` is read at step ``s + 1`` (it is then the
+    last input id), and after the loop for the last step — so memory stays ``O(N·V)``, not ``O(N·T·V)``."""
+
+    def __init__(self, temperature, top_k, top_p):
+        self.temperature = temperature if temperature > 0 else 1.0
+        self.top_k, self.top_p = top_k, top_p
+        self.previous = None
+        self.steps = []
+
+    def __call__(self, input_ids, scores):
+        if self.previous is not None:
+            self.steps.append(self.previous.gather(1, input_ids[:, -1:]).squeeze(1))
+        scaled = scores.float() / self.temperature
+        self.previous = torch.log_softmax(scaled, dim=-1)
+        if self.top_k and self.top_k < scaled.shape[-1]:
+            kth = torch.topk(scaled, self.top_k, dim=-1).values[:, -1:]
+            scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+        if self.top_p < 1.0:
+            ordered, order = torch.sort(scaled, dim=-1, descending=True)
+            before = torch.softmax(ordered, dim=-1).cumsum(-1) - torch.softmax(ordered, dim=-1)
+            drop = before >= self.top_p  # keep the smallest prefix whose mass reaches top_p (never the first)
+            scaled = scaled.scatter(1, order, ordered.masked_fill(drop, float("-inf")))
+        return scaled
+
+    def finish(self, last_tokens):
+        if self.previous is not None:
+            self.steps.append(self.previous.gather(1, last_tokens[:, None]).squeeze(1))
+        out = torch.stack(self.steps, dim=1) if self.steps else torch.zeros(last_tokens.shape[0], 0)
+        self.previous, self.steps = None, []
+        return out
+
+
+def _stop_cut(tokenizer, row, stop_strings) -> int | None:
+    """Tokens to keep so the completion ends with the first stop string it contains (None: no stop string)."""
+    text = tokenizer.decode(row, skip_special_tokens=True)
+    hits = [text.find(s) + len(s) for s in stop_strings if s in text]
+    if not hits:
+        return None
+    end = min(hits)
+    lo, hi = 1, len(row)  # the shortest prefix whose text reaches ``end`` characters and holds a stop string
+    while lo < hi:
+        mid = (lo + hi) // 2
+        prefix = tokenizer.decode(row[:mid], skip_special_tokens=True)
+        if len(prefix) >= end and any(s in prefix for s in stop_strings):
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
+
+
+def _check_sampling(max_new_tokens, temperature, top_p, top_k, num_samples, batch_size):
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+    if not temperature >= 0:
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature!r}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+    if not isinstance(top_k, int) or top_k < 0:
+        raise ValueError(f"top_k must be an int >= 0 (0 = off), got {top_k!r}")
+    if not isinstance(num_samples, int) or num_samples < 1:
+        raise ValueError(f"num_samples must be an int >= 1, got {num_samples!r}")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+
+
+def _check_prompts(prompt_ids):
+    if not isinstance(prompt_ids, (list, tuple)) or not prompt_ids:
+        raise ValueError(f"prompt_ids must be a non-empty list of token-id lists, got {type(prompt_ids).__name__}")
+    for i, p in enumerate(prompt_ids):
+        if not isinstance(p, (list, tuple)) or not p or not all(isinstance(t, int) for t in p):
+            raise ValueError(f"prompt_ids[{i}] must be a non-empty list of ints, got {str(p)[:60]!r}")
+
+
+def _pad_stack(rows, width, value, left=False):
+    out = torch.full((len(rows), width), value, dtype=rows[0].dtype if rows else torch.long)
+    for i, r in enumerate(rows):
+        if left:
+            out[i, width - len(r):] = r
+        else:
+            out[i, :len(r)] = r
+    return out
+
+
+@torch.no_grad()
+def sample(model, tokenizer, prompt_ids, *, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0, stop_strings=(),
+           num_samples=1, batch_size=256, generator=None) -> Rollout:
+    """Sample ``num_samples`` completions of each prompt (token-id lists) with transformers' ``generate`` and a
+    KV cache, in batches of ``batch_size`` rows; greedy when ``temperature == 0``.
+
+    Sampling log-probs: recorded during generation from the same forward that sampled the token (no
+    recompute), as ``log softmax(logits / temperature)`` of the unprocessed logits — the distribution the
+    training loss evaluates (temperature 1 when greedy). Top-k/top-p truncation is *not* in them (as in
+    TRL and verl): they are the policy's log-probs, not the truncated sampler's. They equal a full
+    recompute up to floating-point differences of the cached forward (checked in the tests).
+
+    Stops a row at its first EOS (kept, in the mask) or when its text contains one of ``stop_strings``
+    (kept up to the token that completes it). ``generator`` seeds the sampling (HF draws from the global
+    RNG, which is re-seeded from it). Under FSDP2 call it inside :func:`gathered_for_generation`.
+    """
+    from transformers import GenerationConfig, LogitsProcessorList
+
+    _check_prompts(prompt_ids)
+    _check_sampling(max_new_tokens, temperature, top_p, top_k, num_samples, batch_size)
+    stop_strings = [stop_strings] if isinstance(stop_strings, str) else list(stop_strings or [])
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+    # HF applies no warper of its own (temperature 1, no top-k/top-p): the processor below does all of it.
+    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=temperature > 0, pad_token_id=pad,
+                              eos_token_id=eos, temperature=1.0 if temperature > 0 else None, top_k=None,
+                              top_p=None, stop_strings=stop_strings or None)
+    rows = [(i, list(p)) for i, p in enumerate(prompt_ids) for _ in range(num_samples)]
+    prompts, completions, masks, logps = [], [], [], []
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start:start + batch_size]
+        width = max(len(p) for _, p in chunk)
+        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        attn = torch.zeros_like(ids)
+        for i, (_, p) in enumerate(chunk):
+            ids[i, width - len(p):] = torch.tensor(p)
+            attn[i, width - len(p):] = 1
+        if generator is not None and temperature > 0:
+            torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))
+        recorder = _SamplingLogprobs(temperature, top_k, top_p)
+        extra = {"tokenizer": tokenizer} if stop_strings else {}
+        seqs = model.generate(input_ids=ids.to(device), attention_mask=attn.to(device), generation_config=config,
+                              logits_processor=LogitsProcessorList([recorder]), **extra)
+        new = seqs[:, width:].cpu()
+        lp = recorder.finish(seqs[:, -1]).cpu()
+        for i, row in enumerate(new.tolist()):
+            cut = row.index(eos) + 1 if eos in row else len(row)
+            if stop_strings:
+                at = _stop_cut(tokenizer, row[:cut], stop_strings)
+                cut = min(cut, at) if at is not None else cut
+            prompts.append(torch.tensor(chunk[i][1]))
+            completions.append(new[i, :cut])
+            masks.append(torch.ones(cut, dtype=torch.long))
+            logps.append(lp[i, :cut])
+    model.train(was_training)
+    width_p = max(len(p) for p in prompts)
+    width_c = max(1, max(len(c) for c in completions))
+    return Rollout(prompt_ids=_pad_stack(prompts, width_p, pad, left=True),
+                   prompt_mask=_pad_stack([torch.ones(len(p), dtype=torch.long) for p in prompts], width_p, 0,
+                                          left=True),
+                   completion_ids=_pad_stack(completions, width_c, pad),
+                   completion_mask=_pad_stack(masks, width_c, 0),
+                   logprobs=_pad_stack([x.float() for x in logps], width_c, 0.0),
+                   prompt_index=torch.tensor([i for i, _ in rows]))
+
+
+# ------------------------------------------------------------------------------------------ FSDP2
+@contextlib.contextmanager
+def gathered_for_generation(model):
+    """Generate from an FSDP2-sharded model (``fully_shard``): every FSDP module's parameters are all-gathered
+    once on entry and kept gathered until exit (no re-shard after each decoding step's forward), so
+    ``model.generate`` — which calls the inner causal LM, not the FSDP root's ``forward`` — sees full weights.
+    Costs one full copy of the parameters on each process while inside. A collective: every process enters
+    it. For a plain or DDP model it does nothing."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch 2.4 / 2.5
+        from torch.distributed._composable.fsdp import FSDPModule
+    sharded = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    if not sharded:
+        yield model
+        return
+    for m in sharded:
+        m.unshard()
+        m.set_reshard_after_forward(False, recurse=False)
+    try:
+        yield model
+    finally:
+        for m in sharded:
+            m.set_reshard_after_forward(True, recurse=False)
+            m.reshard()
+
+
+# ------------------------------------------------------------------------------------------- vLLM
+class VLLMSampler:
+    """:func:`sample` on vLLM (colocated in this process, one engine per policy).
+
+    Built from a saved model folder (``vllm.LLM(model=folder)``); the policy's weights then change every
+    step, so call :meth:`load_weights` with ``policy.state_dict()`` after each optimizer step (or every
+    ``sync_every`` steps): it hands the tensors to the engine's model runner (``model.load_weights``,
+    what TRL's colocate mode does), no disk round trip. vLLM's sampled-token log-probs (``logprobs=0``) are
+    the engine's own, from its (bf16/fp16) forward, not a recompute by the policy: the flows recompute
+    old log-probs when they need them exactly. Not exercised in CI (no GPU there).
+    """
+
+    def __init__(self, model_path, tokenizer, *, dtype="auto", gpu_memory_utilization=0.3, seed=0):
+        from vllm import LLM
+
+        self.tokenizer = tokenizer
+        self.llm = LLM(model=str(model_path), dtype=dtype, gpu_memory_utilization=gpu_memory_utilization, seed=seed,
+                       enable_prefix_caching=True)
+
+    def load_weights(self, state_dict):
+        """Copy the policy's current weights into the engine (names as in the HF model's ``state_dict``)."""
+        weights = [(k, v.detach()) for k, v in state_dict.items()]
+        engine = self.llm.llm_engine
+        if hasattr(self.llm, "collective_rpc"):  # vLLM >= 0.8 (V1 engine): run on every worker
+            self.llm.collective_rpc(lambda worker: worker.model_runner.model.load_weights(weights))
+        else:
+            engine.model_executor.driver_worker.model_runner.model.load_weights(weights)
+        self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
+
+    def sample(self, prompt_ids, *, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0, stop_strings=(),
+               num_samples=1, batch_size=0, generator=None) -> Rollout:
+        from vllm import SamplingParams, TokensPrompt
+
+        _check_prompts(prompt_ids)
+        _check_sampling(max_new_tokens, temperature, top_p, top_k, num_samples, max(batch_size, 1))
+        params = SamplingParams(n=num_samples, temperature=temperature, top_p=top_p, top_k=top_k or -1,
+                                max_tokens=max_new_tokens, stop=list(stop_strings) or None, logprobs=0,
+                                include_stop_str_in_output=True,
+                                seed=None if generator is None else int(torch.randint(0, 2**31 - 1, (1,),
+                                                                                     generator=generator)))
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompt_ids], params,
+                                    use_tqdm=False)
+        pad = self.tokenizer.pad_token_id
+        prompts, completions, logps, index = [], [], [], []
+        for i, (p, out) in enumerate(zip(prompt_ids, outputs)):
+            for c in out.outputs:
+                ids = list(c.token_ids)
+                prompts.append(torch.tensor(list(p)))
+                completions.append(torch.tensor(ids, dtype=torch.long))
+                logps.append(torch.tensor([lp[t].logprob for lp, t in zip(c.logprobs, ids)], dtype=torch.float32))
+                index.append(i)
+        width_p = max(len(p) for p in prompts)
+        width_c = max(1, max(len(c) for c in completions))
+        return Rollout(prompt_ids=_pad_stack(prompts, width_p, pad, left=True),
+                       prompt_mask=_pad_stack([torch.ones(len(p), dtype=torch.long) for p in prompts], width_p, 0,
+                                              left=True),
+                       completion_ids=_pad_stack(completions, width_c, pad),
+                       completion_mask=_pad_stack([torch.ones(len(c), dtype=torch.long) for c in completions],
+                                                  width_c, 0),
+                       logprobs=_pad_stack(logps, width_c, 0.0), prompt_index=torch.tensor(index))
+
+
+def vllm_available() -> bool:
+    return importlib.util.find_spec("vllm") is not None and torch.cuda.is_available()
+
+
+class HFSampler:
+    """:func:`sample` on the policy itself (transformers ``generate``): nothing to sync, it *is* the policy."""
+
+    def __init__(self, model, tokenizer):
+        self.model, self.tokenizer = model, tokenizer
+
+    def load_weights(self, state_dict):
+        pass
+
+    def sample(self, prompt_ids, **kwargs) -> Rollout:
+        return sample(self.model, self.tokenizer, prompt_ids, **kwargs)
+
+
+def make_sampler(backend, model, tokenizer, model_path=None):
+    """A sampler with ``.sample(prompt_ids, **sample kwargs) -> Rollout`` and ``.load_weights(state_dict)``:
+    ``"hf"`` (:class:`HFSampler`), ``"vllm"`` (:class:`VLLMSampler`; an error when vLLM or a GPU is missing)
+    or ``"auto"`` (vLLM when both are present and ``model_path`` is given, else HF)."""
+    if backend not in ("auto", "hf", "vllm"):
+        raise ValueError(f"generation backend must be 'auto', 'hf' or 'vllm', got {backend!r}")
+    if backend == "vllm" and not vllm_available():
+        raise ValueError("generation backend 'vllm' needs vllm installed and a CUDA GPU; use 'hf'")
+    if backend == "vllm" or (backend == "auto" and vllm_available() and model_path):
+        if not model_path:
+            raise ValueError("generation backend 'vllm' needs the model folder it starts from, got none")
+        return VLLMSampler(model_path, tokenizer)
+    return HFSampler(model, tokenizer)
