@@ -190,6 +190,76 @@ class PPOConfig(TrainConfig):
         return self
 
 
+@dataclass
+class GRPOConfig(TrainConfig):
+    """Group Relative Policy Optimization: each rollout samples ``num_generations`` completions for each of
+    ``batch_size`` prompts and is trained ``num_iterations`` times (one optimizer step each); ``max_steps``
+    counts optimizer steps."""
+
+    init_from: str = knob("", "policy (and reference) start (e.g. an SFT run's model/ folder; default: model)")
+    dataset: str = knob("arith", "prompts: built-in task(s) joined by '+', a JSONL/Parquet file or a hub id")
+    rewards: list = knob(["verifier"], "reward sources: 'verifier' (the built-in tasks' checkers), a reward model "
+                                       "folder, or 'module:function' (see fastalign.rewards); comma-separated")
+    reward_weights: list = knob([], "one weight per reward source (default 1 each); comma-separated")
+    num_generations: int = knob(8, "completions sampled per prompt (the group size G)", minimum=2)
+    batch_size: int = knob(16, "prompts per rollout (x num_generations completions); divisible by world size",
+                           minimum=1)
+    micro_batch_size: int = knob(0, "completions per forward/backward (0 = a process's whole rollout)", minimum=0)
+    max_new_tokens: int = knob(0, "completion token limit (0 = the tasks' own limit; 16 for files)", minimum=0)
+    temperature: float = knob(1.0, "sampling temperature (the loss divides the logits by it too)", minimum=0)
+    top_p: float = knob(1.0, "nucleus sampling mass", minimum=0, maximum=1)
+    top_k: int = knob(0, "sample among the k most likely tokens (0 = off)", minimum=0)
+    stop_strings: list = knob([], "strings that end a completion (besides EOS); comma-separated")
+    generation_backend: str = choice("auto", ("auto", "hf", "vllm"),
+                                     "auto: vLLM when installed and a GPU is present, else transformers generate")
+    advantage: str = choice("group", ("group", "batch", "none", "rloo"),
+                            "group: (r - group mean) / group std; batch: / std of the whole batch; none: no "
+                            "division (Dr. GRPO); rloo: r - mean of the other G-1")
+    loss_type: str = choice("dapo", ("grpo", "bnpo", "dr_grpo", "dapo"), "token aggregation of the policy loss")
+    epsilon: float = knob(0.2, "ratio clip ε_low", minimum=0)
+    epsilon_high: float = knob(0.0, "ratio clip ε_high (0 = epsilon; DAPO uses 0.28)", minimum=0)
+    beta: float = knob(0.0, "k3 KL weight against the reference (0 = no reference model is loaded)", minimum=0)
+    num_iterations: int = knob(1, "optimizer steps per rollout (>1 reuses it with its stored log-probs)", minimum=1)
+    reference: str = choice("frozen_copy", ("frozen_copy", "adapter", "shared_trunk"),
+                            "how the reference model is held when beta > 0 (see fastalign.models.reference)")
+    reference_dtype: str = choice("", ("", "float32", "bfloat16"), "frozen_copy dtype (default: the policy's)")
+    reference_offload: bool = knob(False, "frozen_copy lives on CPU between uses (on a GPU run)")
+    trainable_top_layers: int = knob(1, "shared_trunk: how many top layers the policy trains", minimum=1)
+    lr: float = knob(1e-4, "peak learning rate", minimum=0)
+    warmup_steps: int = knob(0, "linear warmup steps", minimum=0)
+    min_lr_ratio: float = knob(1.0, "cosine decay floor (1 = constant lr)", minimum=0, maximum=1)
+    log_every: int = knob(1, "steps between metric lines", minimum=1)
+
+    def validate(self):
+        super().validate()
+        if not self.rewards:
+            raise ValueError("config key 'rewards' must name at least one reward source, got []")
+        if self.reward_weights:
+            if len(self.reward_weights) != len(self.rewards):
+                raise ValueError(f"config key 'reward_weights' must have one weight per reward ({len(self.rewards)}), "
+                                 f"got {len(self.reward_weights)}")
+            for w in self.reward_weights:
+                try:
+                    ok = math.isfinite(float(w))
+                except ValueError:
+                    ok = False
+                if not ok:
+                    raise ValueError(f"config key 'reward_weights' must hold finite numbers, got {w!r}")
+        if not self.epsilon < 1:
+            raise ValueError(f"config key 'epsilon' must be in [0, 1), got {self.epsilon!r}")
+        if self.micro_batch_size and (self.batch_size * self.num_generations) % self.micro_batch_size:
+            raise ValueError(f"config key 'micro_batch_size' must divide the completions per rollout "
+                             f"(batch_size x num_generations = {self.batch_size * self.num_generations}), "
+                             f"got {self.micro_batch_size}")
+        if self.beta > 0 and self.reference == "shared_trunk" and self.temperature not in (0.0, 1.0):
+            raise ValueError(f"config key 'temperature' must be 1 with reference 'shared_trunk' (its log-probs are "
+                             f"read at temperature 1), got {self.temperature!r}")
+        if self.fsdp:
+            raise ValueError("config key 'fsdp' is not supported by grpo (the fused loss reads the LM head outside "
+                             "the forward; use DDP), got True")
+        return self
+
+
 def _convert(key, value, kind, source):
     """``value`` (from YAML or a command-line string) as ``kind``, or ValueError naming the key."""
     bad = lambda: ValueError(f"config key {key!r} ({source}) must be {kind.__name__}, got {value!r}")
