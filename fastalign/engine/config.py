@@ -251,7 +251,10 @@ class GRPOConfig(TrainConfig):
             raise ValueError(f"config key 'micro_batch_size' must divide the completions per rollout "
                              f"(batch_size x num_generations = {self.batch_size * self.num_generations}), "
                              f"got {self.micro_batch_size}")
-        if self.beta > 0 and self.reference == "shared_trunk" and self.temperature not in (0.0, 1.0):
+        if self.temperature <= 0:
+            raise ValueError(f"config key 'temperature' must be > 0 (greedy groups are identical: no advantage), "
+                             f"got {self.temperature!r}")
+        if self.beta > 0 and self.reference == "shared_trunk" and self.temperature != 1.0:
             raise ValueError(f"config key 'temperature' must be 1 with reference 'shared_trunk' (its log-probs are "
                              f"read at temperature 1), got {self.temperature!r}")
         if self.fsdp:
