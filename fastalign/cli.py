@@ -71,7 +71,8 @@ def _add_bench_command(sub) -> None:
 
 FLOW_HELP = {"sft": "supervised fine-tuning", "reward": "reward model (Bradley-Terry)",
              "dpo": "DPO (sigmoid | hinge | ipo | robust)", "simpo": "SimPO (reference-free)",
-             "ppo": "PPO, classic RLHF (policy, reference, reward and value models)"}
+             "ppo": "PPO, classic RLHF (policy, reference, reward and value models)",
+             "grpo": "GRPO (G samples per prompt, group-relative advantages, verifier/model/function rewards)"}
 
 
 def _flow_config_classes() -> dict:
@@ -79,7 +80,7 @@ def _flow_config_classes() -> dict:
     from fastalign.engine import config as cfgmod
 
     return {"sft": cfgmod.SFTConfig, "reward": cfgmod.RewardConfig, "dpo": cfgmod.DPOConfig,
-            "simpo": cfgmod.SimPOConfig, "ppo": cfgmod.PPOConfig}
+            "simpo": cfgmod.SimPOConfig, "ppo": cfgmod.PPOConfig, "grpo": cfgmod.GRPOConfig}
 
 
 def _cmd_flow(args: argparse.Namespace) -> int:
