@@ -16,7 +16,7 @@ void group_advantages(const float* rewards, float* out, int64_t n, int64_t group
     batch_std = unbiased_std(rewards, n, mean);
   }
   const int64_t groups = n / group_size;
-#pragma omp parallel for schedule(static) if (groups > 256)
+#pragma omp parallel for schedule(static) if (n > kParallelMinElements)
   for (int64_t g = 0; g < groups; ++g) {
     group_advantages_row(rewards + g * group_size, out + g * group_size, group_size, scale, batch_std, eps);
   }
@@ -24,13 +24,13 @@ void group_advantages(const float* rewards, float* out, int64_t n, int64_t group
 
 void rloo_advantages(const float* rewards, float* out, int64_t n, int64_t group_size) {
   const int64_t groups = n / group_size;
-#pragma omp parallel for schedule(static) if (groups > 256)
+#pragma omp parallel for schedule(static) if (n > kParallelMinElements)
   for (int64_t g = 0; g < groups; ++g) rloo_advantages_row(rewards + g * group_size, out + g * group_size, group_size);
 }
 
 void gae(const float* rewards, const float* values, const float* mask, float* adv, float* ret, int64_t batch,
          int64_t len, float gamma, float gamma_lam) {
-#pragma omp parallel for schedule(static) if (batch * len > 16384)
+#pragma omp parallel for schedule(static) if (batch * len > kParallelMinElements)
   for (int64_t b = 0; b < batch; ++b) {
     const int64_t o = b * len;
     gae_row(rewards + o, values + o, mask + o, adv + o, ret + o, len, gamma, gamma_lam);
@@ -54,7 +54,7 @@ void group_advantages_backward(const float* rewards, const float* grad, float* d
     batch_denom = s + eps;
     batch_coef = std_backward_coef(static_cast<float>(sum_gx), batch_denom, s, n);
   }
-#pragma omp parallel for schedule(static) if (groups > 256)
+#pragma omp parallel for schedule(static) if (n > kParallelMinElements)
   for (int64_t g = 0; g < groups; ++g) {
     const int64_t o = g * group_size;
     group_advantages_row_backward(rewards + o, grad + o, d_rewards + o, group_size, scale, batch_denom, batch_coef,
@@ -64,7 +64,7 @@ void group_advantages_backward(const float* rewards, const float* grad, float* d
 
 void gae_backward(const float* grad_adv, const float* grad_ret, const float* mask, float* d_rewards,
                   float* d_values, int64_t batch, int64_t len, float gamma, float gamma_lam) {
-#pragma omp parallel for schedule(static) if (batch * len > 16384)
+#pragma omp parallel for schedule(static) if (batch * len > kParallelMinElements)
   for (int64_t b = 0; b < batch; ++b) {
     const int64_t o = b * len;
     gae_row_backward(grad_adv ? grad_adv + o : nullptr, grad_ret ? grad_ret + o : nullptr, mask + o, d_rewards + o,
@@ -76,14 +76,14 @@ void gae_backward(const float* grad_adv, const float* grad_ret, const float* mas
 void whiten_forward(const float* x, const float* mask, float* out, float* stats, int64_t n, bool shift_mean,
                     float eps) {
   double count = 0.0, sum = 0.0;
-#pragma omp parallel for schedule(static) reduction(+ : count, sum) if (n > 65536)
+#pragma omp parallel for schedule(static) reduction(+ : count, sum) if (n > kParallelMinElements)
   for (int64_t i = 0; i < n; ++i) {
     count += mask[i];
     sum += static_cast<double>(x[i]) * mask[i];
   }
   const double mean = sum / count;
   double sq = 0.0;
-#pragma omp parallel for schedule(static) reduction(+ : sq) if (n > 65536)
+#pragma omp parallel for schedule(static) reduction(+ : sq) if (n > kParallelMinElements)
   for (int64_t i = 0; i < n; ++i) {
     const double d = x[i] - mean;
     sq += d * d * mask[i];
@@ -92,7 +92,7 @@ void whiten_forward(const float* x, const float* mask, float* out, float* stats,
   const float mean_f = static_cast<float>(mean);
   const float inv_std = static_cast<float>(1.0 / std::sqrt(sq / divisor + eps));
   const float shift = shift_mean ? 0.0f : mean_f;
-#pragma omp parallel for schedule(static) if (n > 65536)
+#pragma omp parallel for schedule(static) if (n > kParallelMinElements)
   for (int64_t i = 0; i < n; ++i) out[i] = ((x[i] - mean_f) * inv_std + shift) * mask[i];
   stats[0] = mean_f;
   stats[1] = inv_std;
@@ -107,7 +107,7 @@ void whiten_backward(const float* grad, const float* x, const float* mask, const
   const float mean = stats[0], inv = stats[1];
   const double count = stats[2], divisor = stats[3];
   double sg = 0.0, sgx = 0.0;
-#pragma omp parallel for schedule(static) reduction(+ : sg, sgx) if (n > 65536)
+#pragma omp parallel for schedule(static) reduction(+ : sg, sgx) if (n > kParallelMinElements)
   for (int64_t i = 0; i < n; ++i) {
     const double gm = static_cast<double>(grad[i]) * mask[i];
     sg += gm;
@@ -117,7 +117,7 @@ void whiten_backward(const float* grad, const float* x, const float* mask, const
   const float g_mean = static_cast<float>(sg / count);
   const float shift = shift_mean ? 0.0f : g_mean;
   const float b = static_cast<float>(static_cast<double>(inv) * inv * inv * sgx / divisor);
-#pragma omp parallel for schedule(static) if (n > 65536)
+#pragma omp parallel for schedule(static) if (n > kParallelMinElements)
   for (int64_t i = 0; i < n; ++i) dx[i] = mask[i] * (inv * (grad[i] - g_mean) + shift - b * (x[i] - mean));
 }
 

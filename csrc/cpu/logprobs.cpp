@@ -40,7 +40,7 @@ template <typename T>
 void logprobs_forward(const T* logits, const int64_t* labels, int64_t n, int64_t vocab, float temperature,
                       int64_t ignore_index, float* logp, float* entropy, float* rel_lse) {
   const float inv_temp = 1.0f / temperature;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (n * vocab > kParallelMinElements)
   for (int64_t i = 0; i < n; ++i) {
     if (labels[i] == ignore_index) {
       logp[i] = 0.0f;
@@ -60,7 +60,7 @@ void logprobs_backward(const T* logits, const int64_t* labels, const float* rel_
                        const float* grad_logp, const float* grad_entropy, int64_t n, int64_t vocab,
                        float temperature, int64_t ignore_index, T* grad) {
   const float inv_temp = 1.0f / temperature;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (n * vocab > kParallelMinElements)
   for (int64_t i = 0; i < n; ++i) {
     T* g = grad + i * vocab;
     if (labels[i] == ignore_index) {

@@ -21,7 +21,7 @@ namespace fastalign {
 namespace cpu {
 namespace {
 
-constexpr int64_t kParallelMin = 16384;  // below this, threads cost more than they save
+constexpr int64_t kParallelMin = kParallelMinElements;
 constexpr int64_t kChunk = 4096;
 
 // out[k] = sum over chunks of the K partial sums body(begin, end, acc) fills in.

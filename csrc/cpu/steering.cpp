@@ -48,7 +48,7 @@ void steer_logits(const T* value, int64_t value_stride, const T* base, int64_t b
                   int64_t neg_stride_k, int64_t neg_stride_b, const float* betas, int64_t num_neg, int64_t batch,
                   int64_t vocab, float alpha, float temperature, float top_p, int64_t min_keep, float* out) {
   const bool masked = top_p < 1.0f;
-#pragma omp parallel
+#pragma omp parallel if (batch * vocab * (num_neg + 2) > kParallelMinElements)
   {
     // Per-thread scratch: the value row's exp values and the threshold search's candidates.
     std::vector<float> e, buf;
