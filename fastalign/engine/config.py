@@ -263,6 +263,89 @@ class GRPOConfig(TrainConfig):
         return self
 
 
+@dataclass
+class ICLConfig(TrainConfig):
+    """In-context alignment: change behaviour with the prompt alone (nothing of the model is trained; only
+    PICLe's p_target adapter, with the ``picle_*`` knobs). Every mode is measured on the held-out prompts of
+    ``dataset`` by the same ``judge``, and the alignment tax on ``tax_dataset``."""
+
+    mode: str = choice("instruct", ("instruct", "forgetting", "steer", "picle", "reflect", "all"),
+                       "instruct | forgetting | steer | picle | reflect | all (each writes <mode>.md/.json/.png)")
+    init_from: str = knob("", "model to condition (e.g. an SFT run's model/ folder; default: model)")
+    dataset: str = knob("pronoun", "behaviour prompts: a built-in task or a prompt-only file (held-out split)")
+    tax_dataset: str = knob("arith", "built-in task whose accuracy measures the alignment tax ('' = none)")
+    judge: str = knob("", "'' = the built-in verifier; a reward-model folder; or 'module:function'")
+    behaviour_threshold: float = knob(0.5, "a response shows the behaviour when its judge reward >= this")
+    num_eval_examples: int = knob(200, "held-out prompts per task", minimum=1)
+    instruction: str = knob("[neutral] ", "the value instruction: prompt prefix (plain) or system message (chat)")
+    chat: bool = knob(False, "render prompts with the chat template (instruction = system message)")
+    separator: str = knob("\n", "plain format: text between conversation turns / demonstrations")
+    max_new_tokens: int = knob(0, "completion token limit (0 = the task's own; 16 for files)", minimum=0)
+    temperature: float = knob(0.0, "decoding temperature (0 = greedy)", minimum=0)
+    # forgetting
+    num_turns: int = knob(8, "forgetting: conversation length; the query is asked at turns 1..num_turns", minimum=1)
+    filler_dataset: str = knob("pronoun", "forgetting: filler turns (a built-in task or an SFT-format file)")
+    # steer
+    steer_instruction: str = knob("", "steer: the value-conditioned branch's instruction (default: instruction)")
+    contrary_instructions: list = knob(["12+34=46\n"], "steer: one contrary prompt prefix per negative branch")
+    betas: list = knob(["0.5"], "steer: weight of each contrary branch (one value = the same for all)")
+    alphas: list = knob(["0", "0.5", "1", "2", "4"], "steer: the alpha sweep")
+    alpha: float = knob(2.0, "steer: the alpha of the reported 'steer' row")
+    top_p: float = knob(0.9, "steer: plausibility mask mass of the value-conditioned distribution", minimum=0,
+                        maximum=1)
+    timing_batch_sizes: list = knob(["256", "8"], "steer: prompts per batch for the plain-vs-steered timing ([] = "
+                                                  "no timing)")
+    timing_new_tokens: int = knob(32, "steer: forced completion length of the decode-heavy timing", minimum=1)
+    timing_repeats: int = knob(2, "steer: timing repeats (the minimum is reported)", minimum=1)
+    # picle
+    num_demos: int = knob(3, "picle: demonstrations prepended (K)", minimum=1)
+    picle_pool: str = knob("", "picle: candidate demonstrations, an SFT-format file (default: the task's train rows)")
+    picle_pool_size: int = knob(64, "picle: candidates drawn from the pool", minimum=1)
+    picle_statements: str = knob("", "picle: target-value statements, an SFT-format file (default: the task's)")
+    picle_num_statements: int = knob(64, "picle: statements p_target is tuned on", minimum=1)
+    picle_steps: int = knob(30, "picle: LoRA steps for p_target", minimum=1)
+    picle_lr: float = knob(3e-3, "picle: LoRA learning rate", minimum=0)
+    picle_batch_size: int = knob(16, "picle: statements per LoRA step", minimum=1)
+    picle_lora_r: int = knob(8, "picle: LoRA rank", minimum=1)
+    # reflect
+    reflect_rounds: int = knob(3, "reflect: search rounds after the initial one", minimum=0)
+    reflect_generated: int = knob(8, "reflect: texts the model writes per round", minimum=0)
+    reflect_mutations: int = knob(8, "reflect: mutations of the kept texts per round", minimum=0)
+    reflect_keep: int = knob(4, "reflect: texts kept between rounds (top k)", minimum=1)
+    reflect_length_penalty: float = knob(0.01, "reflect: lambda, objective = alignment - lambda * tokens", minimum=0)
+    reflect_probes: int = knob(32, "reflect: probe prompts (train split) each candidate is scored on", minimum=1)
+    reflect_pool: list = knob(["Use neutral words. ", "Be fair to everyone. ", "neutral ", "(fair) "],
+                              "reflect: seed texts (scored in round 0, prefixes seed the model's own texts)")
+    reflect_generation_prompt: str = knob("", "reflect: text the model continues to write a reflection")
+    reflect_max_tokens: int = knob(12, "reflect: tokens the model writes per text", minimum=1)
+
+    def floats(self, key: str) -> list:
+        """A list knob as floats (validated)."""
+        return [float(v) for v in getattr(self, key)]
+
+    def validate(self):
+        super().validate()
+        for key in ("betas", "alphas"):
+            for v in getattr(self, key):
+                try:
+                    ok = math.isfinite(float(v))
+                except ValueError:
+                    ok = False
+                if not ok:
+                    raise ValueError(f"config key {key!r} must hold finite numbers, got {v!r}")
+        if not self.alphas:
+            raise ValueError("config key 'alphas' must hold at least one alpha, got []")
+        if len(self.betas) not in (1, len(self.contrary_instructions)) and self.contrary_instructions:
+            raise ValueError(f"config key 'betas' must hold one value or one per contrary instruction "
+                             f"({len(self.contrary_instructions)}), got {len(self.betas)}")
+        if not self.top_p > 0:
+            raise ValueError(f"config key 'top_p' must be in (0, 1], got {self.top_p!r}")
+        for v in self.timing_batch_sizes:
+            if not str(v).isdigit() or int(v) < 1:
+                raise ValueError(f"config key 'timing_batch_sizes' must hold integers >= 1, got {v!r}")
+        return self
+
+
 def _convert(key, value, kind, source):
     """``value`` (from YAML or a command-line string) as ``kind``, or ValueError naming the key."""
     bad = lambda: ValueError(f"config key {key!r} ({source}) must be {kind.__name__}, got {value!r}")
