@@ -41,6 +41,8 @@ def _cfg(tmp_path, reward_model_dir, name, **over):
 @pytest.mark.parametrize("value_model, extra", [
     ("separate", dict(kl_estimator="k1", reward_offload=True)),
     ("policy_trunk", dict(kl_estimator="k3", kl_target=0.5, kl_horizon=100)),
+    ("policy_trunk", dict(reference="shared_trunk", trainable_top_layers=1)),
+    ("separate", dict(reference="adapter", lora_r=4, lr=1e-3)),
 ])
 def test_ppo_flow_end_to_end(tmp_path, reward_model_dir, value_model, extra):
     report = ppo.run(_cfg(tmp_path, reward_model_dir, "run", value_model=value_model, **extra))
@@ -56,7 +58,13 @@ def test_ppo_flow_end_to_end(tmp_path, reward_model_dir, value_model, extra):
     lm = load_causal_lm("tiny")
     lm_mib = ppo.module_bytes(lm) / 2**20
     mem = report["memory_mib"]
-    assert mem["policy"] == pytest.approx(lm_mib) and mem["reference"] == pytest.approx(lm_mib)
+    reference = extra.get("reference", "frozen_copy")
+    if reference == "adapter":  # LoRA weights on the policy; the reference is the same weights, adapters off
+        assert mem["policy"] > lm_mib and mem["reference"] == 0
+    else:
+        assert mem["policy"] == pytest.approx(lm_mib)
+        held = lm if reference == "frozen_copy" else lm.model.layers[-1]  # shared_trunk: a copy of the top layer
+        assert mem["reference"] == pytest.approx(ppo.module_bytes(held) / 2**20)
     assert mem["reward_model"] == pytest.approx(lm_mib + (128 + 1) * 4 / 2**20)
     expected_value = mem["reward_model"] if value_model == "separate" else (128 + 1) * 4 / 2**20
     assert mem["value_model"] == pytest.approx(expected_value)
@@ -238,3 +246,16 @@ def test_cli_ppo_reports_a_bad_key(capsys):
     assert cli.main(["ppo", "--reward_model", "x", "--kl_coeff", "0.1"]) == 1
     err = capsys.readouterr().err
     assert "unknown config key 'kl_coeff'" in err and "did you mean 'kl_coef'" in err
+
+
+def test_example_config_loads_and_states_the_defaults():
+    from pathlib import Path
+
+    import yaml
+
+    path = Path(__file__).resolve().parents[1] / "configs" / "ppo.yaml"
+    cfg = load_config(PPOConfig, str(path), {"reward_model": "rm/model"})
+    defaults = PPOConfig(reward_model="rm/model")
+    for key in yaml.safe_load(path.read_text()):
+        if key not in ("name", "reward_model"):
+            assert getattr(cfg, key) == getattr(defaults, key), key

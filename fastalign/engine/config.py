@@ -144,6 +144,7 @@ class PPOConfig(TrainConfig):
     trainable_top_layers: int = knob(1, "shared_trunk: how many top layers the policy trains", minimum=1)
     reward_offload: bool = knob(False, "the reward model lives on CPU between uses (copied to the device to score)")
     dataset: str = knob("pronoun+arith", "prompts: built-in task(s) joined by '+', a JSONL/Parquet file or a hub id")
+    num_examples: int = knob(1000, "prompt rows per built-in task, or the first rows of a file (0 = all)", minimum=0)
     batch_size: int = knob(64, "prompts (one completion each) per rollout", minimum=1)
     mini_batch_size: int = knob(16, "completions per optimizer step; must divide batch_size / world size", minimum=1)
     ppo_epochs: int = knob(4, "passes over each rollout", minimum=1)
