@@ -42,7 +42,7 @@ from fastalign.data import loading, tasks
 from fastalign.engine import evaluation
 from fastalign.engine.config import PPOConfig
 from fastalign.engine.distributed import all_reduce_sum, shutdown, unwrap, wrap_model
-from fastalign.engine.generation import decode, generate
+from fastalign.engine.generation import decode, generate, sample
 from fastalign.engine.logging import RunLogger
 from fastalign.engine.optim import build_optimizer, build_scheduler
 from fastalign.engine.runs import start_run, write_json
@@ -189,9 +189,11 @@ def sample_rollout(policy, critic, reference, reward_model, tokenizer, rows, cfg
     policy_module = unwrap(policy)
     new_tokens = max_new_tokens(cfg)
     prompt_ids = [loading.encode_prompt(tokenizer, r["prompt"])[-max(cfg.max_length - new_tokens, 1):] for r in rows]
-    completions = generate(policy_module.lm, tokenizer, prompt_ids, max_new_tokens=new_tokens,
-                           temperature=cfg.temperature, batch_size=len(prompt_ids), generator=generator)
-    # A completion whose every sampled token was padding is empty: nothing to score or train on.
+    # The sampler's log-probs are not reused: the forward below gives the training forward's own old log-probs
+    # (bit-consistent with the loss's) and the values and reference log-probs need that forward anyway.
+    completions = sample(policy_module.lm, tokenizer, prompt_ids, max_new_tokens=new_tokens,
+                         temperature=cfg.temperature, batch_size=len(prompt_ids), generator=generator).completions()
+    # An empty completion has nothing to score or train on.
     keep = [i for i, c in enumerate(completions) if c]
     if not keep:
         raise ValueError("every completion of the rollout is empty (the policy sampled only padding)")
