@@ -444,8 +444,8 @@ def describe(cls) -> str:
     for f in dataclasses.fields(cls):
         default = f.default_factory() if f.default is dataclasses.MISSING else f.default
         extra = f" [{' | '.join(map(str, f.metadata['choices']))}]" if "choices" in f.metadata else ""
-        text = f.metadata.get("help", "")
-        lines.append(f"  --{f.name} ({hints[f.name].__name__}, default {default!r}){': ' + text if text else ''}{extra}")
+        text = f": {f.metadata['help']}" if f.metadata.get("help") else ""
+        lines.append(f"  --{f.name} ({hints[f.name].__name__}, default {default!r}){text}{extra}")
     return "\n".join(lines)
 
 
