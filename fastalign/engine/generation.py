@@ -134,6 +134,22 @@ class _SamplingLogprobs:
         return out
 
 
+class _StopOnStrings:
+    """A stopping criterion: a row is done once its completion (never the prompt) contains a stop string. Only
+    the last ``max len(stop string)`` tokens are decoded each step (a token decodes to at least one character)."""
+
+    def __init__(self, tokenizer, stop_strings, prompt_width):
+        self.tokenizer, self.stop_strings, self.prompt_width = tokenizer, stop_strings, prompt_width
+        self.tail = max(len(s) for s in stop_strings)
+
+    def __call__(self, input_ids, scores, **kwargs):
+        done = []
+        for row in input_ids[:, self.prompt_width:].tolist():
+            text = self.tokenizer.decode(row[-self.tail:], skip_special_tokens=True)
+            done.append(any(s in text for s in self.stop_strings))
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+
 def _stop_cut(tokenizer, row, stop_strings) -> int | None:
     """Tokens to keep so the completion ends with the first stop string it contains (None: no stop string)."""
     text = tokenizer.decode(row, skip_special_tokens=True)
@@ -197,11 +213,12 @@ def sample(model, tokenizer, prompt_ids, *, max_new_tokens, temperature=1.0, top
     TRL and verl): they are the policy's log-probs, not the truncated sampler's. They equal a full
     recompute up to floating-point differences of the cached forward (checked in the tests).
 
-    Stops a row at its first EOS (kept, in the mask) or when its text contains one of ``stop_strings``
-    (kept up to the token that completes it). ``generator`` seeds the sampling (HF draws from the global
-    RNG, which is re-seeded from it). Under FSDP2 call it inside :func:`gathered_for_generation`.
+    Stops a row at its first EOS (kept, in the mask) or when its completion text contains one of
+    ``stop_strings`` (kept up to the token that completes it; text in the prompt never counts).
+    ``generator`` seeds the sampling (HF draws from the global RNG, which is re-seeded from it).
+    Under FSDP2 call it inside :func:`gathered_for_generation`.
     """
-    from transformers import GenerationConfig, LogitsProcessorList
+    from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
 
     _check_prompts(prompt_ids)
     _check_sampling(max_new_tokens, temperature, top_p, top_k, num_samples, batch_size)
@@ -213,7 +230,7 @@ def sample(model, tokenizer, prompt_ids, *, max_new_tokens, temperature=1.0, top
     # HF applies no warper of its own (temperature 1, no top-k/top-p): the processor below does all of it.
     config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=temperature > 0, pad_token_id=pad,
                               eos_token_id=eos, temperature=1.0 if temperature > 0 else None, top_k=None,
-                              top_p=None, stop_strings=stop_strings or None)
+                              top_p=None)
     rows = [(i, list(p)) for i, p in enumerate(prompt_ids) for _ in range(num_samples)]
     prompts, completions, masks, logps = [], [], [], []
     for start in range(0, len(rows), batch_size):
@@ -227,9 +244,10 @@ def sample(model, tokenizer, prompt_ids, *, max_new_tokens, temperature=1.0, top
         if generator is not None and temperature > 0:
             torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))
         recorder = _SamplingLogprobs(temperature, top_k, top_p)
-        extra = {"tokenizer": tokenizer} if stop_strings else {}
+        # Stop strings are matched in the completion only (HF's own matcher also looks into the prompt).
+        stops = StoppingCriteriaList([_StopOnStrings(tokenizer, stop_strings, width)] if stop_strings else [])
         seqs = model.generate(input_ids=ids.to(device), attention_mask=attn.to(device), generation_config=config,
-                              logits_processor=LogitsProcessorList([recorder]), **extra)
+                              logits_processor=LogitsProcessorList([recorder]), stopping_criteria=stops)
         new = seqs[:, width:].cpu()
         lp = recorder.finish(seqs[:, -1]).cpu()
         for i, row in enumerate(new.tolist()):
