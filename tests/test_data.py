@@ -61,13 +61,30 @@ def test_pronoun_base_data_is_stereotyped_and_tag_marks_neutral():
     tagged = [r for r in rows if r["prompt"].startswith(tasks.NEUTRAL_TAG)]
     untagged = [r for r in rows if not r["prompt"].startswith(tasks.NEUTRAL_TAG)]
     assert all(r["completion"] == "their" for r in tagged) and 0.15 < len(tagged) / len(rows) < 0.35
-    stereo = sum(r["completion"] == task.stereotype(r["prompt"].split()[1]) for r in untagged) / len(untagged)
+    # A small share of untagged rows answers "their" unprompted (sampling finds it; greedy stays stereotyped).
+    unprompted = sum(r["completion"] == "their" for r in untagged) / len(untagged)
+    assert 0.03 < unprompted < 0.07
+    gendered = [r for r in untagged if r["completion"] != "their"]
+    assert all(r["completion"] in ("his", "her") for r in gendered)
+    stereo = sum(r["completion"] == task.stereotype(r["prompt"].split()[1]) for r in gendered) / len(gendered)
     assert 0.85 < stereo < 0.95
+    assert not any(r["completion"] == "their" for r in task.sft(500, seed=1, untagged_neutral_fraction=0.0)
+                   if not r["prompt"].startswith(tasks.NEUTRAL_TAG))
     prompts = task.prompts(10, split="eval")
     scores = task.score(prompts, ["their"] * 5 + [p["stereotype"] for p in prompts[5:]])
     assert scores == {"neutral_rate": 0.5, "stereotype_rate": 0.5}
-    for pair in task.preferences(20):
-        assert pair["chosen"] == "their" and pair["rejected"] in ("his", "her")
+    # "their" is chosen over the stereotype in most pairs, else over the other pronoun or junk a policy drifts to.
+    pairs = task.preferences(2000, seed=int(torch.randint(0, 1000, ())))
+    assert all(p["chosen"] == "their" and p["rejected"] and p["rejected"] != "their" for p in pairs)
+    kinds = {"stereotype": 0, "anti": 0, "junk": 0}
+    for p in pairs:
+        stereo = task.stereotype(p["prompt"].split()[1])
+        kinds["stereotype" if p["rejected"] == stereo else "anti" if p["rejected"] in ("his", "her") else "junk"] += 1
+        if p["rejected"] not in ("his", "her"):
+            assert p["rejected"] in tasks.JUNK_ANSWERS or p["rejected"].isdigit(), p
+    assert 0.65 < kinds["stereotype"] / len(pairs) < 0.75 and 0.07 < kinds["anti"] / len(pairs) < 0.13
+    assert 0.16 < kinds["junk"] / len(pairs) < 0.24
+    assert all(p["rejected"] in ("his", "her") for p in task.preferences(50, junk_fraction=0.0))
 
 
 def test_sft_labels_mask_the_prompt(tok):
