@@ -51,7 +51,10 @@ def test_ppo_flow_end_to_end(tmp_path, reward_model_dir, value_model, extra):
         assert (run / f).exists(), f
     assert json.loads((run / "eval.json").read_text()) == report
     for key in ("arith/exact_match", "pronoun/neutral_rate", "kl_to_start", "eval_learned_reward",
-                "eval_verifier_reward", "start/eval_learned_reward", "start/eval_verifier_reward"):
+                "eval_verifier_reward", "start/eval_learned_reward", "start/eval_verifier_reward",
+                "eval_sampled_learned_reward", "eval_sampled_verifier_reward", "eval_sampled_pronoun/neutral_rate",
+                "start/eval_sampled_learned_reward", "start/eval_sampled_verifier_reward/arith",
+                "start/arith/exact_match", "start/pronoun/stereotype_rate"):
         assert math.isfinite(report[key]), key
 
     # Memory by role: the policy is the whole tiny LM; the value model is a whole trunk or one Linear(H, 1).
@@ -83,6 +86,52 @@ def test_ppo_flow_end_to_end(tmp_path, reward_model_dir, value_model, extra):
     trained = load_causal_lm(str(run / "model"))
     moved = max((a - b).abs().max().item() for a, b in zip(trained.parameters(), lm.parameters()))
     assert moved > 0
+
+
+# ------------------------------------------------------------------------------- held-out rewards
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_heldout_rewards_score_each_completion_alone(tmp_path, reward_model_dir, temperature):
+    """The batched, padded scoring of held-out completions equals the reward model and the verifier applied to
+    each prompt + completion alone; sampled completions repeat exactly under the same generator seed."""
+    from fastalign.data import loading, tasks
+    from fastalign.engine.generation import decode, generate, sample
+    from fastalign.models.heads import IGNORE_INDEX
+
+    cfg = _cfg(tmp_path, reward_model_dir, "h", eval_batch_size=random.choice([2, 3, 64]))
+    tok, lm = load_tokenizer("tiny"), load_causal_lm("tiny")
+    rm = ppo.OffloadedModel(ScalarHeadModel.load(reward_model_dir), "cpu", offload=False)
+    seed = random.randrange(10**6)
+    rows = loading.load_rows("pronoun+arith", "prompts", n=random.randint(2, 4), seed=seed, split="eval")
+    gen = lambda: torch.Generator().manual_seed(seed)
+    out = ppo.heldout_rewards(lm, rm, tok, rows, cfg, "cpu", temperature=temperature, generator=gen())
+    prefix = "eval_sampled_" if temperature else "eval_"
+    assert out == ppo.heldout_rewards(lm, rm, tok, rows, cfg, "cpu", temperature=temperature, generator=gen())
+
+    expected_scores, expected_verifier, g = {}, {}, gen()
+    for name in ("arith", "pronoun"):  # the function's order: tasks sorted by name, one sampling call each
+        group = [r for r in rows if r["task"] == name]
+        ids = [loading.encode_prompt(tok, r["prompt"]) for r in group]
+        new = tasks.get_task(name).max_new_tokens
+        done = (sample(lm, tok, ids, max_new_tokens=new, temperature=temperature, batch_size=cfg.eval_batch_size,
+                       generator=g).completions() if temperature else generate(lm, tok, ids, max_new_tokens=new))
+        expected_scores[name] = [float(rm(torch.tensor([p + c]), torch.ones(1, len(p + c), dtype=torch.long)))
+                                 for p, c in zip(ids, done)]
+        expected_verifier[name] = [tasks.get_task(name).reward(r, t) for r, t in zip(group, decode(tok, done))]
+        assert all(c and IGNORE_INDEX not in c for c in done)
+    all_scores = expected_scores["arith"] + expected_scores["pronoun"]
+    all_verifier = expected_verifier["arith"] + expected_verifier["pronoun"]
+    assert out[prefix + "learned_reward"] == pytest.approx(sum(all_scores) / len(all_scores), rel=1e-5, abs=1e-6)
+    assert out[prefix + "verifier_reward"] == pytest.approx(sum(all_verifier) / len(all_verifier), abs=1e-12)
+    for name in ("arith", "pronoun"):
+        n = len(expected_scores[name])
+        assert out[f"{prefix}learned_reward/{name}"] == pytest.approx(sum(expected_scores[name]) / n, rel=1e-5,
+                                                                     abs=1e-6)
+        assert out[f"{prefix}verifier_reward/{name}"] == pytest.approx(sum(expected_verifier[name]) / n, abs=1e-12)
+    if temperature:  # the tasks' own rates of the samples; the pronoun verifier rewards exactly the neutral answer
+        assert out["eval_sampled_pronoun/neutral_rate"] == out["eval_sampled_verifier_reward/pronoun"]
+        assert out["eval_sampled_arith/exact_match"] == out["eval_sampled_verifier_reward/arith"]
+    else:
+        assert not any(k.startswith("eval_sampled") for k in out)
 
 
 # ------------------------------------------------------------------------- advantages on a rollout

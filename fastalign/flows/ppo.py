@@ -21,9 +21,11 @@ the old log-probs come from one forward over prompt + completion after sampling 
 gives the values; the reference's gives its log-probs), and the reference is read at temperature 1;
 the lr schedule advances once per rollout; advantages are whitened per process, as TRL does; no
 resume, no FSDP; only the final policy is saved (``<run>/model``; the value model is not). The final
-evaluation — the task verifiers on held-out prompts, the learned and the true (verifier) reward of
-greedy completions from the start and the trained policy, and the KL to the start — goes to
-``<run>/eval.json``.
+evaluation goes to ``<run>/eval.json``, for the trained policy and (``start/...``) the policy it started
+from, on held-out prompts: the task verifiers of greedy completions; the learned and the true (verifier)
+reward of greedy completions (``eval_...``) and of completions sampled at ``temperature``
+(``eval_sampled_...``, the expected reward PPO maximizes, which moves before the greedy answer flips);
+and the KL to the start.
 
 Run: ``fastalign ppo --config configs/ppo.yaml --reward_model runs/rm/model [--key value ...]``.
 """
@@ -274,27 +276,58 @@ def rollout_metrics(rollout: Rollout, kl, kl_coef, state) -> dict:
 
 # --------------------------------------------------------------------------------------- evaluation
 @torch.no_grad()
-def heldout_rewards(lm, reward_model, tokenizer, rows, cfg: PPOConfig, device) -> dict:
-    """Mean learned reward and mean verifier reward of greedy completions of held-out prompt rows."""
-    scores, verifier = [], []
+def heldout_rewards(lm, reward_model, tokenizer, rows, cfg: PPOConfig, device, *, temperature=0.0,
+                    generator=None) -> dict:
+    """Mean learned reward and mean verifier reward (overall and per built-in task) of completions of held-out
+    prompt rows: greedy when ``temperature == 0``, else sampled at ``temperature`` (``generator`` seeds it).
+
+    Sampled completions are what PPO optimizes: their expected reward rises before the greedy answer flips.
+    Keys: ``eval_learned_reward``, ``eval_verifier_reward`` and ``.../<task>``; when sampled ``eval_sampled_...``
+    and the tasks' own rates of the samples (``eval_sampled_pronoun/neutral_rate``...).
+    """
+    scores, verifier, rates = {}, {}, {}
     by_task = itertools.groupby(sorted(rows, key=lambda r: str(r.get("task"))), key=lambda r: r.get("task"))
     for task, group in by_task:
         group = list(group)
         new = tasks.get_task(task).max_new_tokens if task in tasks.TASKS else (cfg.max_new_tokens or
                                                                                FILE_MAX_NEW_TOKENS)
         prompt_ids = [loading.encode_prompt(tokenizer, r["prompt"]) for r in group]
-        completions = generate(lm, tokenizer, prompt_ids, max_new_tokens=new, batch_size=cfg.eval_batch_size)
+        if temperature > 0:
+            completions = sample(lm, tokenizer, prompt_ids, max_new_tokens=new, temperature=temperature,
+                                 batch_size=cfg.eval_batch_size, generator=generator).completions()
+        else:
+            completions = generate(lm, tokenizer, prompt_ids, max_new_tokens=new, batch_size=cfg.eval_batch_size)
+        task_scores = []
         for start in range(0, len(group), cfg.eval_batch_size):
             part = slice(start, start + cfg.eval_batch_size)
             examples = [{"input_ids": p + c, "labels": [IGNORE_INDEX] * len(p) + c}
                         for p, c in zip(prompt_ids[part], completions[part])]
             batch = loading.collate(examples, tokenizer.pad_token_id).to(device)
-            scores += reward_model(batch.input_ids, batch.attention_mask).float().tolist()
+            task_scores += reward_model(batch.input_ids, batch.attention_mask).float().tolist()
+        scores[task] = task_scores
         if task in tasks.TASKS:
-            verifier += [tasks.get_task(task).reward(r, t) for r, t in zip(group, decode(tokenizer, completions))]
-    out = {"eval_learned_reward": sum(scores) / len(scores)}
+            texts = decode(tokenizer, completions)
+            verifier[task] = [tasks.get_task(task).reward(r, t) for r, t in zip(group, texts)]
+            if temperature > 0:  # the greedy verifier metrics come from evaluation.task_metrics
+                rates.update({f"{task}/{k}": v for k, v in tasks.get_task(task).score(group, texts).items()})
+    prefix = "eval_sampled_" if temperature > 0 else "eval_"
+    mean = lambda lists: sum(sum(x) for x in lists) / sum(len(x) for x in lists)
+    out = {f"{prefix}learned_reward": mean(scores.values())}
+    out.update({f"{prefix}learned_reward/{t}": mean([v]) for t, v in scores.items() if t in tasks.TASKS})
     if verifier:
-        out["eval_verifier_reward"] = sum(verifier) / len(verifier)
+        out[f"{prefix}verifier_reward"] = mean(verifier.values())
+        out.update({f"{prefix}verifier_reward/{t}": mean([v]) for t, v in verifier.items()})
+    out.update({f"{prefix}{k}": v for k, v in rates.items()})
+    return out
+
+
+def evaluate_policy(lm, reward_model, tokenizer, rows, cfg: PPOConfig, device) -> dict:
+    """Held-out rewards of greedy and of sampled (``cfg.temperature``) completions; the sampling seed is fixed
+    by ``cfg.seed``, so the start and the trained policy are measured on the same random stream."""
+    out = heldout_rewards(lm, reward_model, tokenizer, rows, cfg, device)
+    generator = torch.Generator().manual_seed(cfg.seed + 7919)
+    out.update(heldout_rewards(lm, reward_model, tokenizer, rows, cfg, device, temperature=cfg.temperature,
+                               generator=generator))
     return out
 
 
@@ -404,10 +437,13 @@ def run(cfg: PPOConfig) -> dict:
         start_lm = load_causal_lm(start, dtype=cfg.dtype, device=state.device)
         prompts = evaluation.heldout_rows(cfg, "prompts")
         report.update(evaluation.policy_metrics(cfg, trained, tokenizer, start_lm, prompts))
+        report.update({f"start/{k}": v for k, v in evaluation.task_metrics(
+            start_lm, tokenizer, cfg.dataset, n=cfg.num_eval_examples, seed=cfg.seed,
+            batch_size=cfg.eval_batch_size).items()})
         if prompts is not None:
-            report.update(heldout_rewards(trained, reward_model, tokenizer, prompts, cfg, state.device))
+            report.update(evaluate_policy(trained, reward_model, tokenizer, prompts, cfg, state.device))
             report.update({f"start/{k}": v for k, v in
-                           heldout_rewards(start_lm, reward_model, tokenizer, prompts, cfg, state.device).items()})
+                           evaluate_policy(start_lm, reward_model, tokenizer, prompts, cfg, state.device).items()})
 
         # --- report: the trained policy and the numbers ------------------------------------------------
         save_pretrained(trained, tokenizer, run_dir / "model")
