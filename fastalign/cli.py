@@ -72,7 +72,8 @@ def _add_bench_command(sub) -> None:
 FLOW_HELP = {"sft": "supervised fine-tuning", "reward": "reward model (Bradley-Terry)",
              "dpo": "DPO (sigmoid | hinge | ipo | robust)", "simpo": "SimPO (reference-free)",
              "ppo": "PPO, classic RLHF (policy, reference, reward and value models)",
-             "grpo": "GRPO (G samples per prompt, group-relative advantages, verifier/model/function rewards)"}
+             "grpo": "GRPO (G samples per prompt, group-relative advantages, verifier/model/function rewards)",
+             "icl": "in-context alignment: --mode instruct | forgetting | steer | picle | reflect | all"}
 
 
 def _flow_config_classes() -> dict:
@@ -80,7 +81,8 @@ def _flow_config_classes() -> dict:
     from fastalign.engine import config as cfgmod
 
     return {"sft": cfgmod.SFTConfig, "reward": cfgmod.RewardConfig, "dpo": cfgmod.DPOConfig,
-            "simpo": cfgmod.SimPOConfig, "ppo": cfgmod.PPOConfig, "grpo": cfgmod.GRPOConfig}
+            "simpo": cfgmod.SimPOConfig, "ppo": cfgmod.PPOConfig, "grpo": cfgmod.GRPOConfig,
+            "icl": cfgmod.ICLConfig}
 
 
 def _cmd_flow(args: argparse.Namespace) -> int:

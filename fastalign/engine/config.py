@@ -294,8 +294,9 @@ class ICLConfig(TrainConfig):
     alpha: float = knob(2.0, "steer: the alpha of the reported 'steer' row")
     top_p: float = knob(0.9, "steer: plausibility mask mass of the value-conditioned distribution", minimum=0,
                         maximum=1)
-    timing_batch_sizes: list = knob(["256", "8"], "steer: prompts per batch for the plain-vs-steered timing ([] = "
-                                                  "no timing)")
+    timing_batch_sizes: list = knob(["64", "8"], "steer: prompts per batch for the plain-vs-steered timing ([] = "
+                                                 "no timing)")
+    timing_prompts: int = knob(64, "steer: held-out prompts the timing decodes", minimum=1)
     timing_new_tokens: int = knob(32, "steer: forced completion length of the decode-heavy timing", minimum=1)
     timing_repeats: int = knob(2, "steer: timing repeats (the minimum is reported)", minimum=1)
     # picle

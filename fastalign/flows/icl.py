@@ -264,18 +264,19 @@ def _steer_timing(ctx, branches):
     """Steered decoding with one contrary branch (three branches) vs plain decoding of the value prompts, on the
     same prompts: the task's own completion length (stopping at EOS), and a forced decode-heavy length."""
     cfg, out = ctx.cfg, []
-    all_branches = branches(ctx.rows)
+    rows = ctx.rows[:cfg.timing_prompts]
+    all_branches = branches(rows)
     three = all_branches[:3] if len(all_branches) >= 3 else all_branches + [all_branches[1]]
     for batch_size in [int(b) for b in cfg.timing_batch_sizes]:
         for forced in (False, True):
-            new_tokens = cfg.timing_new_tokens if forced else ctx.max_new_tokens(ctx.rows)
+            new_tokens = cfg.timing_new_tokens if forced else ctx.max_new_tokens(rows)
             kwargs = dict(pad_id=ctx.tokenizer.pad_token_id, eos_id=None if forced else ctx.tokenizer.eos_token_id,
                           max_new_tokens=new_tokens, batch_size=batch_size)
             plain = _timed(lambda kw=kwargs: steered_generate(ctx.lm, three[:1], **kw), cfg.timing_repeats)
             steered = _timed(lambda kw=kwargs: steered_generate(ctx.lm, three, alpha=cfg.alpha, betas=[1.0],
                                                                 top_p=cfg.top_p, **kw), cfg.timing_repeats)
             out.append({"batch_size": batch_size, "new_tokens": new_tokens, "forced": forced, "branches": 3,
-                        "prompts": len(ctx.rows), "plain_s": plain[0], "steered_s": steered[0],
+                        "prompts": len(rows), "plain_s": plain[0], "steered_s": steered[0],
                         "plain_cpu_s": plain[1], "steered_cpu_s": steered[1], "wall_ratio": steered[0] / plain[0],
                         "cpu_ratio": steered[1] / plain[1]})
     return out
