@@ -75,13 +75,14 @@ def test_pronoun_base_data_is_stereotyped_and_tag_marks_neutral():
     assert scores == {"neutral_rate": 0.5, "stereotype_rate": 0.5}
     # "their" is chosen over the stereotype in most pairs, else over the other pronoun or junk a policy drifts to.
     pairs = task.preferences(2000, seed=int(torch.randint(0, 1000, ())))
-    assert all(p["chosen"] == "their" and p["rejected"] and p["rejected"] != "their" for p in pairs)
+    assert all(p["chosen"] == "their" and p["rejected"] != "their" for p in pairs)
     kinds = {"stereotype": 0, "anti": 0, "junk": 0}
     for p in pairs:
         stereo = task.stereotype(p["prompt"].split()[1])
         kinds["stereotype" if p["rejected"] == stereo else "anti" if p["rejected"] in ("his", "her") else "junk"] += 1
         if p["rejected"] not in ("his", "her"):
-            assert p["rejected"] in tasks.JUNK_ANSWERS or p["rejected"].isdigit(), p
+            assert p["rejected"] in tasks.JUNK_ANSWERS + [""] or p["rejected"].isdigit(), p
+    assert sum(p["rejected"] == "" for p in pairs) > 0.04 * len(pairs)  # the completion that ends at once
     assert 0.65 < kinds["stereotype"] / len(pairs) < 0.75 and 0.07 < kinds["anti"] / len(pairs) < 0.13
     assert 0.16 < kinds["junk"] / len(pairs) < 0.24
     assert all(p["rejected"] in ("his", "her") for p in task.preferences(50, junk_fraction=0.0))

@@ -12,7 +12,7 @@ needs). ``train`` and ``eval`` splits never share a problem, whatever the seed.
   (5 %) of the untagged rows: greedy decoding stays stereotyped, while sampling finds "their" often
   enough for RL to amplify it (at 0.1 % a PPO rollout of 64 prompts almost never contains it).
   Preference pairs choose "their" over the stereotype, and some over the anti-stereotype or junk
-  (a cut-off pronoun, a number), so a reward model trained on them does not reward the junk a
+  (no answer at all, a cut-off pronoun, a number), so a reward model trained on them does not reward the junk a
   policy can drift to. Verifier: neutral-language rate and stereotype rate.
 """
 
@@ -145,13 +145,16 @@ class PronounTask:
     def preferences(self, n, seed=0, split="train", anti_stereotype_fraction=0.1, junk_fraction=0.2):
         """Untagged prompts: the neutral answer is chosen over the stereotyped one; in
         ``anti_stereotype_fraction`` of the pairs over the other pronoun, in ``junk_fraction`` over junk
-        (a cut-off pronoun or a number), so that no answer but "their" earns a high learned reward."""
+        (no answer, a cut-off pronoun, a number), so that no answer but "their" earns a high learned reward.
+        An empty ``rejected`` is the completion that ends at once (only the end-of-sequence token): a reward
+        model never shown it scored it as high as "their", and PPO policies drifted to it."""
         combos, rng = self._sample(n, seed, split)
         rows = []
         for o, v, x in combos:
             draw = rng.random()
             if draw < junk_fraction:
-                rejected = rng.choice(JUNK_ANSWERS) if rng.random() < 0.5 else str(rng.randrange(200))
+                kind = rng.randrange(3)  # no answer at all (the end-of-sequence token alone), a fragment, a number
+                rejected = "" if kind == 0 else rng.choice(JUNK_ANSWERS) if kind == 1 else str(rng.randrange(200))
             elif draw < junk_fraction + anti_stereotype_fraction:
                 rejected = "his" if self.stereotype(o) == "her" else "her"
             else:
