@@ -43,7 +43,7 @@ def lora_tune(lm, tokenizer, statements, *, r: int, alpha: float, lr: float, ste
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
     tuned.eval()
     return tuned, losses
 
