@@ -1,6 +1,7 @@
 """``fastalign pipeline --quick``: every stage runs, the table has every row, report.md links the curves."""
 
 import json
+import math
 
 from fastalign import cli
 from fastalign.pipeline import COLUMNS, format_table
@@ -11,18 +12,23 @@ def test_quick_pipeline_writes_table_and_report(tmp_path, capsys):
     out = capsys.readouterr().out
     root = tmp_path / "p"
     results = json.loads((root / "results.json").read_text())
-    assert list(results["rows"]) == ["untrained", "sft", "reward model", "dpo", "simpo"]
-    for stage in ("sft", "dpo", "simpo"):
+    icl_rows = [f"icl: {m}" for m in ("base", "instruct", "steer", "picle", "reflect")]
+    assert list(results["rows"]) == ["untrained", "sft", "reward model", "dpo", "simpo", "grpo", "ppo", *icl_rows]
+    for stage in ("untrained", "sft", "dpo", "simpo", "grpo", "ppo"):
         row = results["rows"][stage]
         assert 0 <= row["arith/exact_match"] <= 1 and 0 <= row["pronoun/neutral_rate"] <= 1
-        assert row["kl_to_sft"] == row["kl_to_sft"]  # not NaN
+        assert 0 <= row["verifier_reward"] <= 1 and math.isfinite(row["learned_reward"])
+        assert math.isfinite(row["kl_to_sft"])
     assert abs(results["rows"]["sft"]["kl_to_sft"]) < 1e-6  # the SFT model against itself
     assert 0 <= results["rows"]["reward model"]["reward_accuracy"] <= 1
+    for stage in icl_rows:
+        assert 0 <= results["rows"][stage]["pronoun/neutral_rate"] <= 1
     report = (root / "report.md").read_text()
     assert format_table(results["rows"]) in report and format_table(results["rows"]) in out
-    for stage in ("sft", "reward", "dpo", "simpo"):
+    for stage in ("sft", "reward", "dpo", "simpo", "grpo", "ppo"):
         assert f"({stage}/curves.png)" in report and (root / stage / "curves.png").exists()
         assert (root / stage / "eval.json").exists() and (root / stage / "config.yaml").exists()
+    assert "(icl/" in report
 
 
 def test_table_marks_missing_values():
@@ -33,6 +39,6 @@ def test_table_marks_missing_values():
 
 def test_pipeline_rejects_unknown_stage(tmp_path, capsys):
     bad = tmp_path / "p.yaml"
-    bad.write_text("ppo: {max_steps: 3}\n")
+    bad.write_text("kto: {max_steps: 3}\n")
     assert cli.main(["pipeline", "--config", str(bad), "--output_dir", str(tmp_path)]) == 1
-    assert "ppo" in capsys.readouterr().err
+    assert "kto" in capsys.readouterr().err
