@@ -158,7 +158,7 @@ def test_a_failing_judge_does_not_crash_the_sweep(tmp_path, failing_judge_module
 
 
 def test_judge_spec_errors_name_the_problem():
-    with pytest.raises(ValueError, match="could not import function 'nope' from module 'math'"):
+    with pytest.raises(ValueError, match="could not import 'nope' from module 'math'"):
         resolve_judge("math:nope", "pronoun")
     with pytest.raises(ValueError, match="not a built-in task"):
         resolve_judge("", "data.jsonl")
@@ -284,3 +284,25 @@ def test_config_errors_name_the_key(tmp_path):
         _cfg(tmp_path, "x", alphas=["1", "nan"])
     with pytest.raises(ValueError, match="'mode' must be one of"):
         _cfg(tmp_path, "x", mode="finetune")
+
+
+def test_example_config_holds_the_defaults():
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "configs" / "icl.yaml"
+    cfg = load_config(ICLConfig, str(path))
+    defaults = ICLConfig()
+    for key in ("instruction", "contrary_instructions", "betas", "alphas", "alpha", "top_p", "reflect_pool",
+                "separator", "filler_dataset", "picle_steps", "reflect_rounds", "num_turns"):
+        assert getattr(cfg, key) == getattr(defaults, key), key
+    assert cfg.name == "icl-tiny" and cfg.model == "tiny"
+
+
+def test_cli_runs_a_mode_and_reports_bad_overrides(tmp_path, capsys):
+    from fastalign import cli
+
+    common = ["--output_dir", str(tmp_path), "--num_eval_examples", "5", "--progress", "false"]
+    assert cli.main(["icl", "--mode", "instruct", "--name", "c", *common]) == 0
+    assert (tmp_path / "c" / "instruct.md").exists()
+    assert cli.main(["icl", "--mode", "finetune", *common]) == 1
+    assert "config key 'mode' must be one of" in capsys.readouterr().err

@@ -360,7 +360,7 @@ def _picle_data(ctx):
         answer = tasks.NEUTRAL if rng.random() < 0.25 else (
             r["stereotype"] if rng.random() < 0.9 else ("his" if r["stereotype"] == "her" else "her"))
         pool.append((r["prompt"], answer))
-    ctx.pool_extras = [{k: v for k, v in r.items() if k != "prompt"} for r in pool_rows]
+    ctx.pool_extras = [dict({k: v for k, v in r.items() if k != "prompt"}, task="pronoun") for r in pool_rows]
     statements = [r["prompt"] + tasks.NEUTRAL for r in task.prompts(cfg.picle_num_statements, seed=cfg.seed + 12,
                                                                      split="train")]
     return pool, statements
@@ -461,15 +461,22 @@ def pipeline_rows(model_dir, tokenizer=None, *, n: int = 100, seed: int = 0, run
     cfg = load_config(ICLConfig, overrides=dict(values, init_from=str(model_dir), mode="all"))
     ctx = ICLContext(cfg, tokenizer=tokenizer)
     keep = lambda m: {k: m[k] for k in PIPELINE_KEYS if k in m}  # noqa: E731
-    instruct = run_instruct(ctx, run_dir)["rows"]
-    steer = run_steer(ctx, run_dir)["rows"]
-    picle_rows = run_picle(ctx, run_dir)["rows"]
-    reflect = run_reflect(ctx, run_dir)["rows"]
-    return {"base": keep(instruct["no instruction"]), "instruct": keep(instruct["value instruction"]),
-            "steer": keep(steer[f"steer alpha={cfg.alpha:g}"]), "picle": keep(picle_rows["PICLe demos"]),
-            "reflect": keep(reflect["best reflection"])}
+    seconds, out = {}, {}
+    for mode, pick in (("instruct", ("no instruction", "value instruction")), ("steer", f"steer alpha={cfg.alpha:g}"),
+                       ("picle", "PICLe demos"), ("reflect", "best reflection")):
+        t = time.time()
+        rows = MODE_RUNNERS[mode](ctx, run_dir)["rows"]
+        seconds[mode] = round(time.time() - t, 2)
+        if mode == "instruct":
+            out["base"], out["instruct"] = keep(rows[pick[0]]), keep(rows[pick[1]])
+        else:
+            out[mode] = keep(rows[pick])
+    write_json(run_dir / "pipeline_rows.json", {"rows": out, "seconds": seconds})
+    print(f"icl pipeline rows: {seconds} s per mode")
+    return out
 
 
 # Sized for the pipeline's time budget on two CPU cores (see the report in the commit that set them).
-PIPELINE_DEFAULTS = dict(timing_batch_sizes=[], picle_steps=20, picle_pool_size=48, reflect_rounds=2,
-                         reflect_generated=6, reflect_mutations=6, reflect_probes=24, progress=False)
+PIPELINE_DEFAULTS = dict(timing_batch_sizes=[], alphas=["1", "2"], alpha=2.0, picle_steps=15, picle_pool_size=32,
+                         picle_num_statements=32, reflect_rounds=2, reflect_generated=4, reflect_mutations=6,
+                         reflect_probes=16, progress=False)
