@@ -253,9 +253,11 @@ def run_steer(ctx: ICLContext, run_dir: Path) -> dict:
                      title=f"steering: value {value_instruction!r}, {len(contrary)} contrary, top_p={cfg.top_p}")
     notes = [f"value branch {value_instruction!r}, contrary branches {contrary} with betas {betas}, "
              f"top_p {cfg.top_p}; the 'steer' row of the pipeline is alpha={cfg.alpha:g}"]
-    notes += [f"timing (batch {t['batch_size']}, {t['new_tokens']} new tokens{', forced' if t['forced'] else ''}): "
-              f"plain {t['plain_s']:.3f} s, steered ({t['branches']} branches) {t['steered_s']:.3f} s → "
-              f"{t['wall_ratio']:.2f}× wall, {t['cpu_ratio']:.2f}× CPU time" for t in timing]
+    notes += [f"timing ({t['prompts']} prompts, batch {t['batch_size']}, "
+              f"{'forced ' if t['forced'] else 'up to '}{t['new_tokens']} new tokens): plain {t['plain_s']:.3f} s "
+              f"({t['plain_tokens']} tokens), steered with {t['branches']} branches {t['steered_s']:.3f} s "
+              f"({t['steered_tokens']} tokens) → {t['wall_ratio']:.2f}× wall, {t['cpu_ratio']:.2f}× CPU time"
+              for t in timing]
     return _finish(ctx, run_dir, "steer", "In-context alignment: token-level steering (alpha sweep)", rows, notes,
                    {"alpha": cfg.alpha, "timing": timing}, extra_columns=[("alpha", "alpha")])
 
@@ -275,23 +277,26 @@ def _steer_timing(ctx, branches):
             plain = _timed(lambda kw=kwargs: steered_generate(ctx.lm, three[:1], **kw), cfg.timing_repeats)
             steered = _timed(lambda kw=kwargs: steered_generate(ctx.lm, three, alpha=cfg.alpha, betas=[1.0],
                                                                 top_p=cfg.top_p, **kw), cfg.timing_repeats)
+            # Stopping at EOS, the two decodes may run different numbers of steps (a steered "their" is longer
+            # than a plain "his"): the tokens decoded are reported beside the times; the forced rows are like for like.
             out.append({"batch_size": batch_size, "new_tokens": new_tokens, "forced": forced, "branches": 3,
                         "prompts": len(rows), "plain_s": plain[0], "steered_s": steered[0],
                         "plain_cpu_s": plain[1], "steered_cpu_s": steered[1], "wall_ratio": steered[0] / plain[0],
-                        "cpu_ratio": steered[1] / plain[1]})
+                        "cpu_ratio": steered[1] / plain[1], "plain_tokens": sum(map(len, plain[2])),
+                        "steered_tokens": sum(map(len, steered[2]))})
     return out
 
 
 def _timed(fn, repeats):
-    """(min wall s, min process-CPU s) over ``repeats`` calls after one warm-up."""
-    fn()
+    """(min wall s, min process-CPU s, the result) over ``repeats`` calls after one warm-up."""
+    result = fn()
     walls, cpus = [], []
     for _ in range(repeats):
         w, c = time.perf_counter(), time.process_time()
-        fn()
+        result = fn()
         walls.append(time.perf_counter() - w)
         cpus.append(time.process_time() - c)
-    return min(walls), min(cpus)
+    return min(walls), min(cpus), result
 
 
 # ------------------------------------------------------------------------------------------------
