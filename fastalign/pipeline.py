@@ -52,7 +52,9 @@ DEFAULTS.update({
     "ppo": dict(dataset="pronoun+arith", num_examples=1000, max_steps=30, batch_size=64, mini_batch_size=32,
                 ppo_epochs=2, lr=5e-5, kl_coef=0.1, kl_target=2.0, kl_horizon=640),
 })
-ICL_DEFAULTS: dict = {}
+# Sized for ~90 s on 2 cores (PICLe's LoRA tuning is the long part); 100 held-out prompts per task.
+ICL_DEFAULTS = dict(picle_steps=10, picle_pool_size=24)
+ICL_EVAL_PROMPTS = 100
 QUICK = {
     "sft": dict(num_examples=30, max_steps=4, batch_size=16, micro_batch_size=8),
     "reward": dict(num_examples=64, max_steps=2, batch_size=8),
@@ -184,7 +186,8 @@ def run_pipeline(*, name="pipeline", output_dir="runs", quick=False, seed=0, thr
     # --- in-context alignment of the SFT model (nothing trained) -----------------------------------------
     t = time.time()
     icl_values = dict(ICL_DEFAULTS, **(ICL_QUICK if quick else {}), **(_read_overrides(config).get(ICL) or {}))
-    icl_rows = icl.pipeline_rows(sft_dir, tokenizer, n=n_eval, seed=seed, run_dir=root / ICL, **icl_values)
+    icl_rows = icl.pipeline_rows(sft_dir, tokenizer, n=min(n_eval, ICL_EVAL_PROMPTS), seed=seed, run_dir=root / ICL,
+                                 **icl_values)
     for mode, metrics in icl_rows.items():
         rows[f"icl: {mode}"] = metrics
     timings[ICL] = time.time() - t
