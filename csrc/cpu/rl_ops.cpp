@@ -17,6 +17,14 @@
 #include "../common/rl_math.h"
 #include "kernels.h"
 
+// The per-token policy-loss rows are compiled for several x86 vector widths and picked at load
+// time (as in logprobs.cpp); `flatten` inlines the row math into each clone.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define FA_ROW_CLONES __attribute__((target_clones("avx512f", "avx2", "default"), flatten))
+#else
+#define FA_ROW_CLONES
+#endif
+
 namespace fastalign {
 namespace cpu {
 namespace {
@@ -144,6 +152,47 @@ struct PolicyRowSums {
   double loss = 0, count = 0, clipped = 0, ratio = 0, kl = 0;
 };
 
+// One row's masked sums. Float partial sums within the row (SIMD lanes), double across rows.
+// Masked tokens are selected out rather than multiplied by 0, so padding holding inf/NaN cannot leak in.
+template <int Kind, bool PerToken>
+FA_ROW_CLONES PolicyRowSums policy_row_forward(const float* logp, const float* old_logp, const float* adv,
+                                               const float* mask, const float* ref, int64_t len,
+                                               const PolicyConfig& c) {
+  const float row_adv = adv[0];
+  float s_loss = 0.0f, s_count = 0.0f, s_clipped = 0.0f, s_ratio = 0.0f, s_kl = 0.0f;
+#pragma omp simd reduction(+ : s_loss, s_count, s_clipped, s_ratio, s_kl)
+  for (int64_t t = 0; t < len; ++t) {
+    const float m = mask[t];
+    const PolicyToken tok = policy_token_forward<Kind>(logp[t], old_logp[t], PerToken ? adv[t] : row_adv, ref[t], c);
+    const bool on = m != 0.0f;
+    s_loss += on ? tok.loss * m : 0.0f;
+    s_count += m;
+    s_clipped += on ? tok.clipped * m : 0.0f;
+    s_ratio += on ? tok.ratio * m : 0.0f;
+    s_kl += on ? tok.kl * m : 0.0f;
+  }
+  return PolicyRowSums{s_loss, s_count, s_clipped, s_ratio, s_kl};
+}
+
+// One row's d logp (returns the row's d advantage sum, used when advantages are per row).
+template <int Kind, bool PerToken>
+FA_ROW_CLONES float policy_row_backward(const float* logp, const float* old_logp, const float* adv, const float* mask,
+                                        const float* ref, int64_t len, const PolicyConfig& c, float scale,
+                                        float* d_logp) {
+  const float row_adv = adv[0];
+  float adv_row_grad = 0.0f;
+#pragma omp simd reduction(+ : adv_row_grad)
+  for (int64_t t = 0; t < len; ++t) {
+    const float m = mask[t];
+    const PolicyTokenGrad tg = policy_token_backward<Kind>(logp[t], old_logp[t], PerToken ? adv[t] : row_adv, ref[t],
+                                                           c);
+    const bool on = m != 0.0f;
+    d_logp[t] = on ? scale * m * tg.d_logp : 0.0f;
+    adv_row_grad += on ? scale * m * tg.d_adv : 0.0f;
+  }
+  return adv_row_grad;
+}
+
 }  // namespace
 
 void policy_loss_forward(const float* logp, const float* old_logp, const float* adv, bool adv_per_token,
@@ -158,23 +207,8 @@ void policy_loss_forward(const float* logp, const float* old_logp, const float* 
 #pragma omp parallel for schedule(static) if (batch * len > kParallelMin)
     for (int64_t b = 0; b < batch; ++b) {
       const int64_t o = b * len;
-      const float row_adv = adv[PerToken ? o : b];
-      // Float partial sums within a row (SIMD lanes), double across rows. Masked tokens are
-      // selected out rather than multiplied by 0, so padding holding inf/NaN cannot leak in.
-      float s_loss = 0.0f, s_count = 0.0f, s_clipped = 0.0f, s_ratio = 0.0f, s_kl = 0.0f;
-#pragma omp simd reduction(+ : s_loss, s_count, s_clipped, s_ratio, s_kl)
-      for (int64_t t = 0; t < len; ++t) {
-        const int64_t i = o + t;
-        const float m = mask[i];
-        const PolicyToken tok = policy_token_forward<Kind>(logp[i], old_logp[i], PerToken ? adv[i] : row_adv, ref[i], c);
-        const bool on = m != 0.0f;
-        s_loss += on ? tok.loss * m : 0.0f;
-        s_count += m;
-        s_clipped += on ? tok.clipped * m : 0.0f;
-        s_ratio += on ? tok.ratio * m : 0.0f;
-        s_kl += on ? tok.kl * m : 0.0f;
-      }
-      rows[b] = PolicyRowSums{s_loss, s_count, s_clipped, s_ratio, s_kl};
+      rows[b] = policy_row_forward<Kind, PerToken>(logp + o, old_logp + o, PerToken ? adv + o : adv + b, mask + o,
+                                                   ref + o, len, c);
     }
   });
   PolicyRowSums total;
@@ -225,21 +259,8 @@ void policy_loss_backward(const float* grad_loss, const float* logp, const float
     for (int64_t b = 0; b < batch; ++b) {
       const int64_t o = b * len;
       const float scale = g * row_scale[b];
-      const float row_adv = adv[PerToken ? o : b];
-      // Local copies: pointers read through the closure are reloaded after every store to d_logp
-      // (it might alias them), which blocks vectorization.
-      const float *lp = logp, *old = old_logp, *a = adv, *m_row = mask, *r = ref;
-      float* out = d_logp;
-      float adv_row_grad = 0.0f;
-#pragma omp simd reduction(+ : adv_row_grad)
-      for (int64_t t = 0; t < len; ++t) {
-        const int64_t i = o + t;
-        const float m = m_row[i];
-        const PolicyTokenGrad tg = policy_token_backward<Kind>(lp[i], old[i], PerToken ? a[i] : row_adv, r[i], c);
-        const bool on = m != 0.0f;
-        out[i] = on ? scale * m * tg.d_logp : 0.0f;
-        adv_row_grad += on ? scale * m * tg.d_adv : 0.0f;
-      }
+      const float adv_row_grad = policy_row_backward<Kind, PerToken>(
+          logp + o, old_logp + o, PerToken ? adv + o : adv + b, mask + o, ref + o, len, c, scale, d_logp + o);
       if (d_adv == nullptr) continue;
       if (PerToken) {  // a second pass only when per-token advantages need their gradient (rare)
         for (int64_t t = 0; t < len; ++t) {
