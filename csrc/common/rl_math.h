@@ -120,6 +120,10 @@ FA_HD float kl_grad_logp(float d, int kind) {
 }
 
 // ------------------------------------------------------------------------------------ policy loss
+// clamp(x, lo, hi) as compare-and-select: libm's fminf/fmaxf are calls that block vectorization
+// (and they drop a NaN x, where torch.clamp keeps it; this keeps it too).
+FA_HD float clamp_range(float x, float lo, float hi) { return x < lo ? lo : (x > hi ? hi : x); }
+
 enum PolicyLossType : int { kLossGrpo = 0, kLossBnpo = 1, kLossDrGrpo = 2, kLossDapo = 3 };
 
 struct PolicyConfig {
@@ -143,7 +147,7 @@ FA_HD PolicyToken policy_token_forward(float logp, float old_logp, float adv, fl
                                        const PolicyConfig& c) {
   PolicyToken t;
   t.ratio = exp_any(logp - old_logp);
-  const float clipped = fminf(fmaxf(t.ratio, c.ratio_low), c.ratio_high);
+  const float clipped = clamp_range(t.ratio, c.ratio_low, c.ratio_high);
   const float a = t.ratio * adv, b = clipped * adv;
   t.loss = -(a < b ? a : b);
   t.kl = 0.0f;
@@ -165,7 +169,7 @@ template <int KlKind = -1>
 FA_HD PolicyTokenGrad policy_token_backward(float logp, float old_logp, float adv, float ref_logp,
                                             const PolicyConfig& c) {
   const float ratio = exp_any(logp - old_logp);
-  const float clipped = fminf(fmaxf(ratio, c.ratio_low), c.ratio_high);
+  const float clipped = clamp_range(ratio, c.ratio_low, c.ratio_high);
   const float a = ratio * adv, b = clipped * adv;
   // torch.minimum's split: all to the smaller operand, half each on a tie.
   const float wa = a < b ? 1.0f : (a > b ? 0.0f : 0.5f);
@@ -186,7 +190,7 @@ struct ValueToken {
 
 FA_HD ValueToken value_token_forward(float v, float old_v, float ret, float clip) {
   // Clamp v itself (not old + clamp(v - old)): exactly v inside the range, so no rounding tie counts as clipped.
-  const float vc = fminf(fmaxf(v, old_v - clip), old_v + clip);
+  const float vc = clamp_range(v, old_v - clip, old_v + clip);
   const float u = (v - ret) * (v - ret), w = (vc - ret) * (vc - ret);
   ValueToken t;
   t.loss = u > w ? u : w;
@@ -197,7 +201,7 @@ FA_HD ValueToken value_token_forward(float v, float old_v, float ret, float clip
 // d max(...) / dv.
 FA_HD float value_token_backward(float v, float old_v, float ret, float clip) {
   const float lo = old_v - clip, hi = old_v + clip;
-  const float vc = fminf(fmaxf(v, lo), hi);
+  const float vc = clamp_range(v, lo, hi);
   const float u = (v - ret) * (v - ret), w = (vc - ret) * (vc - ret);
   const float wu = u > w ? 1.0f : (u < w ? 0.0f : 0.5f);  // torch.maximum's split
   const float inside = ((v >= lo) & (v <= hi)) ? 1.0f : 0.0f;  // torch.clamp's gradient mask
