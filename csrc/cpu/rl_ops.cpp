@@ -54,16 +54,37 @@ float clamp_min_one(double x) { return static_cast<float>(x < 1.0 ? 1.0 : x); }
 namespace {
 
 // The estimator is a template argument so its switch folds away and the loop vectorizes.
+// Chunks of the elementwise loops run in clones for AVX-512/AVX2/baseline (an OpenMP region's own
+// body is never cloned, so the parallel loop hands each chunk to a cloned function).
 template <int Kind>
-void kl_forward_kind(const float* logp, const float* ref_logp, float* out, int64_t n) {
-#pragma omp parallel for schedule(static) if (n > kParallelMin)
+FA_ROW_CLONES void kl_forward_chunk(const float* logp, const float* ref_logp, float* out, int64_t n) {
   for (int64_t i = 0; i < n; ++i) out[i] = kl_value(ref_logp[i] - logp[i], Kind);
 }
 
 template <int Kind>
-void kl_backward_kind(const float* grad, const float* logp, const float* ref_logp, float* d_logp, int64_t n) {
-#pragma omp parallel for schedule(static) if (n > kParallelMin)
+FA_ROW_CLONES void kl_backward_chunk(const float* grad, const float* logp, const float* ref_logp, float* d_logp,
+                                     int64_t n) {
   for (int64_t i = 0; i < n; ++i) d_logp[i] = grad[i] * kl_grad_logp(ref_logp[i] - logp[i], Kind);
+}
+
+template <int Kind>
+void kl_forward_kind(const float* logp, const float* ref_logp, float* out, int64_t n) {
+  const int64_t chunks = (n + kChunk - 1) / kChunk;
+#pragma omp parallel for schedule(static) if (n > kParallelMin)
+  for (int64_t c = 0; c < chunks; ++c) {
+    const int64_t o = c * kChunk;
+    kl_forward_chunk<Kind>(logp + o, ref_logp + o, out + o, std::min(kChunk, n - o));
+  }
+}
+
+template <int Kind>
+void kl_backward_kind(const float* grad, const float* logp, const float* ref_logp, float* d_logp, int64_t n) {
+  const int64_t chunks = (n + kChunk - 1) / kChunk;
+#pragma omp parallel for schedule(static) if (n > kParallelMin)
+  for (int64_t c = 0; c < chunks; ++c) {
+    const int64_t o = c * kChunk;
+    kl_backward_chunk<Kind>(grad + o, logp + o, ref_logp + o, d_logp + o, std::min(kChunk, n - o));
+  }
 }
 
 }  // namespace
