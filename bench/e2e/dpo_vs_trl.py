@@ -146,10 +146,12 @@ def worker(args):
     print(json.dumps({"wall_s": wall, "peak_growth_mb": growth / 2**20, "first_loss": first_loss}))
 
 
-def run_side(side, shape, model, data, steps, threads, lr, tmp):
-    cmd = [sys.executable, __file__, "--worker", side, "--shape", shape, "--model", model, "--data", data,
+def run_side(side, shape, model, data, steps, threads, lr, tmp, script=__file__):
+    """Run ``script --worker side`` in a fresh process (this folder importable) and return its JSON line."""
+    cmd = [sys.executable, script, "--worker", side, "--shape", shape, "--model", model, "--data", data,
            "--steps", str(steps), "--threads", str(threads), "--lr", str(lr), "--tmp", tmp]
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false")
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false",
+               PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parent), os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"{side} worker failed:\n{proc.stderr[-4000:]}")

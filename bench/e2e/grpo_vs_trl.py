@@ -17,15 +17,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from dpo_vs_trl import PeakRSS  # noqa: E402  (the same RSS sampler as the DPO comparison)
+# The same RSS sampler, models and subprocess runner as the DPO comparison.
+from dpo_vs_trl import PeakRSS, model_path, run_side  # noqa: E402
 
 SHAPES = {
     # name: model (builder kwargs or "tiny"), prompt chars, completion tokens, prompts per step, G
@@ -39,26 +38,6 @@ SHAPES = {
 def letter_reward(prompts, completions, **columns):
     """The shared reward: how often the completion uses the letter 'a' (dense, so every group has signal)."""
     return [float(c.count("a")) / max(len(c), 1) for c in completions]
-
-
-def model_path(shape: str) -> str:
-    from fastalign.models import tiny
-
-    spec = SHAPES[shape]["model"]
-    if spec == "tiny":
-        return str(tiny.tiny_path())
-    target = tiny.cache_dir() / f"bench-{shape}"  # the DPO comparison's head-heavy model, built once
-    if not (target / "config.json").exists():
-        import torch
-        from transformers import LlamaConfig, LlamaForCausalLM
-
-        tok = tiny.build_tokenizer()
-        torch.manual_seed(0)
-        model = LlamaForCausalLM(LlamaConfig(pad_token_id=0, bos_token_id=1, eos_token_id=2,
-                                             tie_word_embeddings=False, **spec))
-        model.save_pretrained(target)
-        tok.save_pretrained(target)
-    return str(target)
 
 
 def write_prompts(shape: str, n: int, path: Path):
@@ -131,17 +110,6 @@ def worker(args):
                       "mean_completion_length": sum(lengths) / max(len(lengths), 1)}))
 
 
-def run_side(side, shape, model, data, steps, threads, lr, tmp):
-    cmd = [sys.executable, __file__, "--worker", side, "--shape", shape, "--model", model, "--data", data,
-           "--steps", str(steps), "--threads", str(threads), "--lr", str(lr), "--tmp", tmp]
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false",
-               PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parent), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{side} worker failed:\n{proc.stderr[-4000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer steps (2 on the head-heavy shape, 5 on tiny)")
@@ -167,7 +135,7 @@ def main():
             data = str(Path(tmp) / "prompts.jsonl")
             write_prompts(shape, SHAPES[shape]["prompts"] * steps * 2, Path(data))
             model = model_path(shape)
-            sides = {side: run_side(side, shape, model, data, steps, args.threads, args.lr, tmp)
+            sides = {side: run_side(side, shape, model, data, steps, args.threads, args.lr, tmp, script=__file__)
                      for side in ("trl", "fastalign")}
         ratio = {"wall": sides["fastalign"]["wall_s"] / sides["trl"]["wall_s"],
                  "peak_growth": sides["fastalign"]["peak_growth_mb"] / max(sides["trl"]["peak_growth_mb"], 1e-9)}
