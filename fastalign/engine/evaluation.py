@@ -87,3 +87,10 @@ def policy_metrics(cfg, lm, tokenizer, start_lm, prompts) -> dict:
         out["kl_to_start"] = kl_to_reference(lm, start_lm, tokenizer, [r["prompt"] for r in prompts], seed=cfg.seed,
                                              batch_size=cfg.eval_batch_size)
     return out
+
+
+def start_task_metrics(cfg, start_lm, tokenizer) -> dict:
+    """The task verifiers of the starting model keyed ``start/<metric>``, so one report holds before → after."""
+    metrics = task_metrics(start_lm, tokenizer, cfg.dataset, n=cfg.num_eval_examples, seed=cfg.seed,
+                           batch_size=cfg.eval_batch_size)
+    return {f"start/{k}": v for k, v in metrics.items()}

@@ -343,9 +343,7 @@ def run(cfg: GRPOConfig) -> dict:
         start_lm = load_causal_lm(start, dtype=cfg.dtype, device=state.device)
         prompts = evaluation.heldout_rows(cfg, "prompts")
         report.update(evaluation.policy_metrics(cfg, trained, tokenizer, start_lm, prompts))
-        report.update({f"start/{k}": v for k, v in evaluation.task_metrics(
-            start_lm, tokenizer, cfg.dataset, n=cfg.num_eval_examples, seed=cfg.seed,
-            batch_size=cfg.eval_batch_size).items()})
+        report.update(evaluation.start_task_metrics(cfg, start_lm, tokenizer))
 
         # --- report: the trained policy and the numbers ------------------------------------------------
         save_pretrained(trained, tokenizer, run_dir / "model")

@@ -437,9 +437,7 @@ def run(cfg: PPOConfig) -> dict:
         start_lm = load_causal_lm(start, dtype=cfg.dtype, device=state.device)
         prompts = evaluation.heldout_rows(cfg, "prompts")
         report.update(evaluation.policy_metrics(cfg, trained, tokenizer, start_lm, prompts))
-        report.update({f"start/{k}": v for k, v in evaluation.task_metrics(
-            start_lm, tokenizer, cfg.dataset, n=cfg.num_eval_examples, seed=cfg.seed,
-            batch_size=cfg.eval_batch_size).items()})
+        report.update(evaluation.start_task_metrics(cfg, start_lm, tokenizer))
         if prompts is not None:
             report.update(evaluate_policy(trained, reward_model, tokenizer, prompts, cfg, state.device))
             report.update({f"start/{k}": v for k, v in
