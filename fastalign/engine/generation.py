@@ -201,6 +201,19 @@ def _pad_stack(rows, width, value, left=False):
     return out
 
 
+def _rollout(prompts, completions, logps, prompt_index, pad) -> Rollout:
+    """A :class:`Rollout` from per-completion tensors: prompts left-padded, completions right-padded."""
+    width_p = max(len(p) for p in prompts)
+    width_c = max(1, max(len(c) for c in completions))
+    ones = lambda rows: [torch.ones(len(r), dtype=torch.long) for r in rows]  # noqa: E731
+    return Rollout(prompt_ids=_pad_stack(prompts, width_p, pad, left=True),
+                   prompt_mask=_pad_stack(ones(prompts), width_p, 0, left=True),
+                   completion_ids=_pad_stack(completions, width_c, pad),
+                   completion_mask=_pad_stack(ones(completions), width_c, 0),
+                   logprobs=_pad_stack([x.float() for x in logps], width_c, 0.0),
+                   prompt_index=torch.tensor(prompt_index))
+
+
 @torch.no_grad()
 def sample(model, tokenizer, prompt_ids, *, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0, stop_strings=(),
            num_samples=1, batch_size=256, generator=None) -> Rollout:
@@ -232,7 +245,7 @@ def sample(model, tokenizer, prompt_ids, *, max_new_tokens, temperature=1.0, top
                               eos_token_id=eos, temperature=1.0 if temperature > 0 else None, top_k=None,
                               top_p=None)
     rows = [(i, list(p)) for i, p in enumerate(prompt_ids) for _ in range(num_samples)]
-    prompts, completions, masks, logps = [], [], [], []
+    prompts, completions, logps = [], [], []
     for start in range(0, len(rows), batch_size):
         chunk = rows[start:start + batch_size]
         width = max(len(p) for _, p in chunk)
@@ -257,18 +270,9 @@ def sample(model, tokenizer, prompt_ids, *, max_new_tokens, temperature=1.0, top
                 cut = min(cut, at) if at is not None else cut
             prompts.append(torch.tensor(chunk[i][1]))
             completions.append(new[i, :cut])
-            masks.append(torch.ones(cut, dtype=torch.long))
             logps.append(lp[i, :cut])
     model.train(was_training)
-    width_p = max(len(p) for p in prompts)
-    width_c = max(1, max(len(c) for c in completions))
-    return Rollout(prompt_ids=_pad_stack(prompts, width_p, pad, left=True),
-                   prompt_mask=_pad_stack([torch.ones(len(p), dtype=torch.long) for p in prompts], width_p, 0,
-                                          left=True),
-                   completion_ids=_pad_stack(completions, width_c, pad),
-                   completion_mask=_pad_stack(masks, width_c, 0),
-                   logprobs=_pad_stack([x.float() for x in logps], width_c, 0.0),
-                   prompt_index=torch.tensor([i for i, _ in rows]))
+    return _rollout(prompts, completions, logps, [i for i, _ in rows], pad)
 
 
 # ------------------------------------------------------------------------------------------ FSDP2
@@ -349,15 +353,7 @@ class VLLMSampler:
                 completions.append(torch.tensor(ids, dtype=torch.long))
                 logps.append(torch.tensor([lp[t].logprob for lp, t in zip(c.logprobs, ids)], dtype=torch.float32))
                 index.append(i)
-        width_p = max(len(p) for p in prompts)
-        width_c = max(1, max(len(c) for c in completions))
-        return Rollout(prompt_ids=_pad_stack(prompts, width_p, pad, left=True),
-                       prompt_mask=_pad_stack([torch.ones(len(p), dtype=torch.long) for p in prompts], width_p, 0,
-                                              left=True),
-                       completion_ids=_pad_stack(completions, width_c, pad),
-                       completion_mask=_pad_stack([torch.ones(len(c), dtype=torch.long) for c in completions],
-                                                  width_c, 0),
-                       logprobs=_pad_stack(logps, width_c, 0.0), prompt_index=torch.tensor(index))
+        return _rollout(prompts, completions, logps, index, pad)
 
 
 def vllm_available() -> bool:
