@@ -26,6 +26,17 @@ def knob(default, help="", minimum=None, maximum=None):
     return field(metadata={"help": help, "min": minimum, "max": maximum}, **kwargs)
 
 
+def check_finite_numbers(key, values):
+    """A list knob (strings from YAML or the command line) must hold finite numbers."""
+    for v in values:
+        try:
+            ok = math.isfinite(float(v))
+        except ValueError:
+            ok = False
+        if not ok:
+            raise ValueError(f"config key {key!r} must hold finite numbers, got {v!r}")
+
+
 @dataclass
 class TrainConfig:
     """What every flow shares: run, model, data, optimisation, logging and checkpoints."""
@@ -239,13 +250,7 @@ class GRPOConfig(TrainConfig):
             if len(self.reward_weights) != len(self.rewards):
                 raise ValueError(f"config key 'reward_weights' must have one weight per reward ({len(self.rewards)}), "
                                  f"got {len(self.reward_weights)}")
-            for w in self.reward_weights:
-                try:
-                    ok = math.isfinite(float(w))
-                except ValueError:
-                    ok = False
-                if not ok:
-                    raise ValueError(f"config key 'reward_weights' must hold finite numbers, got {w!r}")
+            check_finite_numbers("reward_weights", self.reward_weights)
         if not self.epsilon < 1:
             raise ValueError(f"config key 'epsilon' must be in [0, 1), got {self.epsilon!r}")
         if self.micro_batch_size and (self.batch_size * self.num_generations) % self.micro_batch_size:
@@ -328,13 +333,7 @@ class ICLConfig(TrainConfig):
     def validate(self):
         super().validate()
         for key in ("betas", "alphas"):
-            for v in getattr(self, key):
-                try:
-                    ok = math.isfinite(float(v))
-                except ValueError:
-                    ok = False
-                if not ok:
-                    raise ValueError(f"config key {key!r} must hold finite numbers, got {v!r}")
+            check_finite_numbers(key, getattr(self, key))
         if not self.alphas:
             raise ValueError("config key 'alphas' must hold at least one alpha, got []")
         if len(self.betas) not in (1, len(self.contrary_instructions)) and self.contrary_instructions:
