@@ -53,6 +53,10 @@ def bar_plot(path, panels: dict, *, title: str = "") -> Path:
         ax.set_title(name, fontsize=9)
         ax.set_ylim(0, max([1.0] + [bars[k] for k in labels]))
         ax.grid(axis="y", alpha=0.3)
+    return _save(plt, fig, path, title)
+
+
+def _save(plt, fig, path, title) -> Path:
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
@@ -78,9 +82,4 @@ def line_plot(path, panels: dict, *, xlabel: str, title: str = "", hlines=None) 
         ax.grid(alpha=0.3)
         if series:
             ax.legend(fontsize=7)
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return Path(path)
+    return _save(plt, fig, path, title)
