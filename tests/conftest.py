@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import importlib
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -59,6 +61,17 @@ def torch_backend():
     """Run the test body on the pure-PyTorch reference backend."""
     with dispatch.backend("torch"):
         yield
+
+
+def run_two_processes(script, *args) -> None:
+    """``script args`` under ``torchrun --nproc_per_node 2`` (gloo, one thread each, tests/ importable)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")]))
+    env.pop("WORLD_SIZE", None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone", str(script),
+           *map(str, args)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
 
 
 def use_triton() -> None:

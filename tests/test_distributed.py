@@ -7,6 +7,7 @@ import textwrap
 
 import pytest
 import torch
+from conftest import run_two_processes
 
 WORKER = textwrap.dedent('''
     import sys
@@ -82,8 +83,7 @@ def test_two_gloo_processes_match_one_process(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     env.pop("WORLD_SIZE", None)
     _run([sys.executable, str(worker), str(tmp_path / "one.pt"), str(seed), "8"], env)
-    _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone", str(worker),
-          str(tmp_path / "two.pt"), str(seed), "2"], env)
+    run_two_processes(worker, tmp_path / "two.pt", seed, 2)
     one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
     one["fsdp"] = one["sft"]  # one process: the same loss and gradients whatever the wrapping
     for name in ("sft", "dpo", "fsdp"):

@@ -1,15 +1,13 @@
 """generation.sample: masks, EOS and stop strings, sampling log-probs against a float64 recompute, top-k/top-p,
 groups, seeding, bad input; generate() unchanged; FSDP2 generation with gathered parameters (2 gloo processes)."""
 
-import os
 import random
-import subprocess
 import sys
 import textwrap
 
 import pytest
 import torch
-from conftest import rel_err
+from conftest import rel_err, run_two_processes
 
 from fastalign.data import loading
 from fastalign.engine.generation import HFSampler, Rollout, generate, make_sampler, sample
@@ -189,12 +187,7 @@ def test_fsdp2_generation_gathers_parameters_and_matches_one_process(tmp_path):
     worker = tmp_path / "worker.py"
     worker.write_text(FSDP_WORKER)
     seed = random.randrange(10**6)
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    env.pop("WORLD_SIZE", None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone", str(worker),
-           str(tmp_path / "two.pt"), str(seed)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_two_processes(worker, tmp_path / "two.pt", seed)
     # The same script in this process (world size 1: no sharding) is the reference.
     argv = sys.argv
     try:

@@ -5,14 +5,13 @@ processes give the 1-process step, reward sources and their errors, bad configs.
 import gc
 import json
 import math
-import os
 import random
-import subprocess
 import sys
 import textwrap
 
 import pytest
 import torch
+from conftest import run_two_processes
 
 from fastalign import cli
 from fastalign.data import loading
@@ -243,13 +242,7 @@ def test_two_gloo_processes_match_one_process(tmp_path):
     worker = tmp_path / "worker.py"
     worker.write_text(WORKER)
     seed = random.randrange(10**6)
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(
-        [os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")]))
-    env.pop("WORLD_SIZE", None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone", str(worker),
-           str(tmp_path / "two.pt"), str(seed)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_two_processes(worker, tmp_path / "two.pt", seed)
     argv = sys.argv
     try:  # the same script in this process (world size 1) is the reference
         sys.argv = ["worker", str(tmp_path / "one.pt"), str(seed)]
