@@ -67,6 +67,44 @@ def test_sampling_logprobs_match_a_float64_recompute(tiny, temperature, top_k, t
         assert float(mass_before.max()) < top_p + 1e-6
 
 
+@pytest.mark.parametrize("temperature, top_k, top_p", [(1.0, 0, 1.0), (1.5, 0, 1.0), (1.0, 3, 1.0), (1.0, 0, 0.5)])
+def test_sampled_tokens_follow_the_policy_distribution(tiny, temperature, top_k, top_p):
+    """First tokens of many samples of one prompt: their frequencies match softmax(z / T) after the top-k/top-p
+    truncation (total variation within sampling noise), so no hidden warper (e.g. HF's default top-k 50 of a
+    100-token vocabulary) changes what is sampled."""
+    lm, tok = tiny
+    with torch.no_grad():  # peakier than the untrained model's near-uniform rows, so the temperature matters
+        lm.lm_head.weight.mul_(30.0)
+    try:
+        prompt = _prompts(tok, 1)
+        n = 4000
+        rollout = sample(lm, tok, prompt, max_new_tokens=1, temperature=temperature, top_k=top_k, top_p=top_p,
+                         num_samples=n, batch_size=n, generator=torch.Generator().manual_seed(random.randrange(2**31)))
+        with torch.no_grad():
+            z = lm(input_ids=torch.tensor([prompt[0]])).logits[0, -1].double() / temperature
+    finally:
+        with torch.no_grad():
+            lm.lm_head.weight.div_(30.0)
+    probs = torch.softmax(z, -1)
+    keep = torch.ones_like(probs, dtype=torch.bool)
+    if top_k:
+        keep &= probs >= probs.topk(top_k).values[-1]
+    if top_p < 1:
+        ordered, order = probs.sort(descending=True)
+        keep[order[(ordered.cumsum(0) - ordered) >= top_p]] = False
+    target = torch.where(keep, probs, 0.0)
+    target /= target.sum()
+    counts = torch.bincount(rollout.completion_ids[:, 0], minlength=probs.numel()).double()
+    assert counts[~keep].sum() == 0
+    tv = 0.5 * float((counts / n - target).abs().sum())
+    # E[TV] <= 0.5 * sum sqrt(p (1 - p) / n); four times that bound is far beyond sampling noise.
+    bound = 0.5 * float((target * (1 - target) / n).sqrt().sum())
+    assert tv < 4 * bound + 1e-3, (tv, bound)
+    if int(keep.sum()) > 1:  # the logged log-probs are the untruncated policy's
+        lp = rollout.logprobs[:, 0].double()
+        assert rel_err(lp, torch.log(probs[rollout.completion_ids[:, 0]])) < 1e-4
+
+
 def test_masks_stop_after_eos_and_prompts_are_left_padded(tiny):
     lm, tok = tiny
     prompts = _prompts(tok, 5)
