@@ -10,6 +10,7 @@ import torch
 from conftest import rel_err, run_two_processes
 
 from fastalign.data import loading
+from fastalign.engine import generation
 from fastalign.engine.generation import HFSampler, Rollout, generate, make_sampler, sample
 from fastalign.models.loading import load_causal_lm, load_tokenizer
 
@@ -41,8 +42,17 @@ def _float64_step_logprobs(lm, rollout: Rollout, pad_id, temperature):
     return token[m], rows[m]
 
 
+@pytest.fixture(params=["dynamic", "static"])
+def cache_kind(request, monkeypatch):
+    """Both KV-cache paths of ``sample``: the growing cache with the shared prompt pass (short completions) and the
+    preallocated one (long completions; forced here at any length)."""
+    if request.param == "static":
+        monkeypatch.setattr(generation, "STATIC_CACHE_MIN_TOKENS", 1)
+    return request.param
+
+
 @pytest.mark.parametrize("temperature, top_k, top_p", [(1.0, 0, 1.0), (0.7, 5, 1.0), (1.3, 0, 0.6), (0.9, 7, 0.8)])
-def test_sampling_logprobs_match_a_float64_recompute(tiny, temperature, top_k, top_p):
+def test_sampling_logprobs_match_a_float64_recompute(tiny, cache_kind, temperature, top_k, top_p):
     lm, tok = tiny
     prompts = _prompts(tok, random.randint(2, 4))
     g = random.randint(1, 3)
@@ -123,11 +133,20 @@ def test_masks_stop_after_eos_and_prompts_are_left_padded(tiny):
                                                                       rollout.completion_mask.tolist())]
 
 
-def test_greedy_sample_equals_generate_and_stop_strings_cut(tiny):
+def test_greedy_sample_equals_generate_and_stop_strings_cut(tiny, cache_kind):
     lm, tok = tiny
     prompts = _prompts(tok, 4)
     greedy = sample(lm, tok, prompts, max_new_tokens=10, temperature=0.0)
     assert greedy.completions() == generate(lm, tok, prompts, max_new_tokens=10)
+    # Against transformers' own greedy decoding of each prompt alone (no padding, no shared prompt cache).
+    grouped = sample(lm, tok, prompts, max_new_tokens=10, temperature=0.0, num_samples=3, batch_size=6)
+    for i, p in enumerate(prompts):
+        alone = lm.generate(input_ids=torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
+                            max_new_tokens=10, do_sample=False, pad_token_id=tok.pad_token_id,
+                            eos_token_id=tok.eos_token_id)[0, len(p):].tolist()
+        alone = alone[:alone.index(tok.eos_token_id) + 1] if tok.eos_token_id in alone else alone
+        assert greedy.completions()[i] == alone
+        assert grouped.completions()[3 * i:3 * i + 3] == [alone] * 3
     # A stop string taken from inside a greedy completion: the same completion, cut right after its first occurrence.
     text = tok.decode(greedy.completions()[0], skip_special_tokens=True)
     if len(text) < 3:

@@ -14,29 +14,10 @@ steering cost is measured against.
 
 from __future__ import annotations
 
-import inspect
-
 import torch
 
 from fastalign import ops
-from fastalign.models.loading import base_causal_lm
-
-
-def _cache_argument(lm) -> str:
-    """The keyword the model's forward takes its KV cache by (transformers 5 renamed it to ``cache``)."""
-    params = inspect.signature(base_causal_lm(lm).forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
-
-
-def _preallocated_cache(lm, max_len):
-    """A KV cache written in place: a growing cache re-copies every row's keys/values each step, which with
-    R× the rows costs far more than R× (measured: 13× the time of one branch in ``torch.cat`` alone)."""
-    from transformers import DynamicCache, StaticCache
-
-    try:
-        return StaticCache(config=base_causal_lm(lm).config, max_cache_len=max_len)
-    except TypeError:  # transformers < 4.50 wants the batch size and dtype up front: keep the growing cache there
-        return DynamicCache()
+from fastalign.engine.generation import cache_argument, preallocated_cache
 
 
 def _left_pad(prompts, pad_id):
@@ -85,7 +66,7 @@ def steered_generate(lm, branch_prompts, *, pad_id: int, eos_id: int | None, max
     was_training = lm.training
     lm.eval()
     device = next(lm.parameters()).device
-    cache_kw = _cache_argument(lm)
+    cache_kw = cache_argument(lm)
     out = []
     for start in range(0, n, batch_size):
         rows = [p for branch in branch_prompts for p in branch[start:start + batch_size]]  # branch-major
@@ -105,7 +86,7 @@ def _decode_chunk(lm, rows, num_branches, cache_kw, device, *, pad_id, eos_id, m
     done = torch.zeros(b, dtype=torch.bool, device=device)
     tokens = []
     step_ids = ids
-    cache = _preallocated_cache(lm, ids.shape[1] + max_new_tokens)
+    cache = preallocated_cache(lm, ids.shape[1] + max_new_tokens)
     cache_position = torch.arange(ids.shape[1], device=device)
     for _ in range(max_new_tokens):
         output = lm(input_ids=step_ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1,
