@@ -6,6 +6,7 @@ import gc
 import json
 import math
 import random
+import shutil
 import sys
 import textwrap
 
@@ -83,6 +84,40 @@ def test_grpo_flow_end_to_end_with_reference_and_iterations(tmp_path):
     assert report["parameters"]["reference"] == report["parameters"]["policy"]
     trained, start = load_causal_lm(str(run / "model")), load_causal_lm("tiny")
     assert max((a - b).abs().max().item() for a, b in zip(trained.parameters(), start.parameters())) > 0
+
+
+def _checkpoint_only_run(tmp_path, straight, step, name):
+    """A run folder holding only ``straight``'s checkpoint of ``step``: a run that crashed right after writing it."""
+    from fastalign.engine import checkpoint as ckpt
+
+    folder = f"step-{step:07d}"
+    shutil.copytree(tmp_path / straight / "checkpoints" / folder, tmp_path / name / "checkpoints" / folder)
+    (tmp_path / name / "checkpoints" / "latest").write_text(folder)
+    assert ckpt.latest_checkpoint(tmp_path / name).name == folder
+
+
+def _weights(run_dir):
+    from safetensors.torch import load_file
+
+    return load_file(str(run_dir / "model" / "model.safetensors"))
+
+
+@pytest.mark.parametrize("crash_after", [1, 2])
+def test_resume_gives_the_uninterrupted_weights(tmp_path, crash_after):
+    """Resuming after step 1 (the rollout's second use still pending) or step 2 (a new rollout next) reproduces the
+    straight run: same weights, same logged rewards."""
+    over = dict(max_steps=4, num_iterations=2, beta=0.05, save_every=1, keep_checkpoints=4, lr=1e-3)
+    grpo.run(_cfg(tmp_path, "straight", **over))
+    _checkpoint_only_run(tmp_path, "straight", crash_after, "resumed")
+    grpo.run(_cfg(tmp_path, "resumed", resume=True, **over))
+    straight, resumed = _weights(tmp_path / "straight"), _weights(tmp_path / "resumed")
+    assert straight.keys() == resumed.keys()
+    for k in straight:
+        assert torch.equal(straight[k], resumed[k]), k
+    logged = {r["step"]: r["reward"] for r in read_metrics(tmp_path / "resumed" / "metrics.jsonl")}
+    assert sorted(logged) == list(range(crash_after + 1, 5))
+    assert all(logged[r["step"]] == r["reward"] for r in read_metrics(tmp_path / "straight" / "metrics.jsonl")
+               if r["step"] in logged)
 
 
 def test_beta_zero_holds_no_reference_model(tmp_path):

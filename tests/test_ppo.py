@@ -4,6 +4,7 @@ a float64 loop on a recorded rollout, the KL controllers, reward-model offload, 
 import json
 import math
 import random
+import shutil
 
 import pytest
 import torch
@@ -261,6 +262,34 @@ def test_offloaded_reward_model_runs_on_the_device_and_stays_on_cpu_between_uses
     assert not any(p.requires_grad for p in module.parameters())
 
 
+# ------------------------------------------------------------------------------------------ resume
+@pytest.mark.parametrize("value_model, reference", [("separate", "frozen_copy"), ("policy_trunk", "shared_trunk")])
+def test_resume_gives_the_uninterrupted_weights(tmp_path, reward_model_dir, value_model, reference):
+    """A run that crashed right after its rollout-2 checkpoint, resumed, ends with the straight run's policy, KL
+    coefficient (adaptive) and logged rollouts."""
+    from safetensors.torch import load_file
+
+    from fastalign.engine import checkpoint as ckpt
+
+    over = dict(max_steps=4, save_every=1, keep_checkpoints=4, value_model=value_model, reference=reference,
+                kl_target=1.0, kl_horizon=16, lr=1e-3)
+    straight = ppo.run(_cfg(tmp_path, reward_model_dir, "straight", **over))
+    folder = "step-0000002"
+    shutil.copytree(tmp_path / "straight" / "checkpoints" / folder, tmp_path / "resumed" / "checkpoints" / folder)
+    (tmp_path / "resumed" / "checkpoints" / "latest").write_text(folder)
+    resumed = ppo.run(_cfg(tmp_path, reward_model_dir, "resumed", resume=True, **over))
+    assert resumed["final_kl_coef"] == straight["final_kl_coef"] != 0.1
+    a, b = (load_file(str(tmp_path / n / "model" / "model.safetensors")) for n in ("straight", "resumed"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # The value weights too: the final checkpoints hold the same trained roles.
+    a, b = (load_file(str(ckpt.latest_checkpoint(tmp_path / n) / "model.safetensors")) for n in ("straight", "resumed"))
+    assert a.keys() == b.keys() and any("value" in k or "critic" in k for k in a)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    rows = {n: read_metrics(tmp_path / n / "metrics.jsonl") for n in ("straight", "resumed")}
+    assert [r["step"] for r in rows["resumed"]] == [3, 4]
+    assert [(r["score"], r["kl"]) for r in rows["resumed"]] == [(r["score"], r["kl"]) for r in rows["straight"][2:]]
+
+
 # ------------------------------------------------------------------------------------- bad config
 @pytest.mark.parametrize("over, message", [
     (dict(reward_model=""), "'reward_model' must name a trained reward model folder"),
@@ -273,7 +302,6 @@ def test_offloaded_reward_model_runs_on_the_device_and_stays_on_cpu_between_uses
     (dict(value_model="critic"), "'value_model' must be one of \\['separate', 'policy_trunk'\\], got 'critic'"),
     (dict(kl_estimator="k2"), "'kl_estimator' must be one of \\['k1', 'k3'\\], got 'k2'"),
     (dict(gamma=1.5), "'gamma' must be <= 1"),
-    (dict(resume=True), "'resume' is not supported by ppo"),
     (dict(fsdp=True), "'fsdp' is not supported by ppo"),
 ])
 def test_bad_config_names_the_key(over, message):

@@ -194,8 +194,6 @@ class PPOConfig(TrainConfig):
         if self.temperature <= 0:
             raise ValueError(f"config key 'temperature' must be > 0 (PPO samples its rollouts), "
                              f"got {self.temperature!r}")
-        if self.resume:
-            raise ValueError("config key 'resume' is not supported by ppo (it saves only the final model), got True")
         if self.fsdp:
             raise ValueError("config key 'fsdp' is not supported by ppo (the fused loss reads the LM head outside the "
                              "forward; use DDP), got True")

@@ -19,8 +19,11 @@ Assumptions: one completion per prompt; the reward model scores prompt + complet
 token, the format it was trained on (a completion cut at ``max_new_tokens`` is scored without its EOS);
 the old log-probs come from one forward over prompt + completion after sampling (the same forward
 gives the values; the reference's gives its log-probs), and the reference is read at temperature 1;
-the lr schedule advances once per rollout; advantages are whitened per process, as TRL does; no
-resume, no FSDP; only the final policy is saved (``<run>/model``; the value model is not). The final
+the lr schedule advances once per rollout; advantages are whitened per process, as TRL does; no FSDP.
+Checkpoints (every ``save_every`` rollouts and at the end, atomically, under ``<run>/checkpoints``) hold
+what training changes — the policy and value weights, optimizer, schedule, KL coefficient, prompt order
+and sampling RNG — so ``resume`` continues exactly where a crashed run stopped. The run's final policy is
+saved as ``<run>/model`` (the value model only in the checkpoint). The final
 evaluation goes to ``<run>/eval.json``, for the trained policy and (``start/...``) the policy it started
 from, on held-out prompts: the task verifiers of greedy completions; the learned and the true (verifier)
 reward of greedy completions (``eval_...``) and of completions sampled at ``temperature``
@@ -41,6 +44,7 @@ import torch
 
 from fastalign import ops
 from fastalign.data import loading, tasks
+from fastalign.engine import checkpoint as ckpt
 from fastalign.engine import evaluation
 from fastalign.engine.config import PPOConfig
 from fastalign.engine.distributed import all_reduce_sum, shutdown, unwrap, wrap_model
@@ -381,12 +385,30 @@ def run(cfg: PPOConfig) -> dict:
     trainable = [p for p in params if p.requires_grad]
     controller = kl_controller(cfg)
     generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + state.rank)
-    logger = RunLogger(run_dir, total_steps=cfg.max_steps, enabled=state.is_main, progress=cfg.progress,
-                       tensorboard=cfg.tensorboard, desc="ppo")
+    # What training changes, for checkpoints: the policy (with its value head) and the separate value model.
+    trained_roles = torch.nn.ModuleDict({"policy": unwrap(policy), **({"critic": unwrap(critic)} if critic else {})})
+
+    def save(step):
+        trainer_state = {"step": step, "scheduler": scheduler.state_dict(), "data": stream.state_dict(),
+                         "kl_coef": controller.value, "generator": generator.get_state(), "history": history}
+        return ckpt.save_checkpoint(run_dir, step, trained_roles, optimizer, trainer_state, state,
+                                    keep=cfg.keep_checkpoints)
+
+    history, start_step = [], 0
+    if cfg.resume and (last := ckpt.latest_checkpoint(run_dir)) is not None:
+        saved = ckpt.load_checkpoint(last, trained_roles, optimizer, state)
+        start_step, history = saved["step"], saved["history"]
+        scheduler.load_state_dict(saved["scheduler"])
+        stream.load_state_dict(saved["data"])
+        controller.value = saved["kl_coef"]
+        generator.set_state(saved["generator"])
+        if state.is_main:
+            print(f"resumed from {last} at rollout {start_step}")
+    logger = RunLogger(run_dir, total_steps=cfg.max_steps, start_step=start_step, enabled=state.is_main,
+                       progress=cfg.progress, tensorboard=cfg.tensorboard, desc="ppo")
 
     # --- loop: rollout → rewards and advantages → PPO epochs over minibatches ------------------------
-    history = []
-    for step in range(1, cfg.max_steps + 1):
+    for step in range(start_step + 1, cfg.max_steps + 1):
         t0 = time.time()
         rollout = sample_rollout(policy, critic, reference, reward_model, tokenizer, stream.next()[0], cfg,
                                  state.device, generator)
@@ -408,8 +430,10 @@ def run(cfg: PPOConfig) -> dict:
                 if not (math.isfinite(loss) and math.isfinite(grad_norm)):
                     logger.close(plot=False)
                     what = "loss" if not math.isfinite(loss) else "gradient norm"
+                    kept = ckpt.latest_checkpoint(run_dir)
                     raise TrainingDiverged(f"{what} became non-finite at rollout {step} (optimizer update "
-                                           f"{updates + 1}); training stopped, no model was saved")
+                                           f"{updates + 1}); training stopped. Last good checkpoint: "
+                                           f"{kept if kept else 'none was written'}")
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 updates += 1
@@ -425,6 +449,8 @@ def run(cfg: PPOConfig) -> dict:
             logger.log(step, out)
         else:
             logger.advance()
+        if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.max_steps:
+            save(step)
     logger.close()
 
     # --- evaluation on held-out prompts --------------------------------------------------------------
