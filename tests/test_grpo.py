@@ -182,14 +182,17 @@ def _float64_step(lm, batch, *, loss_type, beta, eps_low, eps_high, temperature,
     return loss.detach(), {k: p.grad for k, p in lm64.named_parameters()}
 
 
+@pytest.mark.parametrize("share_prompts", [True, False], ids=["shared_prompt_forward", "full_rows"])
 @pytest.mark.parametrize("loss_type, beta", [("grpo", 0.0), ("bnpo", 0.1), ("dr_grpo", 0.0), ("dapo", 0.2)])
-def test_one_step_loss_and_gradients_equal_the_formula(loss_type, beta):
+def test_one_step_loss_and_gradients_equal_the_formula(loss_type, beta, share_prompts):
+    """Micro-batches of 5 and 7 rows split the groups of 4: the shared-prompt forward also sees partial groups."""
     torch.set_num_threads(1)
     tok, lm = load_tokenizer("tiny"), load_causal_lm("tiny")
     temperature = random.choice([1.0, 0.8])
     cfg = load_config(GRPOConfig, overrides=dict(num_generations=4, batch_size=3, max_new_tokens=6,
                                                  temperature=temperature, loss_type=loss_type, beta=beta,
-                                                 epsilon=0.2, epsilon_high=0.28, num_iterations=2, dataset="arith"))
+                                                 epsilon=0.2, epsilon_high=0.28, num_iterations=2, dataset="arith",
+                                                 share_prompt_forward=share_prompts))
     policy = PolicyValueModel(lm)
     rewards = build_rewards(["test_grpo:length_reward"])  # the random tiny model's verifier reward is all 0
     rows = loading.load_rows("arith", "prompts", n=8, seed=random.randrange(1000))[:3]
@@ -216,6 +219,48 @@ def test_one_step_loss_and_gradients_equal_the_formula(loss_type, beta):
         g, e = p.grad.double(), grads64[k]
         assert torch.isfinite(g).all(), k
         assert float((g - e).norm()) <= 1e-5 * float(e.norm()) + 1e-10, k
+
+
+def test_shared_prompt_forward_equals_the_full_forward():
+    """Rows of repeated prompts (lengths 1..7) with completions of 0..5 tokens, in random order: the completion
+    hidden states of the shared-prompt forward equal those of the full forward, and their gradients too."""
+    from fastalign.models.heads import completion_aligned
+
+    lm = load_causal_lm("tiny").double()
+    policy = PolicyValueModel(lm)
+    prompts = [[1] + [random.randrange(3, 99) for _ in range(random.randrange(0, 7))] for _ in range(3)]
+    rows = [(p, [random.randrange(3, 99) for _ in range(random.randrange(0, 6))]) for p in prompts for _ in range(3)]
+    random.shuffle(rows)
+    width = max(len(p) + len(c) for p, c in rows)
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask, labels = torch.zeros_like(ids), torch.full_like(ids, -100)
+    for i, (p, c) in enumerate(rows):
+        ids[i, :len(p) + len(c)] = torch.tensor(p + c)
+        mask[i, :len(p) + len(c)] = 1
+        labels[i, len(p):len(p) + len(c)] = torch.tensor(c, dtype=torch.long)
+    batch = grpo.GRPOBatch(ids, mask, labels, torch.zeros(len(rows)))
+    plen = grpo.prompt_lengths(batch)
+    assert plen.tolist() == [len(p) for p, _ in rows]
+    weights = torch.randn(len(rows), width, lm.config.hidden_size, dtype=torch.float64)
+
+    full, _ = policy(ids, mask)
+    shared, _ = policy(ids, mask, prompt_lengths=plen)
+    (labels_c,) = completion_aligned(plen, shared.shape[1], labels[:, 1:])
+    used = labels_c != -100
+    assert int(used.sum()) == int((labels != -100).sum())
+    picked = full[:, :-1].gather(1, (plen[:, None] - 1 + torch.arange(shared.shape[1])).clamp(max=width - 2)
+                                 [..., None].expand(-1, -1, full.shape[-1]))
+    assert float((picked - shared)[used].abs().max()) < 1e-10
+    grads = []
+    for hidden in (picked, shared):
+        lm.zero_grad()
+        (hidden * weights[:, :hidden.shape[1]] * used[..., None]).sum().backward(retain_graph=True)
+        grads.append({k: p.grad.clone() for k, p in lm.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for k in grads[0]:  # float64 model, but transformers computes the RoPE angles in float32: ~1e-7 apart
+        assert float((grads[0][k] - grads[1][k]).norm()) <= 1e-6 * (1e-12 + float(grads[0][k].norm())), k
+    with pytest.raises(ValueError, match="value head"):
+        PolicyValueModel(lm, value_head=True)(ids, mask, prompt_lengths=plen)
 
 
 # ------------------------------------------------------------------------------ 2 processes = 1

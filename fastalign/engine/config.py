@@ -230,6 +230,8 @@ class GRPOConfig(TrainConfig):
     epsilon_high: float = knob(0.0, "ratio clip ε_high (0 = epsilon; DAPO uses 0.28)", minimum=0)
     beta: float = knob(0.0, "k3 KL weight against the reference (0 = no reference model is loaded)", minimum=0)
     num_iterations: int = knob(1, "optimizer steps per rollout (>1 reuses it with its stored log-probs)", minimum=1)
+    share_prompt_forward: bool = knob(True, "the training forward runs each distinct prompt once for its G samples "
+                                            "(off, or under gradient checkpointing: prompt + completion per row)")
     reference: str = choice("frozen_copy", ("frozen_copy", "adapter", "shared_trunk"),
                             "how the reference model is held when beta > 0 (see fastalign.models.reference)")
     reference_dtype: str = choice("", ("", "float32", "bfloat16"), "frozen_copy dtype (default: the policy's)")

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from fastalign.data.loading import IGNORE_INDEX
-from fastalign.models.loading import base_causal_lm
+from fastalign.models.loading import base_causal_lm, cache_argument
 
 
 @torch.no_grad()
@@ -300,12 +300,6 @@ def _shared_prompt_cache(model, ids, attn, copies):
           **{cache_argument(model): cache}, **_logits_to_keep(model))
     cache.batch_repeat_interleave(copies)
     return cache
-
-
-def cache_argument(lm) -> str:
-    """The keyword the model's forward takes its KV cache by (transformers 5 renamed it to ``cache``)."""
-    params = inspect.signature(base_causal_lm(lm).forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
 
 
 def _logits_to_keep(lm) -> dict:

@@ -46,7 +46,7 @@ from fastalign.engine.optim import build_optimizer, build_scheduler
 from fastalign.engine.runs import start_run, write_json
 from fastalign.engine.trainer import train
 from fastalign.losses import FusedLinearGRPOLoss
-from fastalign.models.heads import IGNORE_INDEX, CausalLMLogprobs, PolicyValueModel, lm_head
+from fastalign.models.heads import IGNORE_INDEX, CausalLMLogprobs, PolicyValueModel, completion_aligned, lm_head
 from fastalign.models.loading import (
     load_causal_lm,
     load_from_config,
@@ -166,13 +166,21 @@ def grpo_loss_fn(loss_module: FusedLinearGRPOLoss, cfg: GRPOConfig):
     which divides by the global sum of ``weight_fn``: tokens for dapo, sequences for grpo and dr_grpo, and
     micro-batches for bnpo (each micro-batch's token mean counts once)."""
     loss_type = cfg.loss_type
+    # Gradient checkpointing recomputes layers without a KV cache, so the shared-prompt forward is off there.
+    share_prompts = cfg.share_prompt_forward and not cfg.gradient_checkpointing
 
     def loss_fn(model, batch: GRPOBatch):
-        hidden, _ = model(batch.input_ids, batch.attention_mask)
+        labels, old, ref = batch.labels[:, 1:], batch.old_logps, batch.ref_logps
+        if share_prompts:
+            plen = prompt_lengths(batch)
+            hidden, _ = model(batch.input_ids, batch.attention_mask, prompt_lengths=plen)
+            labels, old, ref = completion_aligned(plen, hidden.shape[1], labels, old, ref)
+        else:
+            hidden, _ = model(batch.input_ids, batch.attention_mask)
+            hidden = hidden[:, :-1]
         head = lm_head(unwrap(model).lm)
-        loss, metrics = loss_module(hidden[:, :-1], head.weight, batch.labels[:, 1:], advantages=batch.advantages,
-                                    old_logps=batch.old_logps, ref_logps=batch.ref_logps, bias=head.bias,
-                                    num_items=1 if loss_type == "dapo" else None)
+        loss, metrics = loss_module(hidden, head.weight, labels, advantages=batch.advantages, old_logps=old,
+                                    ref_logps=ref, bias=head.bias, num_items=1 if loss_type == "dapo" else None)
         n = weight_fn(batch)
         # grpo/dr_grpo divide by the local row count: × rows makes the sum over rows; dapo (num_items 1) is a sum.
         scale = batch.input_ids.shape[0] if loss_type in ("grpo", "dr_grpo") else 1
@@ -184,6 +192,12 @@ def grpo_loss_fn(loss_module: FusedLinearGRPOLoss, cfg: GRPOConfig):
         return batch.input_ids.shape[0] if loss_type in ("grpo", "dr_grpo") else 1
 
     return loss_fn, weight_fn
+
+
+def prompt_lengths(batch: GRPOBatch) -> torch.Tensor:
+    """Each row's prompt length: the column of its first completion label (its whole length if it has none)."""
+    has = batch.labels != IGNORE_INDEX
+    return torch.where(has.any(1), has.int().argmax(1), batch.attention_mask.sum(1))
 
 
 # ------------------------------------------------------------------------------------ rollout stream

@@ -17,7 +17,8 @@ from __future__ import annotations
 import torch
 
 from fastalign import ops
-from fastalign.engine.generation import cache_argument, preallocated_cache
+from fastalign.engine.generation import preallocated_cache
+from fastalign.models.loading import cache_argument
 
 
 def _left_pad(prompts, pad_id):

@@ -124,11 +124,90 @@ class PolicyValueModel(nn.Module):
             nn.init.zeros_(self.value_head.weight)
             nn.init.zeros_(self.value_head.bias)
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None):
+    def forward(self, input_ids, attention_mask=None, position_ids=None, prompt_lengths=None):
+        """``(hidden [B, T, H], values [B, T] or None)``. With ``prompt_lengths`` (``[B]``; rows right-padded,
+        prompt then completion, as :meth:`Rollout.training_batch` lays them out) only the completion part is
+        returned, through :func:`completion_hidden_states`: ``hidden [B, C, H]``, position ``j`` predicting the
+        row's completion token ``j``."""
+        if prompt_lengths is not None:
+            if self.value_head is not None:
+                raise ValueError("prompt_lengths (the shared-prompt forward) gives no values: the model has a value "
+                                 "head, call it without prompt_lengths")
+            return completion_hidden_states(self.lm, input_ids, attention_mask, prompt_lengths), None
         hidden = decoder(self.lm)(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                   use_cache=False).last_hidden_state
         values = None if self.value_head is None else self.value_head(hidden).squeeze(-1).float()
         return hidden, values
+
+
+def completion_hidden_states(lm, input_ids, attention_mask, prompt_lengths):
+    """The trunk's hidden states that predict each row's completion tokens, running every distinct prompt once.
+
+    Rows are ``[prompt | completion | padding]`` (right-padded). The GRPO samples of a prompt share it, and its
+    keys and values do not depend on the completion: the distinct prompts run as one batch with a KV cache, the
+    cache rows are gathered for every row (differentiably: the prompt pass gets the gradients of all its samples)
+    and the completions run on top of it. A forward over G samples of a P-token prompt with
+    C-token completions then costs ``P + G·C`` tokens instead of ``G·(P + C)``. Returns ``[B, C_max, H]``:
+    position 0 is the last prompt token's state, position ``j`` that of completion token ``j - 1``; positions past
+    a row's completion are padding.
+    """
+    from transformers import DynamicCache
+
+    from .loading import cache_argument
+
+    trunk, cache_kw = decoder(lm), cache_argument(lm)
+    device = input_ids.device
+    n, width = input_ids.shape
+    lengths = attention_mask.sum(1).long()
+    plen = prompt_lengths.to(device).long()
+    clen = lengths - plen
+    if int(plen.min()) < 1 or int(clen.min()) < 0:
+        raise ValueError("prompt_lengths must be >= 1 and at most each row's length")
+    # Distinct prompts, in order of first appearance; row i reads distinct prompt which[i].
+    firsts, which = {}, []
+    for i in range(n):
+        which.append(firsts.setdefault(tuple(input_ids[i, :plen[i]].tolist()), len(firsts)))
+    first_rows = torch.tensor([which.index(u) for u in range(len(firsts))], device=device)
+    which = torch.tensor(which, device=device)
+    # The distinct prompts right-padded (no query row is fully masked, which gives NaN in eager attention); the
+    # completions then sit after all P prompt columns, the padding columns masked out.
+    p_width = int(plen.max())
+    cols = torch.arange(p_width, device=device)
+    u_len = plen[first_rows]
+    prompt_mask = (cols[None, :] < u_len[:, None]).long()
+    prompt_ids = input_ids[first_rows, :p_width] * prompt_mask
+    cache = DynamicCache()
+    out = trunk(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=cols.expand(len(u_len), -1),
+                use_cache=True, **{cache_kw: cache}).last_hidden_state
+    last = out[torch.arange(len(u_len), device=device), u_len - 1][which]  # [n, H]: predicts completion token 0
+    c_width = int(clen.max())
+    if c_width <= 1:  # only the last prompt token predicts anything
+        return last[:, None]
+    # Completion tokens 0 .. C-2 (the last one predicts nothing), left-aligned after the shared prompt columns.
+    steps = torch.arange(c_width - 1, device=device)
+    comp_ids = input_ids.gather(1, (plen[:, None] + steps).clamp(max=width - 1))
+    comp_mask = (steps[None, :] < clen[:, None] - 1).long()
+    cache.batch_select_indices(which)
+    hidden = trunk(input_ids=comp_ids, attention_mask=torch.cat([prompt_mask[which], comp_mask], 1),
+                   position_ids=plen[:, None] + steps, use_cache=True, **{cache_kw: cache}).last_hidden_state
+    return torch.cat([last[:, None], hidden], 1)
+
+
+def completion_aligned(prompt_lengths, width, *tensors, fill=IGNORE_INDEX):
+    """Per-token tensors of the shifted ``[B, W-1]`` layout (position t scores token t+1) in the layout of
+    :func:`completion_hidden_states` (``[B, width]``, position j scoring completion token j); ``None`` passes
+    through. Positions past the source are filled with ``fill`` for integer tensors, 0 for float ones."""
+    out = []
+    for t in tensors:
+        if t is None:
+            out.append(None)
+            continue
+        index = (prompt_lengths.to(t.device).long()[:, None] - 1 + torch.arange(width, device=t.device))
+        inside = index < t.shape[1]
+        got = t.gather(1, index.clamp(max=t.shape[1] - 1))
+        pad = fill if not t.is_floating_point() else 0.0
+        out.append(torch.where(inside, got, torch.full_like(got, pad)))
+    return out
 
 
 class TokenValueModel(nn.Module):

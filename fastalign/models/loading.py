@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import os
 from pathlib import Path
 
@@ -119,3 +120,9 @@ def save_pretrained(model, tokenizer, folder) -> Path:
 
 def parameter_bytes(module) -> int:
     return sum(p.numel() * p.element_size() for p in module.parameters())
+
+
+def cache_argument(lm) -> str:
+    """The keyword the model's forward takes its KV cache by (transformers 5 renamed it to ``cache``)."""
+    params = inspect.signature(base_causal_lm(lm).forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
