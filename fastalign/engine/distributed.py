@@ -49,7 +49,10 @@ def init_distributed() -> DistState:
 
 
 def shutdown(state: DistState):
+    """Leave the process group together: a gloo rank that tears its group down while another still finishes
+    its last step can abort that one ("terminate called without an active exception", seen in CI)."""
     if state.distributed and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 
