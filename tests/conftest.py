@@ -74,6 +74,23 @@ def run_two_processes(script, *args) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
+def one_and_two_processes(script_text, tmp_path, seed):
+    """Run a worker script (``argv: out_file seed``) under 2 gloo processes and in this process (world size 1,
+    the reference); returns what each saved: ``(one, two)``."""
+    import torch
+
+    worker = tmp_path / "worker.py"
+    worker.write_text(script_text)
+    run_two_processes(worker, tmp_path / "two.pt", seed)
+    argv = sys.argv
+    try:
+        sys.argv = ["worker", str(tmp_path / "one.pt"), str(seed)]
+        exec(compile(script_text, "worker", "exec"), {"__name__": "worker"})
+    finally:
+        sys.argv = argv
+    return torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
+
+
 def use_triton() -> None:
     """Skip unless the triton backend runs here (compiled on CUDA, else in the interpreter)."""
     if importlib.util.find_spec("triton") is None:

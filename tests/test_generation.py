@@ -2,12 +2,11 @@
 groups, seeding, bad input; generate() unchanged; FSDP2 generation with gathered parameters (2 gloo processes)."""
 
 import random
-import sys
 import textwrap
 
 import pytest
 import torch
-from conftest import rel_err, run_two_processes
+from conftest import one_and_two_processes, rel_err
 
 from fastalign.data import loading
 from fastalign.engine import generation
@@ -241,18 +240,8 @@ FSDP_WORKER = textwrap.dedent('''
 
 
 def test_fsdp2_generation_gathers_parameters_and_matches_one_process(tmp_path):
-    worker = tmp_path / "worker.py"
-    worker.write_text(FSDP_WORKER)
-    seed = random.randrange(10**6)
-    run_two_processes(worker, tmp_path / "two.pt", seed)
     # The same script in this process (world size 1: no sharding) is the reference.
-    argv = sys.argv
-    try:
-        sys.argv = ["worker", str(tmp_path / "one.pt"), str(seed)]
-        exec(compile(FSDP_WORKER, "worker", "exec"), {"__name__": "worker"})
-    finally:
-        sys.argv = argv
-    one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
+    one, two = one_and_two_processes(FSDP_WORKER, tmp_path, random.randrange(10**6))
     assert "DTensor" in two["sharded"]  # after generation the parameters are sharded again
     assert torch.equal(one["ids"], two["ids"])
     assert rel_err(two["logprobs"], one["logprobs"]) < 1e-5

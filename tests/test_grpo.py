@@ -7,12 +7,11 @@ import json
 import math
 import random
 import shutil
-import sys
 import textwrap
 
 import pytest
 import torch
-from conftest import run_two_processes
+from conftest import one_and_two_processes
 
 from fastalign import cli
 from fastalign.data import loading
@@ -319,17 +318,8 @@ WORKER = textwrap.dedent('''
 
 
 def test_two_gloo_processes_match_one_process(tmp_path):
-    worker = tmp_path / "worker.py"
-    worker.write_text(WORKER)
-    seed = random.randrange(10**6)
-    run_two_processes(worker, tmp_path / "two.pt", seed)
-    argv = sys.argv
-    try:  # the same script in this process (world size 1) is the reference
-        sys.argv = ["worker", str(tmp_path / "one.pt"), str(seed)]
-        exec(compile(WORKER, "worker", "exec"), {"__name__": "worker"})
-    finally:
-        sys.argv = argv
-    one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
+    # The same script in this process (world size 1) is the reference.
+    one, two = one_and_two_processes(WORKER, tmp_path, random.randrange(10**6))
     for name in ("dapo", "grpo"):
         (m1, g1), (m2, g2) = one[name], two[name]
         assert m1.keys() == m2.keys()
