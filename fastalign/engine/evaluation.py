@@ -89,8 +89,16 @@ def policy_metrics(cfg, lm, tokenizer, start_lm, prompts) -> dict:
     return out
 
 
-def start_task_metrics(cfg, start_lm, tokenizer) -> dict:
-    """The task verifiers of the starting model keyed ``start/<metric>``, so one report holds before → after."""
-    metrics = task_metrics(start_lm, tokenizer, cfg.dataset, n=cfg.num_eval_examples, seed=cfg.seed,
-                           batch_size=cfg.eval_batch_size)
-    return {f"start/{k}": v for k, v in metrics.items()}
+def online_policy_report(cfg, trained, tokenizer, start: str, device):
+    """What the online flows (GRPO, PPO) report on held-out prompts: the trained policy's metrics against the
+    model it started from, and that model's task verifiers keyed ``start/<metric>``, so one report holds
+    before → after. Returns ``(metrics, start_lm, prompts)`` for the flow's own extra measurements."""
+    from fastalign.models.loading import load_causal_lm
+
+    start_lm = load_causal_lm(start, dtype=cfg.dtype, device=device)
+    prompts = heldout_rows(cfg, "prompts")
+    metrics = policy_metrics(cfg, trained, tokenizer, start_lm, prompts)
+    start_tasks = task_metrics(start_lm, tokenizer, cfg.dataset, n=cfg.num_eval_examples, seed=cfg.seed,
+                               batch_size=cfg.eval_batch_size)
+    metrics.update({f"start/{k}": v for k, v in start_tasks.items()})
+    return metrics, start_lm, prompts

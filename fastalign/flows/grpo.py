@@ -48,7 +48,6 @@ from fastalign.engine.trainer import train
 from fastalign.losses import FusedLinearGRPOLoss
 from fastalign.models.heads import IGNORE_INDEX, CausalLMLogprobs, PolicyValueModel, completion_aligned, lm_head
 from fastalign.models.loading import (
-    load_causal_lm,
     load_from_config,
     load_tokenizer,
     parameter_bytes,
@@ -354,10 +353,7 @@ def run(cfg: GRPOConfig) -> dict:
               "reference": None if reference is None else reference.name}
     if state.is_main:
         trained = unwrap(policy).lm
-        start_lm = load_causal_lm(start, dtype=cfg.dtype, device=state.device)
-        prompts = evaluation.heldout_rows(cfg, "prompts")
-        report.update(evaluation.policy_metrics(cfg, trained, tokenizer, start_lm, prompts))
-        report.update(evaluation.start_task_metrics(cfg, start_lm, tokenizer))
+        report.update(evaluation.online_policy_report(cfg, trained, tokenizer, start, state.device)[0])
 
         # --- report: the trained policy and the numbers ------------------------------------------------
         save_pretrained(trained, tokenizer, run_dir / "model")

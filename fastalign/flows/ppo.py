@@ -63,7 +63,7 @@ from fastalign.models.heads import (
     lm_head,
     target_mask,
 )
-from fastalign.models.loading import load_causal_lm, load_from_config, load_tokenizer, save_pretrained
+from fastalign.models.loading import load_from_config, load_tokenizer, save_pretrained
 from fastalign.models.reference import build_reference
 
 FILE_MAX_NEW_TOKENS = 16  # completion length for prompts that are not built-in tasks (when max_new_tokens = 0)
@@ -460,10 +460,8 @@ def run(cfg: PPOConfig) -> dict:
               "last_rollout": {k: history[-1][k] for k in ("score", "kl") if k in history[-1]}}
     if state.is_main:
         trained = unwrap(policy).lm
-        start_lm = load_causal_lm(start, dtype=cfg.dtype, device=state.device)
-        prompts = evaluation.heldout_rows(cfg, "prompts")
-        report.update(evaluation.policy_metrics(cfg, trained, tokenizer, start_lm, prompts))
-        report.update(evaluation.start_task_metrics(cfg, start_lm, tokenizer))
+        metrics, start_lm, prompts = evaluation.online_policy_report(cfg, trained, tokenizer, start, state.device)
+        report.update(metrics)
         if prompts is not None:
             report.update(evaluate_policy(trained, reward_model, tokenizer, prompts, cfg, state.device))
             report.update({f"start/{k}": v for k, v in
