@@ -157,25 +157,21 @@ def completion_hidden_states(lm, input_ids, attention_mask, prompt_lengths):
 
     trunk, cache_kw = decoder(lm), cache_argument(lm)
     device = input_ids.device
-    n, width = input_ids.shape
+    width = input_ids.shape[1]
     lengths = attention_mask.sum(1).long()
     plen = prompt_lengths.to(device).long()
     clen = lengths - plen
     if int(plen.min()) < 1 or int(clen.min()) < 0:
         raise ValueError("prompt_lengths must be >= 1 and at most each row's length")
-    # Distinct prompts, in order of first appearance; row i reads distinct prompt which[i].
-    firsts, which = {}, []
-    for i in range(n):
-        which.append(firsts.setdefault(tuple(input_ids[i, :plen[i]].tolist()), len(firsts)))
-    first_rows = torch.tensor([which.index(u) for u in range(len(firsts))], device=device)
-    which = torch.tensor(which, device=device)
-    # The distinct prompts right-padded (no query row is fully masked, which gives NaN in eager attention); the
-    # completions then sit after all P prompt columns, the padding columns masked out.
+    # The distinct prompts (right-padded with -1) and, per row, which of them it reads. Right padding: no query
+    # row is fully masked (that gives NaN in eager attention); the completions then sit after all P prompt
+    # columns, the padding columns masked out.
     p_width = int(plen.max())
     cols = torch.arange(p_width, device=device)
-    u_len = plen[first_rows]
-    prompt_mask = (cols[None, :] < u_len[:, None]).long()
-    prompt_ids = input_ids[first_rows, :p_width] * prompt_mask
+    keyed = torch.where(cols[None, :] < plen[:, None], input_ids[:, :p_width], -1)
+    distinct, which = torch.unique(keyed, dim=0, return_inverse=True)
+    prompt_mask = (distinct >= 0).long()
+    prompt_ids, u_len = distinct.clamp(min=0), prompt_mask.sum(1)
     cache = DynamicCache()
     out = trunk(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=cols.expand(len(u_len), -1),
                 use_cache=True, **{cache_kw: cache}).last_hidden_state
