@@ -365,7 +365,7 @@ def test_fake_tensors_trace_the_policy_loss():
     inputs, ref = policy_inputs(3, 8, False)
     with FakeTensorMode() as mode:
         fakes = [mode.from_tensor(x) for x in inputs]
-        loss, metrics = ops.native_rl.policy_loss_native(
+        loss, metrics = ops.policy.cpu.policy_loss_native(
             *fakes, ref_logp=mode.from_tensor(ref), beta=0.1, kl_kind="k3", clip_low=0.2, clip_high=None,
             loss_type="grpo", max_completion_length=None, num_items=None)
     assert loss.shape == () and sorted(metrics) == ["clip_fraction", "kl_mean", "ratio_mean"]

@@ -7,7 +7,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastalign import ops
-from fastalign.ops import chunked
+from fastalign.ops.logprobs import chunked
 
 BACKENDS = ["torch", pytest.param("cpu", marks=pytest.mark.skipif(
     not ops.backends()["cpu"].available, reason="fastalign._C not built"))]

@@ -132,7 +132,7 @@ def _step_fn(spec: dict, impl: str, hidden, weight, labels, extra, liger_compile
             ((per_token * mask).sum() / mask.sum().clamp(min=1)).backward()
         return step
     if impl == "floor":
-        from fastalign.ops.chunked import choose_chunk_size
+        from fastalign.ops.logprobs.chunked import choose_chunk_size
 
         h2d = hidden.detach().reshape(-1, hidden.shape[-1])[mask.reshape(-1)]
         w = weight.detach()

@@ -2,7 +2,7 @@
 
 A loss file states only its formula; this module turns it into a loss over hidden states and an
 LM head without ever building an ``N x V`` tensor. Both loops rest on the primitives of
-:mod:`fastalign.ops.chunked` (one GEMM per chunk without gradient, three with):
+:mod:`fastalign.ops.logprobs.chunked` (one GEMM per chunk without gradient, three with):
 
 * :func:`token_loss` — GRPO/PPO: the loss is a weighted sum of per-token terms whose weights
   (the normalizers) come from the mask, so each token's gradient is known as soon as its chunk's
@@ -28,8 +28,8 @@ import torch
 from torch import Tensor
 
 from fastalign import ops
-from fastalign.ops import chunked
 from fastalign.ops import validation as v
+from fastalign.ops.logprobs import chunked
 
 TokenLossFn = Callable[[int, int, Tensor, Tensor, "Tensor | None"], Tensor]
 PairLossFn = Callable[[Tensor, Tensor, "Tensor | None", "Tensor | None"], Tensor]

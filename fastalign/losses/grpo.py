@@ -14,7 +14,7 @@ from fastalign import ops
 from fastalign.ops import validation as v
 from fastalign.ops.kl import KL_KINDS
 from fastalign.ops.policy import LOSS_TYPES
-from fastalign.ops.reference.policy import token_weights
+from fastalign.ops.policy.spec import token_weights
 
 from . import base
 

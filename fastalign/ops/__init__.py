@@ -1,19 +1,14 @@
-"""fastalign.ops — the public fused ops.
+"""fastalign.ops — the public fused ops, organized by op.
 
-Each op validates its inputs (clear errors naming the argument), picks a backend
-(:func:`backends` lists them; :func:`backend` or ``FASTALIGN_BACKEND`` forces one) and runs an
-autograd-ready implementation. ``fastalign.ops.reference`` holds the pure-PyTorch spec of each.
+Each op family is a package (``logprobs``, ``kl``, ``advantages``, ``policy``, ``preference``,
+``steering``) holding its public functions with their validation, its kinds declared once
+(:mod:`kinds`), its pure-PyTorch spec (``spec.py``, gathered in ``fastalign.ops.reference``) and the
+registration of each backend (``cpu.py``, ``triton.py``). At call time an op validates its inputs,
+picks a backend (:func:`backends` lists them; :func:`backend` or ``FASTALIGN_BACKEND`` forces one)
+and runs an autograd-ready implementation.
 """
 
-from . import (
-    native,  # noqa: F401  (registers the compiled backends)
-    native_rl,  # noqa: F401  (the compiled backends of the RL and preference ops)
-    native_steering,  # noqa: F401  (the compiled backend of steer_logits)
-    reference,
-    triton_logprobs,  # noqa: F401  (registers the triton backend; imports triton only when it runs)
-    triton_rl,  # noqa: F401  (triton backend of the RL/preference ops; imports triton only when it runs)
-    triton_steering,  # noqa: F401  (triton backend of steer_logits; imports triton only when it runs)
-)
+from . import reference
 from .advantages import gae, group_advantages, rloo_advantages, whiten
 from .dispatch import backend, backends, registered_ops
 from .kl import kl_penalty

@@ -55,7 +55,8 @@ def implementations(op: str) -> dict[str, Callable]:
 
 
 def registered_ops() -> list[str]:
-    return sorted(_registry)
+    """The public ops (names starting with ``_`` are internal pieces, like the chunk loops' row passes)."""
+    return sorted(op for op in _registry if not op.startswith("_"))
 
 
 @functools.cache

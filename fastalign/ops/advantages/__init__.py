@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import torch
 
-from . import dispatch
-from . import reference as ref
-from . import validation as v
+from .. import dispatch
+from .. import validation as v
+from . import cpu  # noqa: F401  (registers the compiled backends)
+from . import spec as ref
+from .spec import AdvantageScale
 
-SCALES = ("group", "batch", "none")
+SCALES = AdvantageScale.names()
 
 
 def _check_groups(rewards, group_size, minimum):

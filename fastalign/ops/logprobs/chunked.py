@@ -6,9 +6,10 @@ the log-prob of the label, the entropy and (in the backward) the gradient of the
 in place into the same buffer. Only ``O(chunk x V)`` logits exist at any time, plus ``O(N)``
 per-token scalars and the gradient buffers of the inputs.
 
-Row math: on CPU tensors with ``fastalign._C`` built, the fused OpenMP kernels
-``torch.ops.fastalign.logprobs_fwd`` / ``logprobs_bwd_`` (one vectorized pass per row and
-direction); anywhere else plain PyTorch on small row blocks, so its temporaries stay small too.
+Row math: the loops ask the dispatcher for the ``_logprob_rows`` of the tensors' backend (a
+:class:`LogprobRows`): the fused OpenMP kernels on CPU (``logprobs/cpu.py``), the Triton row
+kernels on CUDA (``logprobs/triton.py``), or plain PyTorch on small row blocks anywhere (below), so
+a forced backend (``ops.backend(...)``) holds for every loss built on these loops.
 
 Ignored positions are compacted away first (like Cut Cross-Entropy): chunk boundaries are
 placed so that every chunk holds ``chunk_size`` *valid* rows, and padding costs no GEMM work.
@@ -45,7 +46,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from . import dispatch
+from .. import dispatch
 
 DEFAULT_MEM_BUDGET = 256 * 2**20
 _SUFFIXES = {"": 1, "B": 1, "K": 2**10, "KB": 2**10, "KIB": 2**10, "M": 2**20, "MB": 2**20, "MIB": 2**20,
@@ -103,14 +104,28 @@ def choose_chunk_size(n_tokens: int, vocab: int, mem_budget: int | None = None) 
 
 
 # ------------------------------------------------------------------------------------- row math
-def _native_available(device: torch.device) -> bool:
-    """Fused native row kernels for this device, unless the torch backend is forced."""
-    if dispatch.forced_backend() == "torch":
-        return False
-    return device.type == "cpu" and dispatch._native_status()[0]
+@dataclass(frozen=True)
+class LogprobRows:
+    """One backend's fused row passes over float32 logits ``z [n, V]`` with valid labels ``[n]``.
+
+    ``forward(z, labels, temperature, ignore_index) -> (logp, entropy, stat)``, each fp32 ``[n]``;
+    ``stat`` is whatever the same backend's ``backward_`` needs (a log-sum-exp).
+    ``backward_(z, labels, stat, entropy, g_logp, g_entropy, temperature, ignore_index)`` overwrites
+    ``z`` with d(loss)/d(z); ``g_entropy`` may be None.
+    """
+
+    name: str
+    forward: Callable
+    backward_: Callable
 
 
-def _rows_forward_torch(z: Tensor, labels: Tensor, temperature: float) -> tuple[Tensor, Tensor, Tensor]:
+def row_math(device: torch.device) -> LogprobRows:
+    """The row passes of the backend the dispatcher picks for ``device`` (honouring a forced backend)."""
+    return dispatch.select("_logprob_rows", device)[1]
+
+
+def _rows_forward_torch(z: Tensor, labels: Tensor, temperature: float,
+                        ignore_index: int = -100) -> tuple[Tensor, Tensor, Tensor]:
     """(logp, entropy, rel_lse) of each row of float32 logits ``z`` (labels all valid).
 
     ``rel_lse = log sum exp(x - max x)``, the log-sum-exp relative to the row max, as the native kernel.
@@ -135,7 +150,7 @@ def _rows_forward_torch(z: Tensor, labels: Tensor, temperature: float) -> tuple[
 
 
 def _rows_backward_torch_(z: Tensor, labels: Tensor, rel_lse: Tensor, entropy: Tensor, g_logp: Tensor,
-                          g_entropy: Tensor | None, temperature: float) -> None:
+                          g_entropy: Tensor | None, temperature: float, ignore_index: int = -100) -> None:
     """Overwrite float32 logits ``z`` with d(loss)/d(z), row block by row block."""
     n = z.shape[0]
     block = max(1, _TORCH_BLOCK_ELEMS // max(1, z.shape[1]))
@@ -158,17 +173,8 @@ def _rows_backward_torch_(z: Tensor, labels: Tensor, rel_lse: Tensor, entropy: T
             zb.mul_(inv_t)
 
 
-def _rows_forward(z: Tensor, labels: Tensor, temperature: float, ignore_index: int, native: bool):
-    if native:
-        return torch.ops.fastalign.logprobs_fwd(z, labels, temperature, ignore_index)
-    return _rows_forward_torch(z, labels, temperature)
-
-
-def _rows_backward_(z, labels, rel_lse, entropy, g_logp, g_entropy, temperature, ignore_index, native) -> None:
-    if native:
-        torch.ops.fastalign.logprobs_bwd_(z, labels, rel_lse, entropy, g_logp, g_entropy, temperature, ignore_index)
-    else:
-        _rows_backward_torch_(z, labels, rel_lse, entropy, g_logp, g_entropy, temperature)
+TORCH_ROWS = LogprobRows("torch", _rows_forward_torch, _rows_backward_torch_)
+dispatch.register("_logprob_rows", "torch")(TORCH_ROWS)
 
 
 # ------------------------------------------------------------------------------- chunk planning
@@ -278,12 +284,12 @@ def linear_logprobs_no_grad(hidden2d, weight, labels1d, *, bias=None, temperatur
     chunks, _ = _plan(labels1d, ignore_index, chunk_size, vocab, _budget(mem_budget))
     if not chunks:
         return logp, entropy
-    native = _native_available(hidden2d.device)
+    rows = row_math(hidden2d.device)
     w32, b32 = _f32(weight), _f32(bias)
     ws = _workspace(chunks, vocab, hidden2d.device)
     for c in chunks:
         z = _chunk_logits(_f32(_gather_rows(hidden2d, c.rows)), w32, b32, ws)
-        lp, ent, _ = _rows_forward(z, _labels_of(labels1d, c.rows), float(temperature), ignore_index, native)
+        lp, ent, _ = rows.forward(z, _labels_of(labels1d, c.rows), float(temperature), ignore_index)
         logp[c.rows] = lp
         entropy[c.rows] = ent
     return logp, entropy
@@ -315,7 +321,7 @@ def linear_logprobs_grad_in_forward(hidden2d, weight, labels1d, grad_fn: GradFn,
     entropy = torch.zeros_like(logp)
     chunks, n_valid = _plan(labels1d, ignore_index, chunk_size, vocab, _budget(mem_budget))
     grads = _Grads(hidden2d, vocab, True, need_weight_grad, need_bias_grad and bias is not None, n_valid == n)
-    native = _native_available(dev)
+    rows = row_math(dev)
     w32, b32 = _f32(weight), _f32(bias)
     temperature = float(temperature)
     ws = _workspace(chunks, vocab, dev)
@@ -324,7 +330,7 @@ def linear_logprobs_grad_in_forward(hidden2d, weight, labels1d, grad_fn: GradFn,
             h32 = _f32(_gather_rows(hidden2d, c.rows))
             labels = _labels_of(labels1d, c.rows)
             z = _chunk_logits(h32, w32, b32, ws)
-            lp, ent, rel_lse = _rows_forward(z, labels, temperature, ignore_index, native)
+            lp, ent, rel_lse = rows.forward(z, labels, temperature, ignore_index)
             logp[c.rows] = lp
             entropy[c.rows] = ent
         g_lp, g_ent = grad_fn(c.start, c.end, logp[c.start:c.end], entropy[c.start:c.end])
@@ -332,7 +338,7 @@ def linear_logprobs_grad_in_forward(hidden2d, weight, labels1d, grad_fn: GradFn,
             loc = c.local()
             g_lp = torch.zeros_like(lp) if g_lp is None else _f32(g_lp.detach()[loc]).contiguous()
             g_ent = None if g_ent is None else _f32(g_ent.detach()[loc]).contiguous()
-            _rows_backward_(z, labels, rel_lse, ent, g_lp, g_ent, temperature, ignore_index, native)
+            rows.backward_(z, labels, rel_lse, ent, g_lp, g_ent, temperature, ignore_index)
             grads.add(z, h32, w32, c.rows)
     return (logp, entropy, *grads.result())
 
@@ -386,7 +392,7 @@ class _TokenLogprobs(torch.autograd.Function):
     """Chunked forward; the backward reuses the kept chunks' logits and recomputes the others."""
 
     @staticmethod
-    def forward(ctx, hidden2d, weight, bias, labels1d, temperature, ignore_index, chunk_size, budget, native):
+    def forward(ctx, hidden2d, weight, bias, labels1d, temperature, ignore_index, chunk_size, budget, rows):
         n, vocab = hidden2d.shape[0], weight.shape[0]
         logp = torch.zeros(n, dtype=torch.float32, device=hidden2d.device)
         entropy = torch.zeros_like(logp)
@@ -403,7 +409,7 @@ class _TokenLogprobs(torch.autograd.Function):
             if ws is None:
                 ws = _workspace(chunks, vocab, hidden2d.device)
             z = _chunk_logits(_f32(_gather_rows(hidden2d, c.rows)), w32, b32, ws)
-            lp, ent, rel_lse = _rows_forward(z, labels, temperature, ignore_index, native)
+            lp, ent, rel_lse = rows.forward(z, labels, temperature, ignore_index)
             logp[c.rows] = lp
             entropy[c.rows] = ent
             stats.append((labels, rel_lse, ent))
@@ -412,7 +418,7 @@ class _TokenLogprobs(torch.autograd.Function):
         del ws, z
         ctx.save_for_backward(hidden2d, weight, bias)
         ctx.chunks, ctx.kept, ctx.stats, ctx.all_rows = chunks, kept, stats, n_valid == n
-        ctx.temperature, ctx.ignore_index, ctx.native = temperature, ignore_index, native
+        ctx.temperature, ctx.ignore_index, ctx.rows = temperature, ignore_index, rows
         ctx.set_materialize_grads(False)
         return logp, entropy
 
@@ -447,7 +453,7 @@ class _TokenLogprobs(torch.autograd.Function):
                     z = _chunk_logits(h32, w32, b32, ws)
                 gl = torch.zeros_like(rel_lse) if g_logp is None else _gather_rows(g_logp, c.rows).contiguous()
                 ge = None if g_entropy is None else _gather_rows(g_entropy, c.rows).contiguous()
-                _rows_backward_(z, labels, rel_lse, ent, gl, ge, ctx.temperature, ctx.ignore_index, ctx.native)
+                ctx.rows.backward_(z, labels, rel_lse, ent, gl, ge, ctx.temperature, ctx.ignore_index)
                 grads.add(z, h32, w32, c.rows)
             del ws, z
         ctx.kept, ctx.stats = {}, []
@@ -459,26 +465,17 @@ class _TokenLogprobs(torch.autograd.Function):
         return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None
 
 
-def token_logprobs_chunked(hidden, weight, labels, *, bias=None, temperature=1.0, ignore_index=-100,
-                           return_entropy=False, chunk_size=None, mem_budget=None, grad_filter_eps=0.0,
-                           native=None):
-    """:func:`fastalign.ops.token_logprobs` by token chunks (inputs already validated there).
-
-    ``native=None`` uses the fused native row kernels where available (CPU tensors with
-    ``fastalign._C``); ``False`` forces the PyTorch row math. ``grad_filter_eps`` is a GPU-only
-    approximation and is ignored here (exact gradients).
+def token_logprobs_chunked(hidden, weight, labels, *, rows: LogprobRows, bias=None, temperature=1.0,
+                           ignore_index=-100, return_entropy=False, chunk_size=None, mem_budget=None,
+                           grad_filter_eps=0.0):
+    """:func:`fastalign.ops.token_logprobs` by token chunks (inputs already validated there) with the row
+    passes ``rows`` of one backend. ``grad_filter_eps`` is a GPU-only approximation and is ignored here
+    (exact gradients).
     """
     lead = hidden.shape[:-1]
     hidden2d = hidden.reshape(-1, hidden.shape[-1])
     labels1d = labels.reshape(-1)
-    if native is None:
-        native = _native_available(hidden.device)
     logp, entropy = _TokenLogprobs.apply(hidden2d, weight, bias, labels1d, float(temperature), ignore_index,
-                                         chunk_size, _budget(mem_budget), bool(native))
+                                         chunk_size, _budget(mem_budget), rows)
     logp = logp.reshape(lead)
     return (logp, entropy.reshape(lead)) if return_entropy else logp
-
-
-@dispatch.register("token_logprobs", "cpu")
-def _token_logprobs_cpu(hidden, weight, labels, **kw):
-    return token_logprobs_chunked(hidden, weight, labels, native=True, **kw)

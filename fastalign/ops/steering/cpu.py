@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from . import dispatch
+from .. import dispatch
 
 
 def _register_fakes() -> None:

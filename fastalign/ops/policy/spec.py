@@ -4,7 +4,17 @@ from __future__ import annotations
 
 import torch
 
-from .kl import kl_penalty
+from ..kinds import Kind
+from ..kl.spec import kl_penalty
+
+
+class PolicyLossType(Kind):
+    """How the per-token terms of the policy loss are aggregated (the normalizer of each token)."""
+
+    grpo = 0     # mean over each sequence's tokens, then over sequences
+    bnpo = 1     # token mean over the local batch
+    dr_grpo = 2  # sum / (B · max_completion_length)
+    dapo = 3     # sum / num_items, the global token count
 
 
 def _masked_mean(x, m):

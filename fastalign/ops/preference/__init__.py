@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import torch
 
-from . import dispatch
-from . import reference as ref
-from . import validation as v
+from .. import dispatch
+from .. import validation as v
+from . import cpu, triton  # noqa: F401  (register the compiled and Triton backends)
+from . import spec as ref
+from .spec import DpoLossType
 
-DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "robust")
+DPO_LOSS_TYPES = DpoLossType.names()
 
 
 def _check_pair_vectors(names_tensors):

@@ -4,6 +4,16 @@ from __future__ import annotations
 
 import torch
 
+from ..kinds import Kind
+
+
+class AdvantageScale(Kind):
+    """What group advantages are divided by."""
+
+    group = 0  # the unbiased std within each group
+    batch = 1  # the std over all rewards
+    none = 2   # nothing (Dr. GRPO)
+
 
 def _group_mean(r: torch.Tensor) -> torch.Tensor:
     # Shifted by the group's first reward so that a group of equal rewards has a mean equal to

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from . import chunked, dispatch
-from . import reference as ref
-from . import validation as v
+from .. import dispatch
+from .. import validation as v
+from . import chunked, cpu, triton  # noqa: F401  (register the compiled and Triton backends)
+from . import spec as ref
 
 
 def _check_temperature_ignore(temperature, ignore_index):
@@ -82,11 +83,11 @@ def sequence_logprobs(token_logp, mask, *, average=False):
     return impl(token_logp, mask, average=bool(average))
 
 
-# The references are the torch backend, except where a dedicated torch algorithm exists: token_logprobs
-# is token-chunked (never N x V) with PyTorch row math; chunked.py registers the native "cpu" variant.
+# The references are the torch backend, except token_logprobs: token-chunked (never N x V) with the
+# PyTorch row passes; cpu.py registers the same loop with the native row passes.
 @dispatch.register("token_logprobs", "torch")
 def _token_logprobs_torch(hidden, weight, labels, **kw):
-    return chunked.token_logprobs_chunked(hidden, weight, labels, native=False, **kw)
+    return chunked.token_logprobs_chunked(hidden, weight, labels, rows=chunked.TORCH_ROWS, **kw)
 
 
 dispatch.register("sequence_logprobs", "torch")(ref.sequence_logprobs)

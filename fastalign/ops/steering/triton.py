@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from . import dispatch
+from .. import dispatch
 
 
 def _kernel():

@@ -8,14 +8,16 @@ tokens are often half the batch), computes in the common dtype of hidden and wei
 inputs run in float32: log-probs come out fp32 anyway), and keeps only lse and entropy per row for
 the backward. ``chunk_size`` has no effect here: the kernels never hold more than one tile of
 tokens. The backward stages d(logits) for one vocabulary chunk at a time, ``N x Vc`` elements,
-with Vc chosen from ``mem_budget`` (bytes; default ``FASTALIGN_MEM_BUDGET``, else 256 MiB, as in ``ops.chunked``).
+with Vc chosen from ``mem_budget`` (bytes; default ``FASTALIGN_MEM_BUDGET``, else 256 MiB, as in
+``ops.logprobs.chunked``).
 """
 
 from __future__ import annotations
 
 import torch
 
-from . import dispatch
+from .. import dispatch
+from . import chunked
 from .chunked import default_mem_budget
 
 
@@ -166,5 +168,16 @@ def logprobs_from_logits_triton(logits, labels, *, temperature, ignore_index, re
     return (logp, entropy.reshape(lead)) if return_entropy else logp
 
 
+def _rows_forward_triton(z, labels, temperature, ignore_index):
+    return _rows().row_forward(z, labels, 1.0 / temperature, ignore_index)
+
+
+def _rows_backward_triton_(z, labels, lse, entropy, g_logp, g_entropy, temperature, ignore_index):
+    _rows().row_backward(z, z, labels, lse, entropy, g_logp, g_entropy, 1.0 / temperature, ignore_index)
+
+
+# The chunk loops of the fused losses run these row kernels between cuBLAS GEMMs on CUDA.
+TRITON_ROWS = chunked.LogprobRows("triton", _rows_forward_triton, _rows_backward_triton_)
+dispatch.register("_logprob_rows", "triton")(TRITON_ROWS)
 dispatch.register("token_logprobs", "triton")(token_logprobs_triton)
 dispatch.register("logprobs_from_logits", "triton")(logprobs_from_logits_triton)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from . import dispatch
-from . import reference as ref
-from . import validation as v
+from .. import dispatch
+from .. import validation as v
+from . import cpu, triton  # noqa: F401  (register the compiled and Triton backends)
+from .spec import KlKind
+from .spec import kl_penalty as _kl_penalty_spec
 
-KL_KINDS = ("k1", "k2", "k3", "abs")
+KL_KINDS = KlKind.names()
 
 
 def kl_penalty(logp, ref_logp, *, kind="k3"):
@@ -24,4 +26,4 @@ def kl_penalty(logp, ref_logp, *, kind="k3"):
     return impl(logp, ref_logp, kind=kind)
 
 
-dispatch.register("kl_penalty", "torch")(ref.kl_penalty)
+dispatch.register("kl_penalty", "torch")(_kl_penalty_spec)

@@ -7,9 +7,10 @@ from collections.abc import Sequence
 
 import torch
 
-from . import dispatch
-from . import reference as ref
-from . import validation as v
+from .. import dispatch
+from .. import validation as v
+from . import cpu, triton  # noqa: F401  (register the compiled and Triton backends)
+from . import spec as ref
 
 
 def _betas(betas, num_neg: int, like: torch.Tensor) -> torch.Tensor:

@@ -5,20 +5,32 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..kinds import Kind
+
+
+class DpoLossType(Kind):
+    """The DPO-family losses of a pair's log-ratio difference Δ."""
+
+    sigmoid = 0  # −(1−ε)·log σ(βΔ) − ε·log σ(−βΔ)
+    hinge = 1    # relu(1 − βΔ)
+    ipo = 2      # (Δ − 1/(2β))²
+    robust = 3   # (−(1−ε)·log σ(βΔ) + ε·log σ(−βΔ)) / (1 − 2ε)
+
 
 def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, *,
              beta=0.1, loss_type="sigmoid", label_smoothing=0.0):
     chosen = policy_chosen_logps.float() - ref_chosen_logps.detach().float()
     rejected = policy_rejected_logps.float() - ref_rejected_logps.detach().float()
     delta = chosen - rejected
-    if loss_type == "sigmoid":
+    loss_type = DpoLossType(DpoLossType.code(loss_type, "loss_type"))
+    if loss_type == DpoLossType.sigmoid:
         losses = (-(1 - label_smoothing) * F.logsigmoid(beta * delta)
                   - label_smoothing * F.logsigmoid(-beta * delta))
-    elif loss_type == "hinge":
+    elif loss_type == DpoLossType.hinge:
         losses = torch.relu(1.0 - beta * delta)
-    elif loss_type == "ipo":
+    elif loss_type == DpoLossType.ipo:
         losses = (delta - 1.0 / (2.0 * beta)) ** 2
-    else:  # robust
+    else:  # DpoLossType.robust
         losses = ((-(1 - label_smoothing) * F.logsigmoid(beta * delta)
                    + label_smoothing * F.logsigmoid(-beta * delta)) / (1.0 - 2.0 * label_smoothing))
     return losses, beta * chosen.detach(), beta * rejected.detach()

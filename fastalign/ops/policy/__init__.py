@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import torch
 
-from . import dispatch
-from . import reference as ref
-from . import validation as v
-from .kl import KL_KINDS
+from .. import dispatch
+from .. import validation as v
+from ..kl import KL_KINDS
+from . import cpu, triton  # noqa: F401  (register the compiled and Triton backends)
+from . import spec as ref
+from .spec import PolicyLossType
 
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+LOSS_TYPES = PolicyLossType.names()
 
 
 def policy_loss(logp, old_logp, advantages, mask, *, ref_logp=None, beta=0.0, kl_kind="k3",
