@@ -10,12 +10,20 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include "common/advantages_row.h"
 #include "cpu/kernels.h"
 
 namespace fastalign {
 namespace {
 
 using at::Tensor;
+
+// Kind codes come from the Python enums (fastalign/ops/*/spec.py); one the kernels do not know is an
+// error here, never some other formula in a switch's default branch.
+int check_code(int64_t code, int count, const char* name) {
+  TORCH_CHECK(code >= 0 && code < count, "fastalign: ", name, " must be a code in [0, ", count, "), got ", code);
+  return static_cast<int>(code);
+}
 
 void check_cpu(const Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu(), "fastalign: ", name, " must be a CPU tensor, got ", t.device());
@@ -115,7 +123,7 @@ Tensor group_advantages_cpu(const Tensor& rewards, int64_t group_size, int64_t s
   TORCH_CHECK(group_size >= 1 && rewards.numel() % group_size == 0, "fastalign: group_size must divide rewards");
   Tensor out = at::empty_like(rewards);
   cpu::group_advantages(rewards.data_ptr<float>(), out.data_ptr<float>(), rewards.numel(), group_size,
-                        static_cast<int>(scale), static_cast<float>(eps));
+                        check_code(scale, kAdvantageScales, "scale"), static_cast<float>(eps));
   return out;
 }
 
@@ -172,7 +180,7 @@ Tensor group_advantages_bwd_cpu(const Tensor& grad, const Tensor& rewards, int64
   TORCH_CHECK(group_size >= 1 && rewards.numel() % group_size == 0, "fastalign: group_size must divide rewards");
   Tensor d_rewards = at::empty_like(rewards);
   cpu::group_advantages_backward(rewards.data_ptr<float>(), grad.data_ptr<float>(), d_rewards.data_ptr<float>(),
-                                 rewards.numel(), group_size, static_cast<int>(scale), static_cast<float>(eps));
+                                 rewards.numel(), group_size, check_code(scale, kAdvantageScales, "scale"), static_cast<float>(eps));
   return d_rewards;
 }
 
@@ -218,7 +226,7 @@ Tensor kl_fwd_cpu(const Tensor& logp, const Tensor& ref_logp, int64_t kind) {
   check_numel(ref_logp, logp.numel(), "ref_logp");
   Tensor out = at::empty_like(logp);
   cpu::kl_forward(logp.data_ptr<float>(), ref_logp.data_ptr<float>(), out.data_ptr<float>(), logp.numel(),
-                  static_cast<int>(kind));
+                  check_code(kind, kKlKinds, "kl kind"));
   return out;
 }
 
@@ -228,7 +236,7 @@ Tensor kl_bwd_cpu(const Tensor& grad, const Tensor& logp, const Tensor& ref_logp
   check_numel(ref_logp, logp.numel(), "ref_logp");
   Tensor d_logp = at::empty_like(logp);
   cpu::kl_backward(grad.data_ptr<float>(), logp.data_ptr<float>(), ref_logp.data_ptr<float>(),
-                   d_logp.data_ptr<float>(), logp.numel(), static_cast<int>(kind));
+                   d_logp.data_ptr<float>(), logp.numel(), check_code(kind, kKlKinds, "kl kind"));
   return d_logp;
 }
 
@@ -255,58 +263,35 @@ Tensor sequence_logprobs_bwd_cpu(const Tensor& grad, const Tensor& mask, bool av
 PolicyConfig policy_config(double beta, int64_t kl_kind, double clip_low, double clip_high) {
   // The ratio bounds are rounded to float once, from double, as torch.clamp does with Python floats.
   return PolicyConfig{static_cast<float>(1.0 - clip_low), static_cast<float>(1.0 + clip_high), static_cast<float>(beta),
-                      static_cast<int>(kl_kind)};
+                      check_code(kl_kind, kKlKinds, "kl_kind")};
 }
 
-// Checks the policy-loss tensors; returns whether the advantages are per token ([B, T]) or per row ([B]).
-bool check_policy_inputs(const Tensor& logp, const Tensor& old_logp, const Tensor& adv, const Tensor& mask,
-                         const std::optional<Tensor>& ref_logp, double beta) {
-  for (const Tensor* t : {&logp, &old_logp, &adv, &mask}) check_f32(*t, "policy_loss input");
-  TORCH_CHECK(logp.dim() == 2, "fastalign: logp must be [B, T], got ", logp.sizes());
+// (loss, sums[4], d_logp, d_adv): see cpu::policy_tokens. logp, old_logp and mask are [R, T];
+// advantages and scale are [R] or [R, T]; d_adv is empty unless advantages_grad.
+std::tuple<Tensor, Tensor, Tensor, Tensor> policy_tokens_cpu(const Tensor& logp, const Tensor& old_logp,
+                                                             const Tensor& adv, const Tensor& mask,
+                                                             const std::optional<Tensor>& ref_logp,
+                                                             const Tensor& scale, double beta, int64_t kl_kind,
+                                                             double clip_low, double clip_high, bool advantages_grad) {
+  for (const Tensor* t : {&logp, &old_logp, &adv, &mask, &scale}) check_f32(*t, "policy_tokens input");
+  TORCH_CHECK(logp.dim() == 2, "fastalign: logp must be [R, T], got ", logp.sizes());
+  const int64_t rows = logp.size(0), len = logp.size(1);
   check_numel(old_logp, logp.numel(), "old_logp");
   check_numel(mask, logp.numel(), "mask");
-  const bool per_token = adv.numel() == logp.numel() && adv.dim() == 2;
-  TORCH_CHECK(per_token || adv.numel() == logp.size(0), "fastalign: advantages must be [B] or [B, T]");
-  if (beta > 0.0) {
-    TORCH_CHECK(ref_logp.has_value() && ref_logp->defined(), "fastalign: ref_logp is required when beta > 0");
-  }
-  return per_token;
-}
-
-std::tuple<Tensor, Tensor, Tensor> policy_loss_fwd_cpu(const Tensor& logp, const Tensor& old_logp, const Tensor& adv,
-                                                       const Tensor& mask, const std::optional<Tensor>& ref_logp,
-                                                       double beta, int64_t kl_kind, double clip_low, double clip_high,
-                                                       int64_t loss_type, int64_t max_completion_length,
-                                                       double num_items) {
-  const bool per_token = check_policy_inputs(logp, old_logp, adv, mask, ref_logp, beta);
+  const bool adv_per_token = adv.dim() == 2 && adv.numel() == logp.numel();
+  TORCH_CHECK(adv_per_token || (adv.dim() == 1 && adv.numel() == rows), "fastalign: advantages must be [R] or [R, T]");
+  const bool scale_per_token = scale.dim() == 2 && scale.numel() == logp.numel();
+  TORCH_CHECK(scale_per_token || (scale.dim() == 1 && scale.numel() == rows), "fastalign: scale must be [R] or [R, T]");
+  TORCH_CHECK(beta <= 0.0 || (ref_logp.has_value() && ref_logp->defined()), "fastalign: ref_logp is required when beta > 0");
   const float* ref = beta > 0.0 ? optional_f32(ref_logp, logp.numel(), "ref_logp") : nullptr;
-  const int64_t batch = logp.size(0), len = logp.size(1);
-  Tensor loss = scalar_f32(logp), metrics = at::empty({3}, logp.options()), row_scale = at::empty({batch}, logp.options());
-  cpu::policy_loss_forward(logp.data_ptr<float>(), old_logp.data_ptr<float>(), adv.data_ptr<float>(), per_token,
-                           mask.data_ptr<float>(), ref, batch, len, policy_config(beta, kl_kind, clip_low, clip_high),
-                           static_cast<int>(loss_type), max_completion_length, static_cast<float>(num_items),
-                           loss.data_ptr<float>(), metrics.data_ptr<float>(), row_scale.data_ptr<float>());
-  return {loss, metrics, row_scale};
-}
-
-std::tuple<Tensor, Tensor> policy_loss_bwd_cpu(const Tensor& grad_loss, const Tensor& logp, const Tensor& old_logp,
-                                               const Tensor& adv, const Tensor& mask,
-                                               const std::optional<Tensor>& ref_logp, const Tensor& row_scale,
-                                               double beta, int64_t kl_kind, double clip_low, double clip_high,
-                                               bool advantages_grad) {
-  const bool per_token = check_policy_inputs(logp, old_logp, adv, mask, ref_logp, beta);
-  check_f32(grad_loss, "grad_loss");
-  check_numel(grad_loss, 1, "grad_loss");
-  check_f32(row_scale, "row_scale");
-  check_numel(row_scale, logp.size(0), "row_scale");
-  const float* ref = beta > 0.0 ? optional_f32(ref_logp, logp.numel(), "ref_logp") : nullptr;
-  Tensor d_logp = at::empty_like(logp);
+  const PolicyConfig config = policy_config(beta, kl_kind, clip_low, clip_high);
+  Tensor loss = scalar_f32(logp), sums = at::empty({4}, logp.options()), d_logp = at::empty_like(logp);
   Tensor d_adv = advantages_grad ? at::empty_like(adv) : at::empty({0}, adv.options());
-  cpu::policy_loss_backward(grad_loss.data_ptr<float>(), logp.data_ptr<float>(), old_logp.data_ptr<float>(),
-                            adv.data_ptr<float>(), per_token, mask.data_ptr<float>(), ref, row_scale.data_ptr<float>(),
-                            logp.size(0), logp.size(1), policy_config(beta, kl_kind, clip_low, clip_high),
-                            d_logp.data_ptr<float>(), advantages_grad ? d_adv.data_ptr<float>() : nullptr);
-  return {d_logp, d_adv};
+  cpu::policy_tokens(logp.data_ptr<float>(), old_logp.data_ptr<float>(), adv.data_ptr<float>(), adv_per_token,
+                     mask.data_ptr<float>(), ref, scale.data_ptr<float>(), scale_per_token, rows, len, config,
+                     loss.data_ptr<float>(), sums.data_ptr<float>(), d_logp.data_ptr<float>(),
+                     advantages_grad ? d_adv.data_ptr<float>() : nullptr);
+  return {loss, sums, d_logp, d_adv};
 }
 
 void check_value_inputs(const Tensor& values, const Tensor& old_values, const Tensor& returns, const Tensor& mask) {
@@ -351,7 +336,7 @@ std::tuple<Tensor, Tensor, Tensor> dpo_fwd_cpu(const Tensor& pc, const Tensor& p
   check_pairs({&pc, &pr, &rc, &rr});
   Tensor losses = at::empty_like(pc), chosen = at::empty_like(pc), rejected = at::empty_like(pc);
   cpu::dpo_forward(pc.data_ptr<float>(), pr.data_ptr<float>(), rc.data_ptr<float>(), rr.data_ptr<float>(), pc.numel(),
-                   static_cast<float>(beta), static_cast<int>(loss_type), static_cast<float>(label_smoothing),
+                   static_cast<float>(beta), check_code(loss_type, kDpoLossTypes, "dpo loss_type"), static_cast<float>(label_smoothing),
                    losses.data_ptr<float>(), chosen.data_ptr<float>(), rejected.data_ptr<float>());
   return {losses, chosen, rejected};
 }
@@ -361,7 +346,7 @@ Tensor dpo_bwd_cpu(const Tensor& grad, const Tensor& pc, const Tensor& pr, const
   check_pairs({&grad, &pc, &pr, &rc, &rr});
   Tensor d_chosen = at::empty_like(pc);
   cpu::dpo_backward(grad.data_ptr<float>(), pc.data_ptr<float>(), pr.data_ptr<float>(), rc.data_ptr<float>(),
-                    rr.data_ptr<float>(), pc.numel(), static_cast<float>(beta), static_cast<int>(loss_type),
+                    rr.data_ptr<float>(), pc.numel(), static_cast<float>(beta), check_code(loss_type, kDpoLossTypes, "dpo loss_type"),
                     static_cast<float>(label_smoothing), d_chosen.data_ptr<float>());
   return d_chosen;
 }
@@ -482,13 +467,9 @@ TORCH_LIBRARY(fastalign, m) {
   m.def("sequence_logprobs_fwd(Tensor token_logp, Tensor mask, bool average) -> Tensor");
   m.def("sequence_logprobs_bwd(Tensor grad, Tensor mask, bool average) -> Tensor");
   m.def(
-      "policy_loss_fwd(Tensor logp, Tensor old_logp, Tensor advantages, Tensor mask, Tensor? ref_logp, float beta, "
-      "int kl_kind, float clip_low, float clip_high, int loss_type, int max_completion_length, float num_items) "
-      "-> (Tensor, Tensor, Tensor)");
-  m.def(
-      "policy_loss_bwd(Tensor grad_loss, Tensor logp, Tensor old_logp, Tensor advantages, Tensor mask, "
-      "Tensor? ref_logp, Tensor row_scale, float beta, int kl_kind, float clip_low, float clip_high, "
-      "bool advantages_grad) -> (Tensor, Tensor)");
+      "policy_tokens(Tensor logp, Tensor old_logp, Tensor advantages, Tensor mask, Tensor? ref_logp, Tensor scale, "
+      "float beta, int kl_kind, float clip_low, float clip_high, bool advantages_grad) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
   m.def("value_loss_fwd(Tensor values, Tensor old_values, Tensor returns, Tensor mask, float clip) -> (Tensor, Tensor)");
   m.def(
       "value_loss_bwd(Tensor grad_loss, Tensor values, Tensor old_values, Tensor returns, Tensor mask, float clip) "
@@ -526,8 +507,7 @@ TORCH_LIBRARY_IMPL(fastalign, CPU, m) {
   m.impl("kl_bwd", &fastalign::kl_bwd_cpu);
   m.impl("sequence_logprobs_fwd", &fastalign::sequence_logprobs_fwd_cpu);
   m.impl("sequence_logprobs_bwd", &fastalign::sequence_logprobs_bwd_cpu);
-  m.impl("policy_loss_fwd", &fastalign::policy_loss_fwd_cpu);
-  m.impl("policy_loss_bwd", &fastalign::policy_loss_bwd_cpu);
+  m.impl("policy_tokens", &fastalign::policy_tokens_cpu);
   m.impl("value_loss_fwd", &fastalign::value_loss_fwd_cpu);
   m.impl("value_loss_bwd", &fastalign::value_loss_bwd_cpu);
   m.impl("dpo_fwd", &fastalign::dpo_fwd_cpu);

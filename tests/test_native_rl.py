@@ -359,13 +359,14 @@ def test_cpu_backend_is_the_default_for_every_op():
             assert dispatch.select(op, torch.device("cpu"))[0] == "cpu", op
 
 
-def test_fake_tensors_trace_the_policy_loss():
+def test_fake_tensors_trace_the_policy_token_pass():
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    inputs, ref = policy_inputs(3, 8, False)
+    (logp, old, adv, mask), ref = policy_inputs(3, 8, False)
+    real = [x.float().contiguous() for x in (logp, old, adv, mask, ref, torch.ones(3))]
     with FakeTensorMode() as mode:
-        fakes = [mode.from_tensor(x) for x in inputs]
-        loss, metrics = ops.policy.cpu.policy_loss_native(
-            *fakes, ref_logp=mode.from_tensor(ref), beta=0.1, kl_kind="k3", clip_low=0.2, clip_high=None,
-            loss_type="grpo", max_completion_length=None, num_items=None)
-    assert loss.shape == () and sorted(metrics) == ["clip_fraction", "kl_mean", "ratio_mean"]
+        lp, old_f, adv_f, mask_f, ref_f, scale = (mode.from_tensor(x) for x in real)
+        loss, sums, d_logp, d_adv = ops.policy.cpu.policy_tokens_native(
+            lp, old_f, adv_f, mask_f, ref_f, scale, beta=0.1, kl_kind="k3", clip_low=0.2, clip_high=0.2,
+            need_adv_grad=True)
+    assert loss.shape == () and sums.shape == (4,) and d_logp.shape == (3, 8) and d_adv.shape == (3,)

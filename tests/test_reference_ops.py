@@ -337,10 +337,15 @@ def _policy64(logp, old, adv, mask, ref, beta, clip_low, clip_high, loss_type, m
         return tok.sum() / (m.sum() if num_items is None else float(num_items))
 
     loss = aggregate(per_token * m)
-    clip = ((ratio < 1 - clip_low) & (adv < 0)) | ((ratio > 1 + clip_high) & (adv > 0))
-    metrics = {"clip_fraction": (clip.double() * m).sum() / m.sum(), "ratio_mean": (ratio * m).sum() / m.sum()}
+    low = (ratio < 1 - clip_low) & (adv < 0)
+    high = (ratio > 1 + clip_high) & (adv > 0)
+    log_ratio = logp - old
+    metrics = {"clip_ratio/low_mean": (low.double() * m).sum() / m.sum(),
+               "clip_ratio/high_mean": (high.double() * m).sum() / m.sum(),
+               "clip_ratio/region_mean": ((low | high).double() * m).sum() / m.sum(),
+               "approx_kl": 0.5 * (log_ratio.square() * m).sum() / m.sum()}
     if kl is not None:
-        metrics["kl_mean"] = (kl * m).sum() / m.sum()
+        metrics["kl"] = (kl * m).sum() / m.sum()
     # Advantages of both signs cancel in the sum: rounding is relative to the size of the terms.
     return loss, metrics, aggregate(per_token.detach().abs() * m).item()
 
@@ -371,7 +376,7 @@ def test_policy_loss(loss_type, max_len, num_items, beta, clip_high, adv_per_tok
     assert set(metrics) == set(exp_metrics)
     for key, value in exp_metrics.items():
         assert_rel(metrics[key], value, TOL[dtype], key)
-    assert exp_metrics["clip_fraction"] > 0  # the inputs did exercise clipping
+    assert exp_metrics["clip_ratio/region_mean"] > 0  # the inputs did exercise clipping
     loss.backward()
     exp_loss.backward()
     assert_rel(logp.grad, lp64.grad, TOL[dtype], "d logp")
@@ -386,7 +391,7 @@ def test_policy_loss_hand_made():
     for loss_type in ("grpo", "bnpo", "dr_grpo", "dapo"):
         loss, metrics = R.policy_loss(logp, logp.clone(), adv, mask, loss_type=loss_type)
         assert_rel(loss, torch.tensor(1.0, dtype=torch.float64), FP32, loss_type)
-        assert metrics["clip_fraction"] == 0 and metrics["ratio_mean"] == 1
+        assert metrics["clip_ratio/region_mean"] == 0 and metrics["approx_kl"] == 0
     # grpo: an empty row contributes 0 and still counts as a sequence (mean over B).
     mask = torch.tensor([[1.0, 1.0, 1.0], [0.0, 0.0, 0.0]])
     loss, _ = R.policy_loss(logp, logp.clone(), adv, mask, loss_type="grpo")
@@ -395,7 +400,7 @@ def test_policy_loss_hand_made():
     lp = torch.tensor([[0.0]], requires_grad=True)
     loss, metrics = R.policy_loss(lp, torch.tensor([[-1.0]]), torch.tensor([2.0]), torch.ones(1, 1), clip_high=0.28)
     assert_rel(loss, torch.tensor(-1.28 * 2.0, dtype=torch.float64), FP32)
-    assert metrics["clip_fraction"] == 1
+    assert metrics["clip_ratio/region_mean"] == 1 and metrics["clip_ratio/high_mean"] == 1
     loss.backward()
     assert lp.grad.item() == 0.0
 

@@ -91,10 +91,13 @@ def policy64(lp, old, adv, mask, ref, *, beta, kl_kind, clip_low, clip_high, los
 
     count = m.sum().clamp(min=1)
     with torch.no_grad():
-        clipped = ((ratio < 1 - clip_low) & (a < 0)) | ((ratio > 1 + clip_high) & (a > 0))
-        metrics = {"clip_fraction": (clipped * m).sum() / count, "ratio_mean": (ratio * m).sum() / count}
+        low = (ratio < 1 - clip_low) & (a < 0)
+        high = (ratio > 1 + clip_high) & (a > 0)
+        metrics = {"clip_ratio/low_mean": (low * m).sum() / count, "clip_ratio/high_mean": (high * m).sum() / count,
+                   "clip_ratio/region_mean": ((low | high) * m).sum() / count,
+                   "approx_kl": 0.5 * ((lp - old).square() * m).sum() / count}
         if kl is not None:
-            metrics["kl_mean"] = (kl * m).sum() / count
+            metrics["kl"] = (kl * m).sum() / count
         scale = aggregate(per_token.abs()).item()
     return aggregate(per_token), metrics, scale
 
@@ -173,7 +176,7 @@ def check_policy(got, want, dtype):
     assert rel_err(loss, loss64, scale) < tol
     assert set(metrics) == set(metrics64)
     for name in metrics:
-        assert rel_err(metrics[name], metrics64[name], 1.0 if name == "clip_fraction" else 0.0) < tol, name
+        assert rel_err(metrics[name], metrics64[name], 1.0 if name.startswith("clip_ratio") else 0.0) < tol, name
     for g, g64 in zip(grads, grads64):
         assert g.dtype == dtype
         assert rel_err(g, g64) < tol
@@ -218,15 +221,10 @@ outs = dict(out_ptr=f32, partial_ptr=f32, stats_ptr=f32, row_scale_ptr=f32, num_
 cases = [
     (k._kl_fwd_kernel, dict(KL_KIND=2, BLOCK=1024)),
     (k._kl_bwd_kernel, dict(KL_KIND=3, BLOCK=1024)),
-    (k._policy_loss_fwd_kernel, dict(ADV_PER_TOKEN=False, HAS_KL=True, KL_KIND=2, BLOCK_T=1024)),
-    (k._policy_loss_finalize_kernel, dict(LOSS_TYPE=0, NORM_FROM_PTR=False, NORM_FROM_VALUE=False, BLOCK_B=64,
-                                          BLOCK_NB=16)),
-    (k._policy_loss_finalize_kernel, dict(LOSS_TYPE=3, NORM_FROM_PTR=True, NORM_FROM_VALUE=False, BLOCK_B=64,
-                                          BLOCK_NB=16)),
-    (k._policy_loss_bwd_kernel, dict(LOSS_TYPE=0, ADV_PER_TOKEN=False, HAS_KL=True, KL_KIND=1,
-                                     NEED_LOGP_GRAD=True, NEED_ADV_GRAD=True, BLOCK_T=1024)),
-    (k._policy_loss_bwd_kernel, dict(LOSS_TYPE=1, ADV_PER_TOKEN=True, HAS_KL=True, KL_KIND=0,
-                                     NEED_LOGP_GRAD=True, NEED_ADV_GRAD=True, BLOCK_T=1024)),
+    (k._policy_tokens_kernel, dict(ADV_PER_TOKEN=False, SCALE_PER_TOKEN=False, HAS_KL=True, KL_KIND=2,
+                                   NEED_ADV_GRAD=False, BLOCK_T=1024)),
+    (k._policy_tokens_kernel, dict(ADV_PER_TOKEN=True, SCALE_PER_TOKEN=True, HAS_KL=True, KL_KIND=0,
+                                   NEED_ADV_GRAD=True, BLOCK_T=1024)),
     (k._dpo_fwd_kernel, dict(LOSS=3, BLOCK=1024)),
     (k._dpo_bwd_kernel, dict(LOSS=1, NEED_CHOSEN=True, NEED_REJECTED=True, BLOCK=1024)),
     (k._simpo_fwd_kernel, dict(BLOCK=1024)),
@@ -236,7 +234,8 @@ cases = [
                             BLOCK=1024)),
 ]
 for fn, constexprs in cases:
-    compile_for_sm90(fn, ptr(fn, **{n: t for n, t in outs.items() if n in fn.arg_names}), scalars, constexprs)
+    types = outs if fn is not k._policy_tokens_kernel else {n: f32 for n in fn.arg_names}  # the token pass is fp32
+    compile_for_sm90(fn, ptr(fn, **{n: t for n, t in types.items() if n in fn.arg_names}), scalars, constexprs)
 """
 
 
@@ -307,7 +306,7 @@ def test_policy_loss(kl_kind, loss_type, dtype):
 def test_policy_loss_without_kl_and_symmetric_clip(loss_type):
     lp, old, ref, adv, mask = policy_inputs(6, 29, adv_per_token=False)
     got, want = run_policy(lp, old, ref, adv, mask, torch.float32, beta=0.0, loss_type=loss_type, clip_low=0.1)
-    assert "kl_mean" not in got[1]
+    assert "kl" not in got[1]
     check_policy(got, want, torch.float32)
 
 

@@ -1,8 +1,8 @@
 """Triton kernels for the elementwise-plus-reduction RL and preference losses.
 
-Each op has a forward and a backward launcher here; ``fastalign.ops.triton_rl`` wraps them in
-``torch.autograd.Function``s. All math runs in float32 whatever the input dtype, and every
-derivative follows PyTorch autograd on the reference formulas (``fastalign.ops.reference``),
+Each op has its launchers here; the ``triton.py`` of each op package in ``fastalign.ops`` wraps
+them in ``torch.autograd.Function``s. All math runs in float32 whatever the input dtype, and every
+derivative follows PyTorch autograd on the reference formulas (``fastalign.ops.<op>.spec``),
 ties included: ``torch.minimum`` splits the gradient equally between equal operands,
 ``torch.clamp`` passes it on the closed interval, ``relu`` and ``|x|`` have derivative 0 at 0.
 
@@ -11,8 +11,9 @@ single-program kernel adds them in a fixed order (no float atomics), so two runs
 bits. No launcher synchronizes with the host: normalizers and the incoming scalar gradient are
 read from device memory.
 
-Codes shared with ``csrc/common/rl_math.h``: KL kinds k1=0, k2=1, k3=2, abs=3; loss types
-grpo=0, bnpo=1, dr_grpo=2, dapo=3.
+Kind codes come from the enums declared in each op's spec (``KlKind``, ``DpoLossType``): the
+kernels compare against constexpr copies of them, launchers turn names into codes with
+``Kind.code`` (an unknown name raises before any launch), and a code no branch knows gives NaN.
 """
 
 from __future__ import annotations
@@ -21,13 +22,17 @@ import torch
 import triton
 import triton.language as tl
 
-KL_KIND_CODES = {"k1": 0, "k2": 1, "k3": 2, "abs": 3}
-LOSS_TYPE_CODES = {"grpo": 0, "bnpo": 1, "dr_grpo": 2, "dapo": 3}
-DPO_LOSS_CODES = {"sigmoid": 0, "hinge": 1, "ipo": 2, "robust": 3}
+from fastalign.ops.kl.spec import KlKind
+from fastalign.ops.preference.spec import DpoLossType
 
-# Policy-loss partial sums, laid out [_N_PARTIALS, B * NB] with one column per program: masked
-# loss, mask count, clipped count, ratio sum, KL sum.
-_N_PARTIALS = 5
+KL_K1 = tl.constexpr(KlKind.k1.value)
+KL_K2 = tl.constexpr(KlKind.k2.value)
+KL_K3 = tl.constexpr(KlKind.k3.value)
+KL_ABS = tl.constexpr(KlKind.abs.value)
+DPO_SIGMOID = tl.constexpr(DpoLossType.sigmoid.value)
+DPO_HINGE = tl.constexpr(DpoLossType.hinge.value)
+DPO_IPO = tl.constexpr(DpoLossType.ipo.value)
+DPO_ROBUST = tl.constexpr(DpoLossType.robust.value)
 
 
 # ----------------------------------------------------------------------------------- scalar math
@@ -41,28 +46,32 @@ def _exp_minus_1_minus_x(d):
 
 @triton.jit
 def _kl_value(d, KL_KIND: tl.constexpr):
-    if KL_KIND == 0:
+    if KL_KIND == KL_K1:
         out = -d
-    elif KL_KIND == 1:
+    elif KL_KIND == KL_K2:
         out = 0.5 * d * d
-    elif KL_KIND == 2:
+    elif KL_KIND == KL_K3:
         out = _exp_minus_1_minus_x(d)
-    else:
+    elif KL_KIND == KL_ABS:
         out = tl.abs(d)
+    else:  # never some other estimator
+        out = d * float("nan")
     return out
 
 
 @triton.jit
 def _kl_grad_logp(d, KL_KIND: tl.constexpr):
     """d kl / d logp with d = ref_logp - logp."""
-    if KL_KIND == 0:
+    if KL_KIND == KL_K1:
         out = tl.full(d.shape, 1.0, tl.float32)
-    elif KL_KIND == 1:
+    elif KL_KIND == KL_K2:
         out = -d
-    elif KL_KIND == 2:
+    elif KL_KIND == KL_K3:
         out = -(d + _exp_minus_1_minus_x(d))  # -expm1(d)
-    else:
+    elif KL_KIND == KL_ABS:
         out = tl.where(d > 0.0, -1.0, tl.where(d < 0.0, 1.0, 0.0))
+    else:
+        out = d * float("nan")
     return out
 
 
@@ -125,7 +134,7 @@ def kl_penalty_forward(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str) ->
     n = logp.numel()
     if n:
         block = _block(n, 2048)
-        _kl_fwd_kernel[(triton.cdiv(n, block),)](logp, ref_logp, out, n, KL_KIND=KL_KIND_CODES[kind], BLOCK=block)
+        _kl_fwd_kernel[(triton.cdiv(n, block),)](logp, ref_logp, out, n, KL_KIND=KlKind.code(kind), BLOCK=block)
     return out
 
 
@@ -136,263 +145,111 @@ def kl_penalty_backward(grad: torch.Tensor, logp: torch.Tensor, ref_logp: torch.
     if n:
         block = _block(n, 2048)
         _kl_bwd_kernel[(triton.cdiv(n, block),)](grad, logp, ref_logp, grad_logp, n,
-                                                 KL_KIND=KL_KIND_CODES[kind], BLOCK=block)
+                                                 KL_KIND=KlKind.code(kind), BLOCK=block)
     return grad_logp
 
 
 # ----------------------------------------------------------------------------------- policy_loss
 @triton.jit
-def _policy_token(lp, old, adv, ratio_low, ratio_high):
-    """(surrogate loss, ratio, clipped product, unclipped product) of one token block."""
-    ratio = tl.exp(lp - old)
+def _policy_tokens_kernel(
+    logp_ptr, old_ptr, ref_ptr, adv_ptr, mask_ptr, scale_ptr, partial_ptr, grad_logp_ptr, grad_adv_ptr,
+    T, n_programs,
+    ratio_low, ratio_high, beta,
+    ADV_PER_TOKEN: tl.constexpr, SCALE_PER_TOKEN: tl.constexpr, HAS_KL: tl.constexpr, KL_KIND: tl.constexpr,
+    NEED_ADV_GRAD: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    """One block of one row: the scaled loss, metric sums and d logp (and d advantages) at once.
+
+    Inputs are row-major contiguous [R, T] (advantages and scale [R] or [R, T]). Per-program partial
+    sums go to ``partial[k, program]`` (k: loss, low, high, kl, log-ratio², d adv), which the launcher
+    adds: deterministic, no atomics. With w = scale · mask, d logp = w · d term / d logp.
+    """
+    row = tl.program_id(0).to(tl.int64)
+    blk = tl.program_id(1)
+    cols = blk * BLOCK_T + tl.arange(0, BLOCK_T)
+    valid = cols < T
+    offs = row * T + cols
+    lp = tl.load(logp_ptr + offs, mask=valid, other=0.0).to(tl.float32)
+    old = tl.load(old_ptr + offs, mask=valid, other=0.0).to(tl.float32)
+    m = tl.load(mask_ptr + offs, mask=valid, other=0).to(tl.float32)
+    # Row values broadcast to the block (the interpreter does not mix 0-d and blocks in &).
+    zeros = tl.zeros([BLOCK_T], tl.float32)
+    if ADV_PER_TOKEN:
+        adv = tl.load(adv_ptr + offs, mask=valid, other=0.0).to(tl.float32)
+    else:
+        adv = zeros + tl.load(adv_ptr + row).to(tl.float32)
+    if SCALE_PER_TOKEN:
+        scale = tl.load(scale_ptr + offs, mask=valid, other=0.0).to(tl.float32)
+    else:
+        scale = zeros + tl.load(scale_ptr + row).to(tl.float32)
+    log_ratio = lp - old
+    ratio = tl.exp(log_ratio)
     clipped = tl.minimum(tl.maximum(ratio, ratio_low), ratio_high)
     unclipped_term = ratio * adv
     clipped_term = clipped * adv
-    return -tl.minimum(unclipped_term, clipped_term), ratio, clipped, unclipped_term, clipped_term
-
-
-@triton.jit
-def _policy_loss_fwd_kernel(
-    logp_ptr, old_ptr, ref_ptr, adv_ptr, mask_ptr, partial_ptr,
-    T, n_partial_rows,
-    stride_logp, stride_old, stride_ref, stride_adv, stride_mask,
-    ratio_low, ratio_high, beta,
-    ADV_PER_TOKEN: tl.constexpr, HAS_KL: tl.constexpr, KL_KIND: tl.constexpr, BLOCK_T: tl.constexpr,
-):
-    row = tl.program_id(0).to(tl.int64)
-    blk = tl.program_id(1)
-    cols = blk * BLOCK_T + tl.arange(0, BLOCK_T)
-    valid = cols < T
-    lp = tl.load(logp_ptr + row * stride_logp + cols, mask=valid, other=0.0).to(tl.float32)
-    old = tl.load(old_ptr + row * stride_old + cols, mask=valid, other=0.0).to(tl.float32)
-    m = tl.load(mask_ptr + row * stride_mask + cols, mask=valid, other=0).to(tl.float32)
-    if ADV_PER_TOKEN:
-        adv = tl.load(adv_ptr + row * stride_adv + cols, mask=valid, other=0.0).to(tl.float32)
-    else:
-        # Broadcast the row's advantage to the block (the interpreter does not mix 0-d and blocks in &).
-        adv = tl.zeros([BLOCK_T], tl.float32) + tl.load(adv_ptr + row * stride_adv).to(tl.float32)
-    loss, ratio, clipped, _, _ = _policy_token(lp, old, adv, ratio_low, ratio_high)
-    is_clipped = ((ratio < ratio_low) & (adv < 0.0)) | ((ratio > ratio_high) & (adv > 0.0))
-    # Masked-out positions contribute exactly 0 even when they hold inf/NaN padding.
-    keep = m != 0.0
-    slot = partial_ptr + row * tl.num_programs(1) + blk
-    if HAS_KL:
-        ref = tl.load(ref_ptr + row * stride_ref + cols, mask=valid, other=0.0).to(tl.float32)
-        kl = _kl_value(ref - lp, KL_KIND)
-        loss = loss + beta * kl
-        tl.store(slot + 4 * n_partial_rows, tl.sum(tl.where(keep, kl * m, 0.0), axis=0))
-    else:
-        tl.store(slot + 4 * n_partial_rows, 0.0)
-    tl.store(slot, tl.sum(tl.where(keep, loss * m, 0.0), axis=0))
-    tl.store(slot + n_partial_rows, tl.sum(m, axis=0))
-    tl.store(slot + 2 * n_partial_rows, tl.sum(tl.where(keep & is_clipped, m, 0.0), axis=0))
-    tl.store(slot + 3 * n_partial_rows, tl.sum(tl.where(keep, ratio * m, 0.0), axis=0))
-
-
-@triton.jit
-def _policy_loss_finalize_kernel(
-    partial_ptr, stats_ptr, row_scale_ptr, num_items_ptr,
-    B, NB, n_partial_rows, norm_value,
-    LOSS_TYPE: tl.constexpr, NORM_FROM_PTR: tl.constexpr, NORM_FROM_VALUE: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_NB: tl.constexpr,
-):
-    """One program: per-row sums of the partials, then loss, metrics and the gradient scale.
-
-    The gradient scale (1 / normalizer) goes to ``stats[4]``; for grpo the per-row scales
-    ``1 / (B * max(count_row, 1))`` go to ``row_scale``.
-    """
-    rows_in_block = tl.arange(0, BLOCK_B)
-    blocks = tl.arange(0, BLOCK_NB)
-    tot_loss = tl.zeros([BLOCK_B], tl.float32)
-    tot_count = tl.zeros([BLOCK_B], tl.float32)
-    tot_clip = tl.zeros([BLOCK_B], tl.float32)
-    tot_ratio = tl.zeros([BLOCK_B], tl.float32)
-    tot_kl = tl.zeros([BLOCK_B], tl.float32)
-    tot_row_mean = tl.zeros([BLOCK_B], tl.float32)
-    for b0 in range(0, B, BLOCK_B):
-        rows = b0 + rows_in_block
-        row_ok = rows < B
-        row_loss = tl.zeros([BLOCK_B], tl.float32)
-        row_count = tl.zeros([BLOCK_B], tl.float32)
-        row_clip = tl.zeros([BLOCK_B], tl.float32)
-        row_ratio = tl.zeros([BLOCK_B], tl.float32)
-        row_kl = tl.zeros([BLOCK_B], tl.float32)
-        for n0 in range(0, NB, BLOCK_NB):
-            cols = n0 + blocks
-            idx = rows[:, None].to(tl.int64) * NB + cols[None, :]
-            ok = row_ok[:, None] & (cols[None, :] < NB)
-            row_loss += tl.sum(tl.load(partial_ptr + idx, mask=ok, other=0.0), axis=1)
-            row_count += tl.sum(tl.load(partial_ptr + n_partial_rows + idx, mask=ok, other=0.0), axis=1)
-            row_clip += tl.sum(tl.load(partial_ptr + 2 * n_partial_rows + idx, mask=ok, other=0.0), axis=1)
-            row_ratio += tl.sum(tl.load(partial_ptr + 3 * n_partial_rows + idx, mask=ok, other=0.0), axis=1)
-            row_kl += tl.sum(tl.load(partial_ptr + 4 * n_partial_rows + idx, mask=ok, other=0.0), axis=1)
-        tot_loss += row_loss
-        tot_count += row_count
-        tot_clip += row_clip
-        tot_ratio += row_ratio
-        tot_kl += row_kl
-        if LOSS_TYPE == 0:
-            row_norm = tl.maximum(row_count, 1.0)
-            tot_row_mean += tl.where(row_ok, row_loss / row_norm, 0.0)
-            tl.store(row_scale_ptr + rows, 1.0 / (row_norm * B), mask=row_ok)
-    loss_sum = tl.sum(tot_loss, axis=0)
-    count = tl.sum(tot_count, axis=0)
-    metric_norm = tl.maximum(count, 1.0)
-    if LOSS_TYPE == 0:
-        loss = tl.sum(tot_row_mean, axis=0) / B
-        inv_norm = 0.0  # unused: grpo scales per row
-    else:
-        if NORM_FROM_PTR:
-            norm = tl.maximum(tl.load(num_items_ptr).to(tl.float32), 1.0)
-        elif NORM_FROM_VALUE:
-            norm = norm_value
-        else:
-            norm = metric_norm
-        loss = loss_sum / norm
-        inv_norm = 1.0 / norm
-    tl.store(stats_ptr + 0, loss)
-    tl.store(stats_ptr + 1, tl.sum(tot_clip, axis=0) / metric_norm)
-    tl.store(stats_ptr + 2, tl.sum(tot_ratio, axis=0) / metric_norm)
-    tl.store(stats_ptr + 3, tl.sum(tot_kl, axis=0) / metric_norm)
-    tl.store(stats_ptr + 4, inv_norm)
-
-
-@triton.jit
-def _policy_loss_bwd_kernel(
-    grad_loss_ptr, stats_ptr, row_scale_ptr,
-    logp_ptr, old_ptr, ref_ptr, adv_ptr, mask_ptr, grad_logp_ptr, grad_adv_ptr,
-    T,
-    stride_logp, stride_old, stride_ref, stride_adv, stride_mask,
-    ratio_low, ratio_high, beta,
-    LOSS_TYPE: tl.constexpr, ADV_PER_TOKEN: tl.constexpr, HAS_KL: tl.constexpr, KL_KIND: tl.constexpr,
-    NEED_LOGP_GRAD: tl.constexpr, NEED_ADV_GRAD: tl.constexpr, BLOCK_T: tl.constexpr,
-):
-    """d loss / d logp per token (and d loss / d advantages when asked) from the saved inputs.
-
-    The grad of ``logp`` is row-major contiguous [B, T]; the grad of [B] advantages goes out as
-    per-program partial sums [B, NB] that the launcher adds (deterministic, no atomics).
-    """
-    row = tl.program_id(0).to(tl.int64)
-    blk = tl.program_id(1)
-    cols = blk * BLOCK_T + tl.arange(0, BLOCK_T)
-    valid = cols < T
-    g = tl.load(grad_loss_ptr).to(tl.float32)
-    if LOSS_TYPE == 0:
-        scale = tl.load(row_scale_ptr + row)
-    else:
-        scale = tl.load(stats_ptr + 4)
-    lp = tl.load(logp_ptr + row * stride_logp + cols, mask=valid, other=0.0).to(tl.float32)
-    old = tl.load(old_ptr + row * stride_old + cols, mask=valid, other=0.0).to(tl.float32)
-    m = tl.load(mask_ptr + row * stride_mask + cols, mask=valid, other=0).to(tl.float32)
-    if ADV_PER_TOKEN:
-        adv = tl.load(adv_ptr + row * stride_adv + cols, mask=valid, other=0.0).to(tl.float32)
-    else:
-        # Broadcast the row's advantage to the block (the interpreter does not mix 0-d and blocks in &).
-        adv = tl.zeros([BLOCK_T], tl.float32) + tl.load(adv_ptr + row * stride_adv).to(tl.float32)
-    _, ratio, clipped, unclipped_term, clipped_term = _policy_token(lp, old, adv, ratio_low, ratio_high)
-    weight = tl.where(m != 0.0, (g * scale) * m, 0.0)
-    # torch.minimum: the smaller operand takes the gradient, a tie splits it in halves.
+    term = -tl.minimum(unclipped_term, clipped_term)
+    # torch.minimum: the smaller operand takes the gradient, a tie splits it in halves; torch.clamp
+    # passes the gradient on the closed interval only.
     w_unclipped = tl.where(unclipped_term < clipped_term, 1.0, tl.where(unclipped_term == clipped_term, 0.5, 0.0))
     w_clipped = 1.0 - w_unclipped
-    if NEED_LOGP_GRAD:
-        # torch.clamp passes the gradient on the closed interval only.
-        in_range = (ratio >= ratio_low) & (ratio <= ratio_high)
-        d_ratio = w_unclipped + tl.where(in_range, w_clipped, 0.0)
-        d_lp = -(adv * ratio) * d_ratio
-        if HAS_KL:
-            ref = tl.load(ref_ptr + row * stride_ref + cols, mask=valid, other=0.0).to(tl.float32)
-            d_lp += beta * _kl_grad_logp(ref - lp, KL_KIND)
-        d_lp = tl.where(m != 0.0, weight * d_lp, 0.0)
-        tl.store(grad_logp_ptr + row * T + cols, d_lp.to(grad_logp_ptr.dtype.element_ty), mask=valid)
+    in_range = (ratio >= ratio_low) & (ratio <= ratio_high)
+    d_lp = -(adv * ratio) * (w_unclipped + tl.where(in_range, w_clipped, 0.0))
+    kl = zeros
+    if HAS_KL:
+        ref = tl.load(ref_ptr + offs, mask=valid, other=0.0).to(tl.float32)
+        kl = _kl_value(ref - lp, KL_KIND)
+        term = term + beta * kl
+        d_lp += beta * _kl_grad_logp(ref - lp, KL_KIND)
+    # Masked-out positions contribute exactly 0 even when they hold inf/NaN padding.
+    keep = (m != 0.0) & valid
+    w = scale * m
+    low = (ratio < ratio_low) & (adv < 0.0)
+    high = (ratio > ratio_high) & (adv > 0.0)
+    d_adv = tl.where(keep, -w * (w_unclipped * ratio + w_clipped * clipped), 0.0)
+    tl.store(grad_logp_ptr + offs, tl.where(keep, w * d_lp, 0.0), mask=valid)
+    slot = partial_ptr + row * tl.num_programs(1) + blk
+    tl.store(slot, tl.sum(tl.where(keep, w * term, 0.0), axis=0))
+    tl.store(slot + n_programs, tl.sum(tl.where(keep & low, m, 0.0), axis=0))
+    tl.store(slot + 2 * n_programs, tl.sum(tl.where(keep & high, m, 0.0), axis=0))
+    tl.store(slot + 3 * n_programs, tl.sum(tl.where(keep, kl * m, 0.0), axis=0))
+    tl.store(slot + 4 * n_programs, tl.sum(tl.where(keep, log_ratio * log_ratio * m, 0.0), axis=0))
+    tl.store(slot + 5 * n_programs, tl.sum(d_adv, axis=0))
     if NEED_ADV_GRAD:
-        d_adv = tl.where(m != 0.0, -weight * (w_unclipped * ratio + w_clipped * clipped), 0.0)
         if ADV_PER_TOKEN:
-            tl.store(grad_adv_ptr + row * T + cols, d_adv.to(grad_adv_ptr.dtype.element_ty), mask=valid)
-        else:
-            tl.store(grad_adv_ptr + row * tl.num_programs(1) + blk, tl.sum(d_adv, axis=0))
+            tl.store(grad_adv_ptr + offs, d_adv, mask=valid)
 
 
-def _policy_layout(T: int) -> tuple[int, int]:
-    block_t = _block(T, 1024)
-    return block_t, triton.cdiv(T, block_t)
+def policy_tokens(logp, old_logp, advantages, mask, ref_logp, scale, *, beta, kl_kind, clip_low, clip_high,
+                  need_adv_grad):
+    """The policy loss's token pass (the contract of ``fastalign.ops.policy.spec.policy_tokens``).
 
-
-def policy_loss_forward(logp, old_logp, advantages, mask, ref_logp, *, beta, kl_kind, clip_low, clip_high,
-                        loss_type, max_completion_length, num_items):
-    """Loss and metrics of the clipped policy loss in one pass over the tokens.
-
-    Inputs are [B, T] (advantages [B] or [B, T]) with unit inner stride, see :func:`as_loadable`.
-    Returns ``(stats, row_scale)``: ``stats`` = fp32 [loss, clip_fraction, ratio_mean, kl_mean,
-    1/normalizer] and ``row_scale`` = fp32 [B] per-row gradient scales (grpo only).
+    fp32 contiguous inputs: logp, old_logp, mask [R, T]; advantages and scale [R] or [R, T].
+    Returns ``(loss, sums [4], d_logp [R, T], d_adv or None)``.
     """
-    B, T = logp.shape
+    R, T = logp.shape
     device = logp.device
-    block_t, nb = _policy_layout(T)
-    n_partial_rows = B * nb
-    partials = torch.empty((_N_PARTIALS, n_partial_rows), dtype=torch.float32, device=device)
-    stats = torch.empty(5, dtype=torch.float32, device=device)
-    row_scale = torch.empty(max(B, 1), dtype=torch.float32, device=device)
-    has_kl = beta > 0.0
-    ref = ref_logp if has_kl else logp
-    if n_partial_rows:
-        _policy_loss_fwd_kernel[(B, nb)](
-            logp, old_logp, ref, advantages, mask, partials,
-            T, n_partial_rows,
-            logp.stride(0), old_logp.stride(0), ref.stride(0), advantages.stride(0), mask.stride(0),
-            1.0 - clip_low, 1.0 + clip_high, beta,
-            ADV_PER_TOKEN=advantages.dim() == 2, HAS_KL=has_kl, KL_KIND=KL_KIND_CODES[kl_kind], BLOCK_T=block_t,
-        )
-    code = LOSS_TYPE_CODES[loss_type]
-    norm_from_ptr = code == 3 and isinstance(num_items, torch.Tensor)
-    norm_value = 1.0
-    norm_from_value = False
-    if code == 2:
-        norm_value = float(B * (T if max_completion_length is None else max_completion_length))
-        norm_from_value = True
-    elif code == 3 and num_items is not None and not norm_from_ptr:
-        norm_value = max(float(num_items), 1.0)
-        norm_from_value = True
-    num_items_t = (num_items.reshape(1).to(device=device, dtype=torch.float32) if norm_from_ptr else stats)
-    _policy_loss_finalize_kernel[(1,)](
-        partials, stats, row_scale, num_items_t,
-        B, nb, n_partial_rows, norm_value,
-        LOSS_TYPE=code, NORM_FROM_PTR=norm_from_ptr, NORM_FROM_VALUE=norm_from_value,
-        BLOCK_B=_block(B, 64), BLOCK_NB=_block(nb, 16),
-    )
-    return stats, row_scale
-
-
-def policy_loss_backward(grad_loss, stats, row_scale, logp, old_logp, advantages, mask, ref_logp, *, beta,
-                         kl_kind, clip_low, clip_high, loss_type, need_logp_grad, need_adv_grad):
-    """(grad of logp [B, T] in logp's dtype or None, grad of advantages in their shape or None)."""
-    B, T = logp.shape
-    device = logp.device
-    block_t, nb = _policy_layout(T)
-    has_kl = beta > 0.0
-    ref = ref_logp if has_kl else logp
+    block_t = _block(T, 1024)
+    nb = triton.cdiv(T, block_t) if T else 0
+    n_programs = R * nb
+    partials = torch.zeros((6, max(n_programs, 1)), dtype=torch.float32, device=device)
+    grad_logp = torch.zeros((R, T), dtype=torch.float32, device=device)
     adv_per_token = advantages.dim() == 2
-    grad_logp = torch.empty((B, T), dtype=logp.dtype, device=device) if need_logp_grad else None
-    grad_adv = None
-    if need_adv_grad:
-        grad_adv = (torch.empty((B, T), dtype=advantages.dtype, device=device) if adv_per_token
-                    else torch.empty((B, nb), dtype=torch.float32, device=device))
-    if B * nb and (need_logp_grad or need_adv_grad):
-        _policy_loss_bwd_kernel[(B, nb)](
-            grad_loss, stats, row_scale,
-            logp, old_logp, ref, advantages, mask,
-            grad_logp if need_logp_grad else stats, grad_adv if need_adv_grad else stats,
-            T,
-            logp.stride(0), old_logp.stride(0), ref.stride(0), advantages.stride(0), mask.stride(0),
+    grad_adv = torch.zeros((R, T), dtype=torch.float32, device=device) if need_adv_grad and adv_per_token else None
+    has_kl = beta > 0.0
+    if n_programs:
+        _policy_tokens_kernel[(R, nb)](
+            logp, old_logp, ref_logp if has_kl else logp, advantages, mask, scale, partials, grad_logp,
+            grad_adv if grad_adv is not None else grad_logp,
+            T, n_programs,
             1.0 - clip_low, 1.0 + clip_high, beta,
-            LOSS_TYPE=LOSS_TYPE_CODES[loss_type], ADV_PER_TOKEN=adv_per_token, HAS_KL=has_kl,
-            KL_KIND=KL_KIND_CODES[kl_kind], NEED_LOGP_GRAD=need_logp_grad, NEED_ADV_GRAD=need_adv_grad,
-            BLOCK_T=block_t,
+            ADV_PER_TOKEN=adv_per_token, SCALE_PER_TOKEN=scale.dim() == 2, HAS_KL=has_kl,
+            KL_KIND=KlKind.code(kl_kind, "kl_kind"), NEED_ADV_GRAD=need_adv_grad, BLOCK_T=block_t,
         )
-    elif need_adv_grad:
-        grad_adv.zero_()
-    if grad_adv is not None and not adv_per_token:
-        grad_adv = grad_adv.sum(1).to(advantages.dtype)
-    return grad_logp, grad_adv
+    loss = partials[0].sum()
+    sums = partials[1:5].sum(1)
+    if need_adv_grad and not adv_per_token:
+        grad_adv = partials[5, :n_programs].view(R, nb).sum(1) if n_programs else torch.zeros(R, device=device)
+    return loss, sums, grad_logp, grad_adv
 
 
 # ----------------------------------------------------------------------------------- dpo / simpo
@@ -400,21 +257,24 @@ def policy_loss_backward(grad_loss, stats, row_scale, logp, old_logp, advantages
 def _dpo_loss_and_slope(delta, beta, ipo_target, label_smoothing, LOSS: tl.constexpr):
     """(loss, d loss / d delta) of one pair block; delta = chosen - rejected log-ratio."""
     z = beta * delta
-    if LOSS == 0:  # sigmoid with conservative label smoothing
+    if LOSS == DPO_SIGMOID:  # with conservative label smoothing
         loss = -(1.0 - label_smoothing) * _log_sigmoid(z) - label_smoothing * _log_sigmoid(-z)
         slope = beta * (-(1.0 - label_smoothing) * _sigmoid(-z) + label_smoothing * _sigmoid(z))
-    elif LOSS == 1:  # hinge
+    elif LOSS == DPO_HINGE:
         h = 1.0 - z
         loss = tl.maximum(h, 0.0)
         slope = tl.where(h > 0.0, -beta, 0.0)
-    elif LOSS == 2:  # ipo
+    elif LOSS == DPO_IPO:
         r = delta - ipo_target
         loss = r * r
         slope = 2.0 * r
-    else:  # robust
+    elif LOSS == DPO_ROBUST:
         inv = 1.0 / (1.0 - 2.0 * label_smoothing)
         loss = (-(1.0 - label_smoothing) * _log_sigmoid(z) + label_smoothing * _log_sigmoid(-z)) * inv
         slope = beta * (-(1.0 - label_smoothing) * _sigmoid(-z) - label_smoothing * _sigmoid(z)) * inv
+    else:  # never some other loss
+        loss = z * float("nan")
+        slope = loss
     return loss, slope
 
 
@@ -468,7 +328,7 @@ def dpo_forward(pc, pr, rc, rr, *, beta, loss_type, label_smoothing):
         _dpo_fwd_kernel[(triton.cdiv(n, block),)](
             pc, pr, rc, rr, losses, chosen_rewards, rejected_rewards,
             n, pc.stride(0), pr.stride(0), rc.stride(0), rr.stride(0), beta, 0.5 / beta, label_smoothing,
-            LOSS=DPO_LOSS_CODES[loss_type], BLOCK=block)
+            LOSS=DpoLossType.code(loss_type, "loss_type"), BLOCK=block)
     return losses, chosen_rewards, rejected_rewards
 
 
@@ -483,7 +343,8 @@ def dpo_backward(grad, pc, pr, rc, rr, *, beta, loss_type, label_smoothing, need
             grad_chosen if need_chosen else grad, grad_rejected if need_rejected else grad,
             n, grad.stride(0), pc.stride(0), pr.stride(0), rc.stride(0), rr.stride(0),
             beta, 0.5 / beta, label_smoothing,
-            LOSS=DPO_LOSS_CODES[loss_type], NEED_CHOSEN=need_chosen, NEED_REJECTED=need_rejected, BLOCK=block)
+            LOSS=DpoLossType.code(loss_type, "loss_type"), NEED_CHOSEN=need_chosen, NEED_REJECTED=need_rejected,
+            BLOCK=block)
     return grad_chosen, grad_rejected
 
 

@@ -8,7 +8,9 @@
 
 namespace fastalign {
 
+// Codes as declared in fastalign/ops/advantages/spec.py (AdvantageScale); tests/test_kinds.py checks them.
 enum AdvantageScale : int { kScaleGroup = 0, kScaleBatch = 1, kScaleNone = 2 };
+constexpr int kAdvantageScales = 3;
 
 // Mean of one group, shifted by its first reward so equal rewards give exactly that reward.
 FA_HD float group_mean(const float* r, int64_t g) {
@@ -34,6 +36,7 @@ FA_HD void group_advantages_row(const float* r, float* out, int64_t g, int scale
   float denom = 1.0f;
   if (scale == kScaleGroup) denom = unbiased_std(r, g, mean) + eps;
   if (scale == kScaleBatch) denom = batch_std + eps;
+  if (scale < 0 || scale >= kAdvantageScales) denom = NAN;  // unknown code (the launchers reject it first)
   for (int64_t i = 0; i < g; ++i) out[i] = (r[i] - mean) / denom;
 }
 

@@ -76,7 +76,9 @@ FA_HD float sigmoid(float x) {
 }
 
 // ------------------------------------------------------------------------------------ KL
+// Codes as declared in fastalign/ops/kl/spec.py (KlKind); tests/test_kinds.py checks they agree.
 enum KlKind : int { kKlK1 = 0, kKlK2 = 1, kKlK3 = 2, kKlAbs = 3 };
+constexpr int kKlKinds = 4;
 
 // Estimator of KL(policy || ref) from d = ref_logp - logp.
 FA_HD float kl_value(float d, int kind) {
@@ -100,8 +102,10 @@ FA_HD float kl_value(float d, int kind) {
       const float direct = (exp_any(d) - d) - 1.0f;
       return fabsf(d) < 0.5f ? series : direct;
     }
-    default:
+    case kKlAbs:
       return fabsf(d);
+    default:  // unknown code: the launchers reject it first; never some other estimator
+      return NAN;
   }
 }
 
@@ -114,8 +118,10 @@ FA_HD float kl_grad_logp(float d, int kind) {
       return -d;
     case kKlK3:
       return -expm1_any(d);
-    default:
+    case kKlAbs:
       return d > 0.0f ? -1.0f : (d < 0.0f ? 1.0f : 0.0f);
+    default:
+      return NAN;
   }
 }
 
@@ -124,8 +130,6 @@ FA_HD float kl_grad_logp(float d, int kind) {
 // (and they drop a NaN x, where torch.clamp keeps it; this keeps it too).
 FA_HD float clamp_range(float x, float lo, float hi) { return x < lo ? lo : (x > hi ? hi : x); }
 
-enum PolicyLossType : int { kLossGrpo = 0, kLossBnpo = 1, kLossDrGrpo = 2, kLossDapo = 3 };
-
 struct PolicyConfig {
   float ratio_low;   // 1 - clip_low
   float ratio_high;  // 1 + clip_high
@@ -133,53 +137,48 @@ struct PolicyConfig {
   int kl_kind;
 };
 
-struct PolicyToken {
-  float loss;     // -min(r A, clip(r) A) + beta kl
-  float ratio;    // exp(logp - old_logp)
-  float kl;       // 0 when beta == 0
-  float clipped;  // 1 where the clip is active in the direction that matters for A's sign
+// One token of the clipped policy loss: its value, its derivatives and its metric indicators, from
+// one exp. Aggregation over tokens (the normalizer of each loss type) is the caller's: it arrives as
+// a per-row or per-token scale computed once in Python (fastalign/ops/policy/spec.py, row_scale).
+struct PolicyTokenTerms {
+  float loss;       // -min(r A, clip(r) A) + beta kl
+  float d_logp;     // d loss / d logp
+  float d_adv;      // d loss / d A
+  float low;        // 1 where r < 1 - clip_low and A < 0 (TRL's is_low_clipped)
+  float high;       // 1 where r > 1 + clip_high and A > 0
+  float kl;         // 0 when beta == 0
+  float log_ratio;  // logp - old_logp
 };
 
-// KlKind >= 0 fixes the KL estimator at compile time (the CPU loops dispatch on it once, so
-// they vectorize); -1 reads c.kl_kind.
+// KlKind >= 0 fixes the KL estimator at compile time (the CPU loops dispatch on it once, so they
+// vectorize); -1 reads c.kl_kind. Derivatives follow torch's conventions (see the top of the file).
 template <int KlKind = -1>
-FA_HD PolicyToken policy_token_forward(float logp, float old_logp, float adv, float ref_logp,
-                                       const PolicyConfig& c) {
-  PolicyToken t;
-  t.ratio = exp_any(logp - old_logp);
-  const float clipped = clamp_range(t.ratio, c.ratio_low, c.ratio_high);
-  const float a = t.ratio * adv, b = clipped * adv;
-  t.loss = -(a < b ? a : b);
-  t.kl = 0.0f;
-  if (c.beta > 0.0f) {
-    t.kl = kl_value(ref_logp - logp, KlKind >= 0 ? KlKind : c.kl_kind);
-    t.loss += c.beta * t.kl;
-  }
-  // Bitwise &, | (not &&, ||): no short-circuit branches, so SIMD loops stay branch-free.
-  t.clipped = (((t.ratio < c.ratio_low) & (adv < 0.0f)) | ((t.ratio > c.ratio_high) & (adv > 0.0f))) ? 1.0f : 0.0f;
-  return t;
-}
-
-struct PolicyTokenGrad {
-  float d_logp;  // d loss_token / d logp
-  float d_adv;   // d loss_token / d advantage
-};
-
-template <int KlKind = -1>
-FA_HD PolicyTokenGrad policy_token_backward(float logp, float old_logp, float adv, float ref_logp,
-                                            const PolicyConfig& c) {
-  const float ratio = exp_any(logp - old_logp);
+FA_HD PolicyTokenTerms policy_token_terms(float logp, float old_logp, float adv, float ref_logp,
+                                          const PolicyConfig& c) {
+  PolicyTokenTerms t;
+  t.log_ratio = logp - old_logp;
+  const float ratio = exp_any(t.log_ratio);
   const float clipped = clamp_range(ratio, c.ratio_low, c.ratio_high);
   const float a = ratio * adv, b = clipped * adv;
-  // torch.minimum's split: all to the smaller operand, half each on a tie.
+  t.loss = -(a < b ? a : b);
+  // torch.minimum's split: all to the smaller operand, half each on a tie; torch.clamp passes the
+  // gradient on the closed interval.
   const float wa = a < b ? 1.0f : (a > b ? 0.0f : 0.5f);
   const float wb = 1.0f - wa;
   const float inside = ((ratio >= c.ratio_low) & (ratio <= c.ratio_high)) ? 1.0f : 0.0f;
-  PolicyTokenGrad g;
-  g.d_logp = -(wa + wb * inside) * adv * ratio;
-  if (c.beta > 0.0f) g.d_logp += c.beta * kl_grad_logp(ref_logp - logp, KlKind >= 0 ? KlKind : c.kl_kind);
-  g.d_adv = -(wa * ratio + wb * clipped);
-  return g;
+  t.d_logp = -(wa + wb * inside) * adv * ratio;
+  t.d_adv = -(wa * ratio + wb * clipped);
+  t.kl = 0.0f;
+  if (c.beta > 0.0f) {
+    const int kind = KlKind >= 0 ? KlKind : c.kl_kind;
+    t.kl = kl_value(ref_logp - logp, kind);
+    t.loss += c.beta * t.kl;
+    t.d_logp += c.beta * kl_grad_logp(ref_logp - logp, kind);
+  }
+  // Bitwise &, | (not &&, ||): no short-circuit branches, so SIMD loops stay branch-free.
+  t.low = ((ratio < c.ratio_low) & (adv < 0.0f)) ? 1.0f : 0.0f;
+  t.high = ((ratio > c.ratio_high) & (adv > 0.0f)) ? 1.0f : 0.0f;
+  return t;
 }
 
 // ------------------------------------------------------------------------------------ value loss
@@ -209,7 +208,9 @@ FA_HD float value_token_backward(float v, float old_v, float ret, float clip) {
 }
 
 // ------------------------------------------------------------------------------------ preference
+// Codes as declared in fastalign/ops/preference/spec.py (DpoLossType); tests/test_kinds.py checks them.
 enum DpoLossType : int { kDpoSigmoid = 0, kDpoHinge = 1, kDpoIpo = 2, kDpoRobust = 3 };
+constexpr int kDpoLossTypes = 4;
 
 // DPO loss of one pair from delta = (pc - rc) - (pr - rr). The loss type is a template argument:
 // one small branch-free body per type inlines into the pair loops, which then vectorize.

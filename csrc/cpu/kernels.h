@@ -53,18 +53,14 @@ void sequence_logprobs_forward(const float* token_logp, const float* mask, float
 void sequence_logprobs_backward(const float* grad, const float* mask, float* d_logp, int64_t batch, int64_t len,
                                 bool average);
 
-// One fused pass: loss (scalar), metrics[3] = clip_fraction, ratio_mean, kl_mean, and
-// row_scale[batch] = d loss / d (row's masked sum of per-token losses), all the backward needs.
-// adv is [batch] or, with adv_per_token, [batch, len]; ref_logp may be null when c.beta == 0;
-// num_items <= 0 means "the local token count" for dapo.
-void policy_loss_forward(const float* logp, const float* old_logp, const float* adv, bool adv_per_token,
-                         const float* mask, const float* ref_logp, int64_t batch, int64_t len, const PolicyConfig& c,
-                         int loss_type, int64_t max_completion_length, float num_items, float* loss, float* metrics,
-                         float* row_scale);
-// d_adv may be null (advantages need no gradient); it has adv's shape.
-void policy_loss_backward(const float* grad_loss, const float* logp, const float* old_logp, const float* adv,
-                          bool adv_per_token, const float* mask, const float* ref_logp, const float* row_scale,
-                          int64_t batch, int64_t len, const PolicyConfig& c, float* d_logp, float* d_adv);
+// The clipped policy loss's token terms in one pass (fastalign/ops/policy): with w = scale * mask,
+// loss = sum w * loss_token, sums[4] = masked sums of the low-clip and high-clip indicators, the KL
+// estimator and (logp - old_logp)^2, d_logp = w * d loss_token / d logp. adv is [rows] or, with
+// adv_per_token, [rows, len]; scale is [rows] or, with scale_per_token, [rows, len]; ref_logp may be
+// null when c.beta == 0; d_adv (adv's shape) may be null.
+void policy_tokens(const float* logp, const float* old_logp, const float* adv, bool adv_per_token, const float* mask,
+                   const float* ref_logp, const float* scale, bool scale_per_token, int64_t rows, int64_t len,
+                   const PolicyConfig& c, float* loss, float* sums, float* d_logp, float* d_adv);
 
 // metrics[2] = clip_fraction, value_mean.
 void value_loss_forward(const float* values, const float* old_values, const float* returns, const float* mask,

@@ -1,5 +1,5 @@
-// CPU launchers of the RL and preference ops: KL estimators, sequence sums, the fused clipped
-// policy loss, the clipped value loss, DPO, SimPO and Bradley-Terry. The per-token math lives in
+// CPU launchers of the RL and preference ops: KL estimators, sequence sums, the clipped policy
+// loss's token terms, the clipped value loss, DPO, SimPO and Bradley-Terry. The per-token math lives in
 // ../common/rl_math.h (shared with CUDA); here are only the loops, OpenMP and the reductions.
 //
 // Reductions are deterministic: partial sums over fixed-size chunks (or rows), in double, then a
@@ -149,152 +149,95 @@ void sequence_logprobs_backward(const float* grad, const float* mask, float* d_l
 // ---------------------------------------------------------------------------------------- policy loss
 namespace {
 
-// Calls fn(kind constant, per-token constant) so the per-token loops see the KL estimator and the
-// advantages' layout as compile-time constants: no conditional loads, so they vectorize.
+// Calls fn(kind, adv per token, scale per token) with compile-time constants, so the per-token
+// loops see no conditional loads and vectorize. An unknown KL code never reaches here (the binding
+// rejects it).
 template <typename Fn>
-void with_policy_variant(int kind, bool adv_per_token, Fn&& fn) {
-  auto with_kind = [&](auto per_token) {
-    switch (kind) {
-      case kKlK1:
-        return fn(std::integral_constant<int, kKlK1>{}, per_token);
-      case kKlK2:
-        return fn(std::integral_constant<int, kKlK2>{}, per_token);
-      case kKlK3:
-        return fn(std::integral_constant<int, kKlK3>{}, per_token);
-      default:
-        return fn(std::integral_constant<int, kKlAbs>{}, per_token);
-    }
+void with_policy_variant(int kind, bool adv_per_token, bool scale_per_token, Fn&& fn) {
+  auto with_layout = [&](auto kl) {
+    if (adv_per_token && scale_per_token) return fn(kl, std::true_type{}, std::true_type{});
+    if (adv_per_token) return fn(kl, std::true_type{}, std::false_type{});
+    if (scale_per_token) return fn(kl, std::false_type{}, std::true_type{});
+    return fn(kl, std::false_type{}, std::false_type{});
   };
-  if (adv_per_token) return with_kind(std::true_type{});
-  return with_kind(std::false_type{});
+  switch (kind) {
+    case kKlK1:
+      return with_layout(std::integral_constant<int, kKlK1>{});
+    case kKlK2:
+      return with_layout(std::integral_constant<int, kKlK2>{});
+    case kKlK3:
+      return with_layout(std::integral_constant<int, kKlK3>{});
+    default:
+      return with_layout(std::integral_constant<int, kKlAbs>{});
+  }
 }
 
-struct PolicyRowSums {
-  double loss = 0, count = 0, clipped = 0, ratio = 0, kl = 0;
-};
-
-// One row's masked sums. Float partial sums within the row (SIMD lanes), double across rows.
+// One row's scaled loss, metric sums (low, high, kl, log-ratio²) and d adv sum; writes d_logp (and
+// d_adv per token when asked). Float partial sums within the row (SIMD lanes), double across rows.
 // Masked tokens are selected out rather than multiplied by 0, so padding holding inf/NaN cannot leak in.
-template <int Kind, bool PerToken>
-FA_ROW_CLONES PolicyRowSums policy_row_forward(const float* logp, const float* old_logp, const float* adv,
-                                               const float* mask, const float* ref, int64_t len,
-                                               const PolicyConfig& c) {
-  const float row_adv = adv[0];
-  float s_loss = 0.0f, s_count = 0.0f, s_clipped = 0.0f, s_ratio = 0.0f, s_kl = 0.0f;
-#pragma omp simd reduction(+ : s_loss, s_count, s_clipped, s_ratio, s_kl)
+template <int Kind, bool AdvPerToken, bool ScalePerToken>
+FA_ROW_CLONES void policy_row(const float* logp, const float* old_logp, const float* adv, const float* mask,
+                              const float* ref, const float* scale, int64_t len, const PolicyConfig& c,
+                              float* d_logp, float* d_adv_token, double* out) {
+  const float row_adv = adv[0], row_scale = scale[0];
+  float s_loss = 0.0f, s_low = 0.0f, s_high = 0.0f, s_kl = 0.0f, s_lr2 = 0.0f, s_dadv = 0.0f;
+#pragma omp simd reduction(+ : s_loss, s_low, s_high, s_kl, s_lr2, s_dadv)
   for (int64_t t = 0; t < len; ++t) {
     const float m = mask[t];
-    const PolicyToken tok = policy_token_forward<Kind>(logp[t], old_logp[t], PerToken ? adv[t] : row_adv, ref[t], c);
     const bool on = m != 0.0f;
-    s_loss += on ? tok.loss * m : 0.0f;
-    s_count += m;
-    s_clipped += on ? tok.clipped * m : 0.0f;
-    s_ratio += on ? tok.ratio * m : 0.0f;
-    s_kl += on ? tok.kl * m : 0.0f;
+    const float w = (ScalePerToken ? scale[t] : row_scale) * m;
+    const PolicyTokenTerms tok =
+        policy_token_terms<Kind>(logp[t], old_logp[t], AdvPerToken ? adv[t] : row_adv, ref[t], c);
+    s_loss += on ? w * tok.loss : 0.0f;
+    s_low += on ? m * tok.low : 0.0f;
+    s_high += on ? m * tok.high : 0.0f;
+    s_kl += on ? m * tok.kl : 0.0f;
+    s_lr2 += on ? m * tok.log_ratio * tok.log_ratio : 0.0f;
+    s_dadv += on ? w * tok.d_adv : 0.0f;
+    d_logp[t] = on ? w * tok.d_logp : 0.0f;
   }
-  return PolicyRowSums{s_loss, s_count, s_clipped, s_ratio, s_kl};
-}
-
-// One row's d logp (returns the row's d advantage sum, used when advantages are per row).
-template <int Kind, bool PerToken>
-FA_ROW_CLONES float policy_row_backward(const float* logp, const float* old_logp, const float* adv, const float* mask,
-                                        const float* ref, int64_t len, const PolicyConfig& c, float scale,
-                                        float* d_logp) {
-  const float row_adv = adv[0];
-  float adv_row_grad = 0.0f;
-#pragma omp simd reduction(+ : adv_row_grad)
-  for (int64_t t = 0; t < len; ++t) {
-    const float m = mask[t];
-    const PolicyTokenGrad tg = policy_token_backward<Kind>(logp[t], old_logp[t], PerToken ? adv[t] : row_adv, ref[t],
-                                                           c);
-    const bool on = m != 0.0f;
-    d_logp[t] = on ? scale * m * tg.d_logp : 0.0f;
-    adv_row_grad += on ? scale * m * tg.d_adv : 0.0f;
+  if (AdvPerToken && d_adv_token != nullptr) {  // a second pass only when per-token advantages need a gradient
+    for (int64_t t = 0; t < len; ++t) {
+      const float m = mask[t];
+      const float w = (ScalePerToken ? scale[t] : row_scale) * m;
+      const PolicyTokenTerms tok = policy_token_terms<Kind>(logp[t], old_logp[t], adv[t], ref[t], c);
+      d_adv_token[t] = m != 0.0f ? w * tok.d_adv : 0.0f;
+    }
   }
-  return adv_row_grad;
+  out[0] = s_loss;
+  out[1] = s_low;
+  out[2] = s_high;
+  out[3] = s_kl;
+  out[4] = s_lr2;
+  out[5] = s_dadv;
 }
 
 }  // namespace
 
-void policy_loss_forward(const float* logp, const float* old_logp, const float* adv, bool adv_per_token,
-                         const float* mask, const float* ref_logp, int64_t batch, int64_t len, const PolicyConfig& c,
-                         int loss_type, int64_t max_completion_length, float num_items, float* loss, float* metrics,
-                         float* row_scale) {
-  std::vector<PolicyRowSums> rows(static_cast<size_t>(batch));
+void policy_tokens(const float* logp, const float* old_logp, const float* adv, bool adv_per_token, const float* mask,
+                   const float* ref_logp, const float* scale, bool scale_per_token, int64_t rows, int64_t len,
+                   const PolicyConfig& c, float* loss, float* sums, float* d_logp, float* d_adv) {
+  constexpr int K = 6;
+  std::vector<double> per_row(static_cast<size_t>(std::max<int64_t>(rows, 1)) * K, 0.0);
   const float* ref = ref_logp ? ref_logp : logp;  // read but unused when beta == 0: keeps loads unconditional
-  with_policy_variant(c.kl_kind, adv_per_token, [&](auto kind, auto per_token) {
+  with_policy_variant(c.kl_kind, adv_per_token, scale_per_token, [&](auto kind, auto adv_tok, auto scale_tok) {
     constexpr int Kind = decltype(kind)::value;
-    constexpr bool PerToken = decltype(per_token)::value;
-#pragma omp parallel for schedule(static) if (batch * len > kParallelMin)
-    for (int64_t b = 0; b < batch; ++b) {
-      const int64_t o = b * len;
-      rows[b] = policy_row_forward<Kind, PerToken>(logp + o, old_logp + o, PerToken ? adv + o : adv + b, mask + o,
-                                                   ref + o, len, c);
+    constexpr bool AdvTok = decltype(adv_tok)::value, ScaleTok = decltype(scale_tok)::value;
+#pragma omp parallel for schedule(static) if (rows * len > kParallelMin)
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t o = r * len;
+      policy_row<Kind, AdvTok, ScaleTok>(logp + o, old_logp + o, AdvTok ? adv + o : adv + r, mask + o, ref + o,
+                                         ScaleTok ? scale + o : scale + r, len, c, d_logp + o,
+                                         AdvTok && d_adv ? d_adv + o : nullptr, per_row.data() + r * K);
     }
   });
-  PolicyRowSums total;
-  for (const auto& r : rows) {
-    total.loss += r.loss;
-    total.count += r.count;
-    total.clipped += r.clipped;
-    total.ratio += r.ratio;
-    total.kl += r.kl;
+  double total[K - 1] = {0, 0, 0, 0, 0};
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int k = 0; k < K - 1; ++k) total[k] += per_row[r * K + k];
+    if (!adv_per_token && d_adv != nullptr) d_adv[r] = static_cast<float>(per_row[r * K + 5]);
   }
-  // row_scale[b] = d loss / d (sum_t loss_bt m_bt): the backward needs nothing else from here.
-  double value = 0.0;
-  if (loss_type == kLossGrpo) {
-    for (int64_t b = 0; b < batch; ++b) {
-      const float scale = 1.0f / (static_cast<float>(batch) * clamp_min_one(rows[b].count));
-      row_scale[b] = scale;
-      value += rows[b].loss / clamp_min_one(rows[b].count);
-    }
-    value /= static_cast<double>(batch);
-  } else {
-    double denom;
-    if (loss_type == kLossBnpo) {
-      denom = clamp_min_one(total.count);
-    } else if (loss_type == kLossDrGrpo) {
-      denom = static_cast<double>(batch) * static_cast<double>(max_completion_length);
-    } else {  // dapo: the global token count when given (num_items > 0), else the local one
-      denom = clamp_min_one(num_items > 0.0f ? num_items : total.count);
-    }
-    for (int64_t b = 0; b < batch; ++b) row_scale[b] = static_cast<float>(1.0 / denom);
-    value = total.loss / denom;
-  }
-  *loss = static_cast<float>(value);
-  const double count = clamp_min_one(total.count);
-  metrics[0] = static_cast<float>(total.clipped / count);
-  metrics[1] = static_cast<float>(total.ratio / count);
-  metrics[2] = static_cast<float>(total.kl / count);
-}
-
-void policy_loss_backward(const float* grad_loss, const float* logp, const float* old_logp, const float* adv,
-                          bool adv_per_token, const float* mask, const float* ref_logp, const float* row_scale,
-                          int64_t batch, int64_t len, const PolicyConfig& c, float* d_logp, float* d_adv) {
-  const float g = *grad_loss;
-  const float* ref = ref_logp ? ref_logp : logp;  // read but unused when beta == 0: keeps loads unconditional
-  with_policy_variant(c.kl_kind, adv_per_token, [&](auto kind, auto per_token) {
-    constexpr int Kind = decltype(kind)::value;
-    constexpr bool PerToken = decltype(per_token)::value;
-#pragma omp parallel for schedule(static) if (batch * len > kParallelMin)
-    for (int64_t b = 0; b < batch; ++b) {
-      const int64_t o = b * len;
-      const float scale = g * row_scale[b];
-      const float adv_row_grad = policy_row_backward<Kind, PerToken>(
-          logp + o, old_logp + o, PerToken ? adv + o : adv + b, mask + o, ref + o, len, c, scale, d_logp + o);
-      if (d_adv == nullptr) continue;
-      if (PerToken) {  // a second pass only when per-token advantages need their gradient (rare)
-        for (int64_t t = 0; t < len; ++t) {
-          const int64_t i = o + t;
-          const float m = mask[i];
-          const PolicyTokenGrad tg = policy_token_backward<Kind>(logp[i], old_logp[i], adv[i], ref[i], c);
-          d_adv[i] = m != 0.0f ? scale * m * tg.d_adv : 0.0f;
-        }
-      } else {
-        d_adv[b] = adv_row_grad;
-      }
-    }
-  });
+  *loss = static_cast<float>(total[0]);
+  for (int k = 0; k < K - 2; ++k) sums[k] = static_cast<float>(total[k + 1]);
 }
 
 // ---------------------------------------------------------------------------------------- value loss

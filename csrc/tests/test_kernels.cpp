@@ -288,11 +288,11 @@ void test_whiten() {
 }
 
 // ------------------------------------------------------------------------------ losses
-double policy_double(const DVec& lp, const Vec& old, const Vec& adv, const Vec& m, const Vec& ref, int64_t B, int64_t T,
-                     double clip_low, double clip_high, double beta, int kl_kind, int loss_type) {
-  double total = 0, count = 0, grpo = 0;
+// sum_i w_i * token loss_i, with w = scale (per row, or per token) * mask.
+double policy_double(const DVec& lp, const Vec& old, const Vec& adv, const Vec& w, const Vec& ref, int64_t B, int64_t T,
+                     double clip_low, double clip_high, double beta, int kl_kind) {
+  double total = 0;
   for (int64_t b = 0; b < B; ++b) {
-    double row = 0, row_count = 0;
     for (int64_t t = 0; t < T; ++t) {
       const int64_t i = b * T + t;
       const double ratio = std::exp(lp[i] - old[i]);
@@ -304,38 +304,29 @@ double policy_double(const DVec& lp, const Vec& old, const Vec& adv, const Vec& 
                         : kl_kind == kKlK3 ? std::exp(d) - d - 1 : std::fabs(d);
         pt += beta * kl;
       }
-      row += pt * m[i];
-      row_count += m[i];
+      total += pt * w[i];
     }
-    total += row;
-    count += row_count;
-    grpo += row / std::max(row_count, 1.0);
   }
-  if (loss_type == kLossGrpo) return grpo / B;
-  if (loss_type == kLossDrGrpo) return total / (B * T);
-  return total / std::max(count, 1.0);  // bnpo, and dapo with the local count
+  return total;
 }
 
-void test_policy_loss() {
+void test_policy_tokens() {
   const int64_t B = 4, T = 9;
-  for (int loss_type : {kLossGrpo, kLossBnpo, kLossDrGrpo, kLossDapo}) {
+  for (bool scale_per_token : {false, true}) {
     for (int kl_kind : {kKlK1, kKlK2, kKlK3, kKlAbs}) {
       Vec lp = randn(B * T, 0.5f, -1.0f), old = randn(B * T, 0.5f, -1.0f), adv = randn(B);
       Vec ref = randn(B * T, 0.5f, -1.0f), m = mask_with_holes(B, T);
+      Vec scale = scale_per_token ? randn(B * T, 0.1f, 0.3f) : randn(B, 0.1f, 0.3f), w(B * T);
+      for (int64_t i = 0; i < B * T; ++i) w[i] = m[i] * (scale_per_token ? scale[i] : scale[i / T]);
       const PolicyConfig c{0.8f, 1.28f, 0.1f, kl_kind};
       float loss;
-      Vec metrics(3), row_scale(B), d_lp(B * T), d_adv(B);
-      cpu::policy_loss_forward(lp.data(), old.data(), adv.data(), false, m.data(), ref.data(), B, T, c, loss_type, T,
-                               -1.0f, &loss, metrics.data(), row_scale.data());
-      const double want = policy_double(to_double(lp), old, adv, m, ref, B, T, 0.2, 0.28, 0.1, kl_kind, loss_type);
-      check(std::fabs(loss - want) <= 1e-5 * std::max(1.0, std::fabs(want)), "policy loss forward", loss, want);
-      const float one = 1.0f;
-      cpu::policy_loss_backward(&one, lp.data(), old.data(), adv.data(), false, m.data(), ref.data(), row_scale.data(),
-                                B, T, c, d_lp.data(), d_adv.data());
-      auto f = [&](const DVec& x) {
-        return policy_double(x, old, adv, m, ref, B, T, 0.2, 0.28, 0.1, kl_kind, loss_type);
-      };
-      check_close(d_lp, numeric_grad(f, to_double(lp)), 1e-4, "policy loss backward (logp)");
+      Vec sums(4), d_lp(B * T), d_adv(B);
+      cpu::policy_tokens(lp.data(), old.data(), adv.data(), false, m.data(), ref.data(), scale.data(),
+                         scale_per_token, B, T, c, &loss, sums.data(), d_lp.data(), d_adv.data());
+      const double want = policy_double(to_double(lp), old, adv, w, ref, B, T, 0.2, 0.28, 0.1, kl_kind);
+      check(std::fabs(loss - want) <= 1e-5 * std::max(1.0, std::fabs(want)), "policy tokens loss", loss, want);
+      auto f = [&](const DVec& x) { return policy_double(x, old, adv, w, ref, B, T, 0.2, 0.28, 0.1, kl_kind); };
+      check_close(d_lp, numeric_grad(f, to_double(lp)), 1e-4, "policy tokens d logp");
     }
   }
 }
@@ -478,7 +469,7 @@ int main() {
   test_group_advantages();
   test_gae();
   test_whiten();
-  test_policy_loss();
+  test_policy_tokens();
   test_value_loss();
   test_dpo_simpo_bt();
   test_kl_and_sequence_sums();

@@ -31,7 +31,7 @@ from fastalign import ops
 from fastalign.ops import validation as v
 from fastalign.ops.logprobs import chunked
 
-TokenLossFn = Callable[[int, int, Tensor, Tensor, "Tensor | None"], Tensor]
+TokenLossFn = Callable[[int, int, Tensor, Tensor, "Tensor | None"], "tuple[Tensor, Tensor | None, Tensor | None]"]
 PairLossFn = Callable[[Tensor, Tensor, "Tensor | None", "Tensor | None"], Tensor]
 
 
@@ -141,13 +141,14 @@ def attach(compute, hidden, weight, bias) -> Tensor:
 def token_loss(hidden, weight, labels, per_token: TokenLossFn, *, bias=None, ref_hidden=None, ref_weight=None,
                ref_bias=None, ref_logps=None, temperature=1.0, ignore_index=-100, chunk_size=None,
                mem_budget=None):
-    """Loss = sum over tokens of ``per_token(s, e, logp, entropy, ref_logp)`` for flat positions [s, e).
+    """Loss = sum over chunks of ``per_token(s, e, logp, entropy, ref_logp)`` for flat positions [s, e).
 
-    ``per_token`` returns the token terms *already weighted* by their normalizer (0 where a token
-    does not count), differentiable w.r.t. ``logp`` and ``entropy`` (fp32 ``[e - s]``); its
-    gradient is taken chunk by chunk. ``labels`` must carry ``ignore_index`` wherever the term's
-    weight is 0, so those rows cost no GEMM. ``ref_logp`` is the reference chunk (computed from
-    ``ref_hidden`` in the same loop, or sliced from ``ref_logps``), or None when neither is given.
+    ``per_token`` returns ``(loss_sum, g_logp, g_entropy)``: the chunk's contribution to the loss
+    (its tokens' terms *already weighted* by their normalizers; 0 where a token does not count) and
+    its gradients w.r.t. ``logp`` and ``entropy`` (fp32 ``[e - s]``, either may be None), e.g. from
+    a backend's fused token pass. ``labels`` must carry ``ignore_index`` wherever the weight is 0,
+    so those rows cost no GEMM. ``ref_logp`` is the reference chunk (computed from ``ref_hidden``
+    in the same loop, or sliced from ``ref_logps``), or None when neither is given.
 
     Returns ``(loss, logp [S, T], entropy [S, T], ref_logp [S, T] or None)``; only ``loss`` is
     differentiable (w.r.t. hidden, weight and bias).
@@ -172,34 +173,27 @@ def token_loss(hidden, weight, labels, per_token: TokenLossFn, *, bias=None, ref
         return None if given_ref is None else given_ref[s:e]
 
     def compute(need_h, need_w, need_b):
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         if not (need_h or need_w or need_b):  # evaluation: forward passes only
             logp, entropy = chunked.linear_logprobs_no_grad(
                 hidden2d.detach(), weight.detach(), labels1d, bias=None if bias is None else bias.detach(),
                 temperature=temperature, ignore_index=ignore_index, chunk_size=chunk_size, mem_budget=mem_budget)
-            total = per_token(0, n, logp, entropy, ref_chunk(0, n, chunk_size)).sum()
+            total = per_token(0, n, logp, entropy, ref_chunk(0, n, chunk_size))[0]
             out.update(logp=logp, entropy=entropy)
             return total, None, None, None
-        calls = [total]
+        totals = []
 
         def grad_fn(s, e, lp, ent):
             ref = ref_chunk(s, e, max(1, e - s))  # the policy chunk's rows: within the budget
-            with torch.enable_grad():
-                lp_ = lp.detach().requires_grad_()
-                ent_ = ent.detach().requires_grad_()
-                chunk_total = per_token(s, e, lp_, ent_, ref).sum()
-                if not chunk_total.requires_grad:  # a term without policy dependence (all weights 0)
-                    calls[0] = calls[0] + chunk_total.detach()
-                    return None, None
-                g_lp, g_ent = torch.autograd.grad(chunk_total, (lp_, ent_), allow_unused=True)
-            calls[0] = calls[0] + chunk_total.detach()
+            chunk_total, g_lp, g_ent = per_token(s, e, lp, ent, ref)
+            totals.append(chunk_total.detach())
             return g_lp, g_ent
 
         logp, entropy, gh, gw, gb = chunked.linear_logprobs_grad_in_forward(
             hidden2d, weight, labels1d, grad_fn, bias=bias, temperature=temperature, ignore_index=ignore_index,
             chunk_size=chunk_size, mem_budget=mem_budget, need_weight_grad=need_w, need_bias_grad=need_b)
         out.update(logp=logp, entropy=entropy)
-        return calls[0], gh.reshape(hidden.shape), gw, gb
+        total = torch.stack(totals).sum() if totals else torch.zeros((), dtype=torch.float32, device=hidden.device)
+        return total, gh.reshape(hidden.shape), gw, gb
 
     loss = attach(compute, hidden, weight, bias)
     ref_full = ref_out if ref_out is not None else given_ref

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import torch
 
-from fastalign import ops
+from fastalign.ops import policy
 from fastalign.ops import validation as v
 from fastalign.ops.kl import KL_KINDS
 from fastalign.ops.policy import LOSS_TYPES
-from fastalign.ops.policy.spec import token_weights
+from fastalign.ops.policy.spec import policy_metrics, row_scale
 
 from . import base
 
@@ -27,7 +27,12 @@ def clipped_policy_loss(hidden, weight, labels, *, advantages, mask=None, old_lo
                         ref_weight=None, ref_bias=None, ref_logps=None, num_items=None, beta=0.0, kl_kind="k3",
                         epsilon_low=0.2, epsilon_high=None, loss_type="dapo", max_completion_length=None,
                         temperature=1.0, entropy_coef=0.0, ignore_index=-100, chunk_size=None, mem_budget=None):
-    """The GRPO/PPO policy loss (see :class:`FusedLinearGRPOLoss`); returns ``(loss, metrics)``."""
+    """The GRPO/PPO policy loss (see :class:`FusedLinearGRPOLoss`); returns ``(loss, metrics)``.
+
+    Each chunk's log-probs go through the same backend token pass as :func:`fastalign.ops.policy_loss`
+    (:func:`fastalign.ops.policy.token_pass`), with every token's normalizer from the one
+    :func:`~fastalign.ops.policy.spec.row_scale`: the per-token math exists once per backend.
+    """
     base.check_common(hidden, weight, labels, bias=bias, ref_hidden=ref_hidden, ref_weight=ref_weight,
                       ref_bias=ref_bias, ref_logps=ref_logps, ignore_index=ignore_index, chunk_size=chunk_size,
                       mem_budget=mem_budget)
@@ -44,49 +49,47 @@ def clipped_policy_loss(hidden, weight, labels, *, advantages, mask=None, old_lo
             v.same_device(name, t, hidden, "hidden")
     if mask is not None:
         v.mask_tensor("mask", mask, bt, hidden)
-    v.positive("beta", beta, allow_zero=True)
-    v.choice("kl_kind", kl_kind, KL_KINDS)
+    policy.check_options(beta=beta, kl_kind=kl_kind, clip_low=epsilon_low, clip_high=epsilon_high,
+                         loss_type=loss_type, max_completion_length=max_completion_length, num_items=num_items,
+                         clip_low_name="epsilon_low", clip_high_name="epsilon_high")
     if beta > 0 and ref_hidden is None and ref_logps is None:
         raise ValueError("beta > 0 needs the reference: pass ref_hidden (ref_weight defaults to weight) or ref_logps; "
                          "got neither")
-    v.in_range("epsilon_low", epsilon_low, 0.0, 1.0, high_inclusive=False)
-    if epsilon_high is not None:
-        v.positive("epsilon_high", epsilon_high, allow_zero=True)
-    v.choice("loss_type", loss_type, LOSS_TYPES)
-    if max_completion_length is not None:
-        v.integer("max_completion_length", max_completion_length, minimum=1)
-    if num_items is not None:
-        if isinstance(num_items, torch.Tensor):
-            if num_items.numel() != 1:
-                raise ValueError(f"num_items must be a scalar, got shape {tuple(num_items.shape)}")
-        else:
-            v.positive("num_items", num_items)
     v.positive("temperature", temperature)
     v.positive("entropy_coef", entropy_coef, allow_zero=True)
 
-    eps_low = float(epsilon_low)
-    eps_high = eps_low if epsilon_high is None else float(epsilon_high)
+    config = policy.PolicyConfig(float(beta), kl_kind, float(epsilon_low),
+                                 float(epsilon_low if epsilon_high is None else epsilon_high))
     valid = labels != ignore_index
     m = valid if mask is None else valid & (mask != 0)
     labels_eff = labels if mask is None else labels.masked_fill(~m, ignore_index)  # masked tokens cost no GEMM
-    w = token_weights(m, loss_type, max_completion_length, num_items).reshape(-1)
-    w_ent = (m.to(torch.float32) / m.sum().clamp(min=1.0)).reshape(-1) * float(entropy_coef)
+    mf = m.to(torch.float32)
+    counts = mf.sum(1)
+    # Each token's normalizer, flat: the chunks cut across rows, so the token pass takes a per-token scale.
+    scale = row_scale(counts, loss_type, max_completion_length, num_items, length=bt[1])[:, None].expand(bt)
+    scale, mflat = scale.reshape(1, -1), mf.reshape(1, -1)
+    w_ent = (mflat / counts.sum().clamp(min=1.0)) * float(entropy_coef)
     adv = advantages.detach().float()
-    adv = (adv.unsqueeze(1) if adv.dim() == 1 else adv).expand(bt).reshape(-1)
-    old = None if old_logps is None else old_logps.detach().float().reshape(-1)
+    adv = (adv.unsqueeze(1) if adv.dim() == 1 else adv).expand(bt).reshape(1, -1)
+    old = None if old_logps is None else old_logps.detach().float().reshape(1, -1)
     use_ref = beta > 0
+    sums = []
 
     def per_token(s, e, logp, entropy, ref_logp):
-        old_c = logp.detach() if old is None else old[s:e]
-        ratio = torch.exp(logp - old_c)
-        a = adv[s:e]
-        term = -torch.minimum(ratio * a, torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high) * a)
-        if use_ref:
-            term = term + beta * ops.kl_penalty(logp, ref_logp, kind=kl_kind)
-        term = term * w[s:e]
+        lp = logp.reshape(1, -1)
+        old_c = lp if old is None else old[:, s:e]  # on-policy: ratio 1
+        ref_c = None if ref_logp is None else ref_logp.reshape(1, -1)
+        with torch.enable_grad():
+            lp_ = lp.detach().requires_grad_()
+            total, chunk_sums = policy.token_pass(lp_, old_c, adv[:, s:e], mflat[:, s:e], ref_c, scale[:, s:e],
+                                                  config)
+            g_lp, = torch.autograd.grad(total, lp_)
+        sums.append(chunk_sums)
+        g_ent = None
         if entropy_coef:
-            term = term - entropy * w_ent[s:e]
-        return term
+            total = total - (entropy.reshape(1, -1) * w_ent[:, s:e]).sum()
+            g_ent = -w_ent[0, s:e]
+        return total.detach(), g_lp.reshape(-1), g_ent
 
     loss, logp, entropy, ref = base.token_loss(
         hidden, weight, labels_eff, per_token, bias=bias, ref_hidden=ref_hidden if use_ref else None,
@@ -95,21 +98,9 @@ def clipped_policy_loss(hidden, weight, labels, *, advantages, mask=None, old_lo
         chunk_size=chunk_size, mem_budget=mem_budget)
 
     with torch.no_grad():
-        mf = m.to(torch.float32)
-        adv2 = adv.reshape(bt)
-        log_ratio = torch.zeros_like(logp) if old_logps is None else logp - old_logps.float()
-        ratio = torch.exp(log_ratio)
-        low = (ratio < 1.0 - eps_low) & (adv2 < 0)
-        high = (ratio > 1.0 + eps_high) & (adv2 > 0)
-        metrics = {
-            "clip_ratio/low_mean": _masked_mean(low.float(), mf),
-            "clip_ratio/high_mean": _masked_mean(high.float(), mf),
-            "clip_ratio/region_mean": _masked_mean((low | high).float(), mf),
-            "entropy": _masked_mean(entropy, mf),
-            "approx_kl": 0.5 * _masked_mean(log_ratio * log_ratio, mf),
-        }
-        if use_ref:
-            metrics["kl"] = _masked_mean(ops.kl_penalty(logp, ref, kind=kl_kind), mf)
+        total_sums = torch.stack(sums).sum(0) if sums else torch.zeros(4, device=hidden.device)
+        metrics = policy_metrics(total_sums, counts.sum(), config.beta)
+        metrics["entropy"] = _masked_mean(entropy, mf)
     return loss, metrics
 
 
