@@ -37,9 +37,10 @@ def group_advantages(rewards, group_size, *, scale="group", eps=1e-4):
     r = rewards.float().view(-1, group_size)
     mean = _group_mean(r)
     adv = r - mean
-    if scale == "group":
+    scale = AdvantageScale(AdvantageScale.code(scale, "scale"))
+    if scale == AdvantageScale.group:
         adv = adv / (_unbiased_std(r, mean, dim=1) + eps)
-    elif scale == "batch":
+    elif scale == AdvantageScale.batch:
         flat = rewards.float().view(1, -1)
         adv = adv / (_unbiased_std(flat, _group_mean(flat), dim=1) + eps)
     return adv.reshape(rewards.shape)
