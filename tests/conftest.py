@@ -56,6 +56,59 @@ def assert_rel(actual: torch.Tensor, expected: torch.Tensor, tol: float, what: s
     assert err < tol, f"{what}: relative error {err:.3e} >= {tol:g}"
 
 
+# ------------------------------------------------------------------- float64 truths, one per kind
+# Written here from the formulas (ANCHORS.md), independently of the specs, and shared by every
+# backend's tests: a new kind adds one branch here and is then tested on every backend, since the
+# tests parametrize over the kind lists the ops declare (fastalign.ops.*.spec).
+def kl64(logp, ref, kind):
+    """KL(policy || ref) estimators from d = ref - logp, in float64 (differentiable in logp)."""
+    d = ref - logp
+    if kind == "k1":
+        return -d
+    if kind == "k2":
+        return 0.5 * d * d
+    if kind == "k3":
+        return torch.expm1(d) - d
+    if kind == "abs":
+        return d.abs()
+    raise AssertionError(f"no float64 formula for KL kind {kind!r}: add it to tests/conftest.py")
+
+
+def aggregate64(x, mask, loss_type, max_len=None, num_items=None):
+    """The policy loss's aggregation of per-token terms ``x [B, T]`` under ``mask`` (float64)."""
+    m = mask.double()
+    x = x * m
+    batch, length = m.shape
+    if loss_type == "grpo":
+        return (x.sum(-1) / m.sum(-1).clamp(min=1)).mean()
+    if loss_type == "bnpo":
+        return x.sum() / m.sum().clamp(min=1)
+    if loss_type == "dr_grpo":
+        return x.sum() / (batch * (length if max_len is None else max_len))
+    if loss_type == "dapo":
+        count = m.sum() if num_items is None else torch.tensor(float(num_items), dtype=torch.float64)
+        return x.sum() / count.clamp(min=1)
+    raise AssertionError(f"no float64 formula for loss type {loss_type!r}: add it to tests/conftest.py")
+
+
+def dpo64(pc, pr, rc, rr, *, beta, loss_type, label_smoothing):
+    """DPO-family losses per pair, and the rewards beta·(policy − ref) (float64)."""
+    logsig = torch.nn.functional.logsigmoid
+    delta = (pc - rc) - (pr - rr)
+    z, eps = beta * delta, label_smoothing
+    if loss_type == "sigmoid":
+        losses = -(1 - eps) * logsig(z) - eps * logsig(-z)
+    elif loss_type == "hinge":
+        losses = torch.relu(1 - z)
+    elif loss_type == "ipo":
+        losses = (delta - 1 / (2 * beta)) ** 2
+    elif loss_type == "robust":
+        losses = (-(1 - eps) * logsig(z) + eps * logsig(-z)) / (1 - 2 * eps)
+    else:
+        raise AssertionError(f"no float64 formula for DPO loss type {loss_type!r}: add it to tests/conftest.py")
+    return losses, beta * (pc - rc).detach(), beta * (pr - rr).detach()
+
+
 @pytest.fixture
 def torch_backend():
     """Run the test body on the pure-PyTorch reference backend."""

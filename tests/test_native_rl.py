@@ -12,6 +12,9 @@ import torch
 
 from fastalign import ops
 from fastalign.ops import dispatch
+from fastalign.ops.kl import KL_KINDS
+from fastalign.ops.policy import LOSS_TYPES
+from fastalign.ops.preference import DPO_LOSS_TYPES
 
 pytestmark = pytest.mark.skipif(not dispatch.backends()["cpu"].available or
                                 "cpu" not in dispatch.implementations("policy_loss"),
@@ -93,7 +96,7 @@ def holes(b, t, p=0.3, empty_rows=False):
 
 
 # ----------------------------------------------------------------------------------------- KL
-@pytest.mark.parametrize("kind", ["k1", "k2", "k3", "abs"])
+@pytest.mark.parametrize("kind", KL_KINDS)
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_kl_penalty(kind, shape, dtype):
@@ -266,7 +269,7 @@ def policy_inputs(b, t, per_token_adv, dtype=torch.float32, equal_old=False):
     return [x.to(dtype) for x in (logp, old, adv)] + [holes(b, t, empty_rows=True)], ref.to(dtype)
 
 
-@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
 @pytest.mark.parametrize("per_token_adv", [False, True])
 @pytest.mark.parametrize("beta,kl_kind", [(0.0, "k3"), (0.04, "k3"), (0.1, "k1"), (0.1, "k2"), (0.1, "abs")])
 @pytest.mark.parametrize("shape", [(1, 1), (3, 5), (8, 130)])
@@ -309,7 +312,7 @@ def test_value_loss_all_masked_and_bf16():
 
 
 # ----------------------------------------------------------------------------------------- preference
-@pytest.mark.parametrize("loss_type", ["sigmoid", "hinge", "ipo", "robust"])
+@pytest.mark.parametrize("loss_type", DPO_LOSS_TYPES)
 @pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
 @pytest.mark.parametrize("n", [1, 5, 64])
 def test_dpo_loss(loss_type, label_smoothing, n):

@@ -12,9 +12,11 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TOL, assert_rel, gae64, group_adv64, logprobs64, logprobs_grad64, std64
+from conftest import TOL, aggregate64, assert_rel, dpo64, gae64, group_adv64, kl64, logprobs64, logprobs_grad64, std64
 
 from fastalign.ops import reference as R
+from fastalign.ops.kl import KL_KINDS
+from fastalign.ops.policy import LOSS_TYPES
 
 FP32 = TOL[torch.float32]
 DTYPES = [torch.float32, torch.bfloat16]
@@ -122,26 +124,25 @@ def test_sequence_logprobs(average, mask_dtype):
 
 # ---------------------------------------------------------------------------------------------- KL
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("kind", ["k1", "k2", "k3", "abs"])
+@pytest.mark.parametrize("kind", KL_KINDS)
 def test_kl_penalty(kind, dtype):
     logp = (-3 * torch.rand(5, 11)).to(dtype).requires_grad_()
     ref_logp = (-3 * torch.rand(5, 11)).to(dtype).requires_grad_()
     out = R.kl_penalty(logp, ref_logp, kind=kind)
-    d = ref_logp.detach().double() - logp.detach().double()
-    value = {"k1": -d, "k2": 0.5 * d * d, "k3": d.exp() - d - 1, "abs": d.abs()}[kind]
-    # d/dlogp of each estimator (d depends on logp with slope -1).
-    slope = {"k1": torch.ones_like(d), "k2": -d, "k3": 1 - d.exp(), "abs": -d.sign()}[kind]
+    lp64 = logp.detach().double().requires_grad_()
+    value = kl64(lp64, ref_logp.detach().double(), kind)
     assert out.dtype == torch.float32
     assert_rel(out, value, TOL[dtype], kind)
     g = torch.randn(5, 11)
     (out * g).sum().backward()
-    assert_rel(logp.grad, g.double() * slope, TOL[dtype], f"d logp {kind}")
+    (slope,) = torch.autograd.grad(value, lp64, g.double())
+    assert_rel(logp.grad, slope, TOL[dtype], f"d logp {kind}")
     assert ref_logp.grad is None  # the reference is a constant
 
 
 def test_kl_penalty_zero_when_equal():
     logp = -torch.rand(3, 4)
-    for kind in ("k1", "k2", "k3", "abs"):
+    for kind in KL_KINDS:
         assert torch.equal(R.kl_penalty(logp, logp.clone(), kind=kind), torch.zeros(3, 4))
 
 
@@ -324,19 +325,13 @@ def _policy64(logp, old, adv, mask, ref, beta, clip_low, clip_high, loss_type, m
     per_token = -torch.where(unclipped_obj <= clipped_obj, unclipped_obj, clipped_obj)
     kl = None
     if beta > 0:
-        d = ref - logp
-        kl = d.exp() - d - 1
+        kl = kl64(logp, ref, "k3")
         per_token = per_token + beta * kl
-    def aggregate(tok):
-        if loss_type == "grpo":
-            return (tok.sum(-1) / m.sum(-1).clamp(min=1)).mean()
-        if loss_type == "bnpo":
-            return tok.sum() / m.sum()
-        if loss_type == "dr_grpo":
-            return tok.sum() / (logp.shape[0] * (logp.shape[1] if max_len is None else max_len))
-        return tok.sum() / (m.sum() if num_items is None else float(num_items))
 
-    loss = aggregate(per_token * m)
+    def aggregate(tok):
+        return aggregate64(tok, m, loss_type, max_len, num_items)
+
+    loss = aggregate(per_token)
     low = (ratio < 1 - clip_low) & (adv < 0)
     high = (ratio > 1 + clip_high) & (adv > 0)
     log_ratio = logp - old
@@ -347,7 +342,7 @@ def _policy64(logp, old, adv, mask, ref, beta, clip_low, clip_high, loss_type, m
     if kl is not None:
         metrics["kl"] = (kl * m).sum() / m.sum()
     # Advantages of both signs cancel in the sum: rounding is relative to the size of the terms.
-    return loss, metrics, aggregate(per_token.detach().abs() * m).item()
+    return loss, metrics, aggregate(per_token.detach().abs()).item()
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -388,7 +383,7 @@ def test_policy_loss_hand_made():
     logp = -torch.rand(2, 3)
     adv = torch.tensor([1.0, -3.0])
     mask = torch.ones(2, 3)
-    for loss_type in ("grpo", "bnpo", "dr_grpo", "dapo"):
+    for loss_type in LOSS_TYPES:
         loss, metrics = R.policy_loss(logp, logp.clone(), adv, mask, loss_type=loss_type)
         assert_rel(loss, torch.tensor(1.0, dtype=torch.float64), FP32, loss_type)
         assert metrics["clip_ratio/region_mean"] == 0 and metrics["approx_kl"] == 0
@@ -454,17 +449,6 @@ def _logsig(x):
     return -F.softplus(-x)
 
 
-def _dpo64(pc, pr, rc, rr, beta, loss_type, eps):
-    delta = (pc - rc) - (pr - rr)
-    if loss_type == "sigmoid":
-        return -(1 - eps) * _logsig(beta * delta) - eps * _logsig(-beta * delta)
-    if loss_type == "hinge":
-        return (1 - beta * delta).clamp(min=0)
-    if loss_type == "ipo":
-        return (delta - 1 / (2 * beta)) ** 2
-    return (-(1 - eps) * _logsig(beta * delta) + eps * _logsig(-beta * delta)) / (1 - 2 * eps)
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("loss_type,label_smoothing", [
     ("sigmoid", 0.0), ("sigmoid", 0.1), ("hinge", 0.0), ("ipo", 0.0), ("robust", 0.2),
@@ -482,7 +466,8 @@ def test_dpo_loss(loss_type, label_smoothing, beta, dtype):
     losses, chosen_rewards, rejected_rewards = R.dpo_loss(pc, pr, rc, rr, beta=beta, loss_type=loss_type,
                                                           label_smoothing=label_smoothing)
     pc64, pr64 = pc.detach().double().requires_grad_(), pr.detach().double().requires_grad_()
-    expected = _dpo64(pc64, pr64, rc.detach().double(), rr.detach().double(), beta, loss_type, label_smoothing)
+    expected = dpo64(pc64, pr64, rc.detach().double(), rr.detach().double(), beta=beta, loss_type=loss_type,
+                     label_smoothing=label_smoothing)[0]
     assert losses.dtype == torch.float32 and losses.shape == (batch,)
     assert_rel(losses, expected, TOL[dtype], "losses")
     assert_rel(chosen_rewards, beta * (pc.double() - rc.double()), TOL[dtype], "chosen rewards")

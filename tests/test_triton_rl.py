@@ -18,10 +18,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import TRITON_DEVICE as DEVICE
-from conftest import use_triton
+from conftest import aggregate64, dpo64, kl64, use_triton
 
 from fastalign import ops
 from fastalign.ops import dispatch
+from fastalign.ops.kl import KL_KINDS
+from fastalign.ops.policy import LOSS_TYPES
+from fastalign.ops.preference import DPO_LOSS_TYPES
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
 DTYPES = [torch.float32, torch.bfloat16]
@@ -57,17 +60,6 @@ def as64(x: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------- float64 truth
-def kl64(lp, ref, kind):
-    d = ref - lp
-    if kind == "k1":
-        return -d
-    if kind == "k2":
-        return 0.5 * d * d
-    if kind == "k3":
-        return torch.expm1(d) - d
-    return d.abs()
-
-
 def policy64(lp, old, adv, mask, ref, *, beta, kl_kind, clip_low, clip_high, loss_type, max_len, num_items):
     """(loss, metrics, scale): ``scale`` is the same aggregation of |per-token loss| (conditioning)."""
     m = mask.double()
@@ -79,15 +71,7 @@ def policy64(lp, old, adv, mask, ref, *, beta, kl_kind, clip_low, clip_high, los
         per_token = per_token + beta * kl
 
     def aggregate(x):
-        x = x * m
-        if loss_type == "grpo":
-            return (x.sum(-1) / m.sum(-1).clamp(min=1)).mean()
-        if loss_type == "bnpo":
-            return x.sum() / m.sum().clamp(min=1)
-        if loss_type == "dr_grpo":
-            return x.sum() / (lp.shape[0] * (lp.shape[1] if max_len is None else max_len))
-        count = m.sum() if num_items is None else torch.tensor(float(num_items), dtype=torch.float64)
-        return x.sum() / count.clamp(min=1)
+        return aggregate64(x, mask, loss_type, max_len, num_items)
 
     count = m.sum().clamp(min=1)
     with torch.no_grad():
@@ -100,21 +84,6 @@ def policy64(lp, old, adv, mask, ref, *, beta, kl_kind, clip_low, clip_high, los
             metrics["kl"] = (kl * m).sum() / count
         scale = aggregate(per_token.abs()).item()
     return aggregate(per_token), metrics, scale
-
-
-def dpo64(pc, pr, rc, rr, *, beta, loss_type, label_smoothing):
-    delta = (pc - rc) - (pr - rr)
-    z = beta * delta
-    eps = label_smoothing
-    if loss_type == "sigmoid":
-        losses = -(1 - eps) * F.logsigmoid(z) - eps * F.logsigmoid(-z)
-    elif loss_type == "hinge":
-        losses = torch.relu(1 - z)
-    elif loss_type == "ipo":
-        losses = (delta - 1 / (2 * beta)) ** 2
-    else:
-        losses = (-(1 - eps) * F.logsigmoid(z) + eps * F.logsigmoid(-z)) / (1 - 2 * eps)
-    return losses, beta * (pc - rc).detach(), beta * (pr - rr).detach()
 
 
 def simpo64(c, r, *, beta, gamma, label_smoothing):
@@ -250,7 +219,7 @@ def test_kernels_compile_for_hopper():
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("kind", ["k1", "k2", "k3", "abs"])
+@pytest.mark.parametrize("kind", KL_KINDS)
 def test_kl_penalty(kind, dtype):
     for shape in [(1,), (1, 1), (3, 37), (2, 3, 700)]:
         lp = leaf(-torch.rand(shape) * 3, dtype)
@@ -279,9 +248,8 @@ def test_kl_penalty_non_contiguous_and_small_d():
 
 
 # Every loss type with every KL kind in fp32; bf16 with k3 (the kind TRL uses) is enough there.
-POLICY_CASES = [(kind, lt, torch.float32) for kind in ("k1", "k2", "k3", "abs")
-                for lt in ("grpo", "bnpo", "dr_grpo", "dapo")]
-POLICY_CASES += [("k3", lt, torch.bfloat16) for lt in ("grpo", "bnpo", "dr_grpo", "dapo")]
+POLICY_CASES = [(kind, lt, torch.float32) for kind in KL_KINDS for lt in LOSS_TYPES]
+POLICY_CASES += [("k3", lt, torch.bfloat16) for lt in LOSS_TYPES]
 
 
 @pytest.mark.parametrize("kl_kind,loss_type,dtype", POLICY_CASES, ids=str)
@@ -302,7 +270,7 @@ def test_policy_loss(kl_kind, loss_type, dtype):
         check_policy(got, want, dtype)
 
 
-@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
 def test_policy_loss_without_kl_and_symmetric_clip(loss_type):
     lp, old, ref, adv, mask = policy_inputs(6, 29, adv_per_token=False)
     got, want = run_policy(lp, old, ref, adv, mask, torch.float32, beta=0.0, loss_type=loss_type, clip_low=0.1)
@@ -359,7 +327,7 @@ def test_policy_loss_is_deterministic():
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("loss_type", ["sigmoid", "hinge", "ipo", "robust"])
+@pytest.mark.parametrize("loss_type", DPO_LOSS_TYPES)
 def test_dpo_loss(loss_type, dtype):
     for B, smoothing in [(1, 0.0), (7, 0.1), (1500, 0.0)]:
         pc, pr = leaf(-torch.rand(B) * 50, dtype), leaf(-torch.rand(B) * 50, dtype)

@@ -10,8 +10,12 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import aggregate64, kl64
 
 from fastalign import ops
+from fastalign.ops.kl import KL_KINDS
+from fastalign.ops.policy import LOSS_TYPES
+from fastalign.ops.preference import DPO_LOSS_TYPES
 
 pytestmark = [
     pytest.mark.gpu,
@@ -19,7 +23,6 @@ pytestmark = [
 ]
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
-KL_KINDS = ("k1", "k2", "k3", "abs")
 
 
 @pytest.fixture(autouse=True)
@@ -38,20 +41,14 @@ def rel_err(got, want, scale=0.0):
 
 
 def policy64(lp, old, adv, mask, ref, beta, kl_kind, loss_type, clip_low=0.2, clip_high=0.28):
-    d = ref - lp
-    kl = {"k1": -d, "k2": 0.5 * d * d, "k3": torch.expm1(d) - d, "abs": d.abs()}[kl_kind]
+    kl = kl64(lp, ref, kl_kind)
     m = mask.double()
     a = adv.unsqueeze(1) if adv.dim() == 1 else adv
     ratio = torch.exp(lp - old)
     per_token = -torch.minimum(ratio * a, torch.clamp(ratio, 1 - clip_low, 1 + clip_high) * a) + beta * kl
 
     def aggregate(x):
-        x = x * m
-        if loss_type == "grpo":
-            return (x.sum(-1) / m.sum(-1).clamp(min=1)).mean()
-        if loss_type == "dr_grpo":
-            return x.sum() / x.numel()
-        return x.sum() / m.sum().clamp(min=1)  # bnpo, and dapo with the local count
+        return aggregate64(x, mask, loss_type)
 
     return aggregate(per_token), aggregate(per_token.abs()).item(), (kl * m).sum() / m.sum().clamp(min=1)
 
@@ -67,7 +64,7 @@ def policy_inputs(B, T, dtype, per_token=False):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
 @pytest.mark.parametrize("B,T,per_token", [(64, 4096, False), (7, 3001, True), (1, 1, False)])
 def test_policy_loss(B, T, per_token, loss_type, dtype):
     lp, old, ref, adv, mask = policy_inputs(B, T, dtype, per_token)
@@ -99,7 +96,7 @@ def test_kl_penalty(kind):
     assert rel_err(out, out64) < 1e-5 and rel_err(grad, grad64) < 1e-5
 
 
-@pytest.mark.parametrize("loss_type", ["sigmoid", "hinge", "ipo", "robust"])
+@pytest.mark.parametrize("loss_type", DPO_LOSS_TYPES)
 def test_dpo_simpo_bradley_terry(loss_type):
     B = 4099
     pc, pr, rc, rr = (-torch.rand(B, device="cuda") * 50 for _ in range(4))
