@@ -532,3 +532,16 @@ def test_bradley_terry_loss(margin_kind, center_coef):
     expected.backward()
     assert_rel(chosen.grad, c64.grad, FP32, "d chosen")
     assert_rel(rejected.grad, r64.grad, FP32, "d rejected")
+
+
+def test_row_scale_global_counts_follow_trl_num_items_in_batch():
+    # The normalizer of a micro-batch of 3 rows inside a step of 12 sequences / 50 tokens.
+    counts = torch.tensor([4.0, 0.0, 6.0])
+    spec = R.policy_loss.__globals__["row_scale"]
+    assert torch.allclose(spec(counts, "grpo", num_sequences=12), 1 / (12 * torch.tensor([4.0, 1.0, 6.0])))
+    assert torch.allclose(spec(counts, "dr_grpo", length=8, num_sequences=12), torch.full((3,), 1 / 96))
+    assert torch.allclose(spec(counts, "dapo", num_items=50), torch.full((3,), 1 / 50))
+    assert torch.allclose(spec(counts, "bnpo"), torch.full((3,), 1 / 10))
+    # Local defaults: the micro-batch itself.
+    assert torch.allclose(spec(counts, "grpo"), 1 / (3 * torch.tensor([4.0, 1.0, 6.0])))
+    assert torch.allclose(spec(counts, "dapo"), torch.full((3,), 1 / 10))

@@ -163,7 +163,9 @@ def reference_parameters(reference) -> int:
 def grpo_loss_fn(loss_module: FusedLinearGRPOLoss, cfg: GRPOConfig):
     """``loss_fn(model, batch) -> (loss_sum, metric_sums)`` and ``weight_fn(batch)`` for the engine trainer,
     which divides by the global sum of ``weight_fn``: tokens for dapo, sequences for grpo and dr_grpo, and
-    micro-batches for bnpo (each micro-batch's token mean counts once)."""
+    micro-batches for bnpo (each micro-batch's token mean counts once). The loss gives sums because its
+    global counts are 1 (``num_items`` for dapo, ``num_sequences`` for grpo and dr_grpo): normalization
+    itself happens once, in ``ops.policy.spec.row_scale`` and the trainer's division."""
     loss_type = cfg.loss_type
     # Gradient checkpointing recomputes layers without a KV cache, so the shared-prompt forward is off there.
     share_prompts = cfg.share_prompt_forward and not cfg.gradient_checkpointing
@@ -179,11 +181,9 @@ def grpo_loss_fn(loss_module: FusedLinearGRPOLoss, cfg: GRPOConfig):
             hidden = hidden[:, :-1]
         head = lm_head(unwrap(model).lm)
         loss, metrics = loss_module(hidden, head.weight, labels, advantages=batch.advantages, old_logps=old,
-                                    ref_logps=ref, bias=head.bias, num_items=1 if loss_type == "dapo" else None)
+                                    ref_logps=ref, bias=head.bias, num_items=1, num_sequences=1)
         n = weight_fn(batch)
-        # grpo/dr_grpo divide by the local row count: × rows makes the sum over rows; dapo (num_items 1) is a sum.
-        scale = batch.input_ids.shape[0] if loss_type in ("grpo", "dr_grpo") else 1
-        return loss * scale, {k: v.detach() * n for k, v in metrics.items()}
+        return loss, {k: v.detach() * n for k, v in metrics.items()}
 
     def weight_fn(batch: GRPOBatch):
         if loss_type == "dapo":

@@ -24,8 +24,8 @@ def _masked_mean(x, m):
 
 
 def clipped_policy_loss(hidden, weight, labels, *, advantages, mask=None, old_logps=None, bias=None, ref_hidden=None,
-                        ref_weight=None, ref_bias=None, ref_logps=None, num_items=None, beta=0.0, kl_kind="k3",
-                        epsilon_low=0.2, epsilon_high=None, loss_type="dapo", max_completion_length=None,
+                        ref_weight=None, ref_bias=None, ref_logps=None, num_items=None, num_sequences=None, beta=0.0,
+                        kl_kind="k3", epsilon_low=0.2, epsilon_high=None, loss_type="dapo", max_completion_length=None,
                         temperature=1.0, entropy_coef=0.0, ignore_index=-100, chunk_size=None, mem_budget=None):
     """The GRPO/PPO policy loss (see :class:`FusedLinearGRPOLoss`); returns ``(loss, metrics)``.
 
@@ -66,7 +66,10 @@ def clipped_policy_loss(hidden, weight, labels, *, advantages, mask=None, old_lo
     mf = m.to(torch.float32)
     counts = mf.sum(1)
     # Each token's normalizer, flat: the chunks cut across rows, so the token pass takes a per-token scale.
-    scale = row_scale(counts, loss_type, max_completion_length, num_items, length=bt[1])[:, None].expand(bt)
+    if num_sequences is not None:
+        v.integer("num_sequences", num_sequences, minimum=1)
+    scale = row_scale(counts, loss_type, max_completion_length, num_items, length=bt[1],
+                      num_sequences=num_sequences)[:, None].expand(bt)
     scale, mflat = scale.reshape(1, -1), mf.reshape(1, -1)
     w_ent = (mflat / counts.sum().clamp(min=1.0)) * float(entropy_coef)
     adv = advantages.detach().float()
@@ -113,7 +116,9 @@ class FusedLinearGRPOLoss(torch.nn.Module):
     ``[B]`` (or ``[B, T]``), ``mask`` optionally drops more tokens (e.g. tool output),
     ``old_logps [B, T]`` the sampling policy's log-probs (None = on-policy, ratio 1), the reference
     from ``ref_hidden`` (through ``ref_weight``/``ref_bias``, default the policy head) or
-    ``ref_logps [B, T]``; ``num_items`` is dapo's global token count (default: the local one).
+    ``ref_logps [B, T]``; ``num_items`` (dapo) and ``num_sequences`` (grpo, dr_grpo) are the
+    optimizer step's global token and sequence counts (default: the local ones; see
+    :func:`fastalign.ops.policy.spec.row_scale`, the one place normalization happens).
 
     ``loss_type``: ``grpo`` (per-sequence mean, then batch mean), ``bnpo`` (token mean),
     ``dr_grpo`` (sum / (B · max_completion_length)), ``dapo`` (sum / global tokens; TRL's default).
@@ -141,11 +146,12 @@ class FusedLinearGRPOLoss(torch.nn.Module):
         self.ignore_index, self.chunk_size, self.mem_budget = ignore_index, chunk_size, mem_budget
 
     def forward(self, hidden, weight, labels, *, advantages, mask=None, old_logps=None, bias=None, ref_hidden=None,
-                ref_weight=None, ref_bias=None, ref_logps=None, num_items=None):
+                ref_weight=None, ref_bias=None, ref_logps=None, num_items=None, num_sequences=None):
         return clipped_policy_loss(
             hidden, weight, labels, advantages=advantages, mask=mask, old_logps=old_logps, bias=bias,
             ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias, ref_logps=ref_logps,
-            num_items=num_items, beta=self.beta, kl_kind=self.kl_kind, epsilon_low=self.epsilon_low,
+            num_items=num_items, num_sequences=num_sequences, beta=self.beta, kl_kind=self.kl_kind,
+            epsilon_low=self.epsilon_low,
             epsilon_high=self.epsilon_high, loss_type=self.loss_type,
             max_completion_length=self.max_completion_length, temperature=self.temperature,
             entropy_coef=self.entropy_coef, ignore_index=self.ignore_index, chunk_size=self.chunk_size,

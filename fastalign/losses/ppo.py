@@ -29,11 +29,11 @@ class FusedLinearPPOLoss(FusedLinearGRPOLoss):
     default_loss_type = "bnpo"
 
     def forward(self, hidden, weight, labels, *, advantages, mask=None, old_logps=None, bias=None, ref_hidden=None,
-                ref_weight=None, ref_bias=None, ref_logps=None, num_items=None):
+                ref_weight=None, ref_bias=None, ref_logps=None, num_items=None, num_sequences=None):
         _check_token_advantages(advantages, labels)
         return super().forward(hidden, weight, labels, advantages=advantages, mask=mask, old_logps=old_logps,
                                bias=bias, ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias,
-                               ref_logps=ref_logps, num_items=num_items)
+                               ref_logps=ref_logps, num_items=num_items, num_sequences=num_sequences)
 
 
 def fused_linear_ppo_loss(hidden, weight, labels, *, advantages, mask=None, old_logps=None, bias=None,

@@ -21,29 +21,33 @@ def _masked_mean(x, m):
     return (x * m).sum() / m.sum().clamp(min=1.0)
 
 
-def row_scale(counts, loss_type, max_completion_length=None, num_items=None, length=None):
+def row_scale(counts, loss_type, max_completion_length=None, num_items=None, length=None, num_sequences=None):
     """The normalizer of each row's masked token sum: ``loss = Σ_b row_scale[b] · Σ_t mask·term``.
 
     The one place a loss type's aggregation is written; every backend and every fused loss uses it.
-    ``counts [B]`` are the rows' valid-token counts. ``grpo``: ``1 / (B · count_b)`` (mean per
+    ``counts [B]`` are the rows' valid-token counts. ``grpo``: ``1 / (N · count_b)`` (mean per
     sequence, then over sequences); ``bnpo``: ``1 / Σ counts`` (token mean over the local batch);
-    ``dr_grpo``: ``1 / (B · max_completion_length)`` (default ``length``, the padded width);
-    ``dapo``: ``1 / num_items``, the global token count (summed over processes and accumulation
-    steps, as TRL's ``num_items_in_batch``; default the local count). A count of 0 counts as 1.
+    ``dr_grpo``: ``1 / (N · max_completion_length)`` (default ``length``, the padded width);
+    ``dapo``: ``1 / num_items``. The contract is TRL's ``num_items_in_batch``: ``num_items`` is the
+    token count and ``num_sequences`` (N) the sequence count of the whole optimizer step — summed
+    over processes and accumulation steps — and default to the local batch's; a trainer that sums
+    the losses of its micro-batches and divides once (``fastalign.engine.trainer``) passes 1.
+    A count of 0 counts as 1.
     """
     counts = counts.to(torch.float32)
-    batch = counts.shape[0]
+    batch = counts.shape[0] if num_sequences is None else num_sequences
     loss_type = PolicyLossType(PolicyLossType.code(loss_type, "loss_type"))
+    rows = counts.shape[0]
     if loss_type == PolicyLossType.grpo:
         return 1.0 / (counts.clamp(min=1.0) * batch)
     if loss_type == PolicyLossType.bnpo:
-        return (1.0 / counts.sum().clamp(min=1.0)).expand(batch)
+        return (1.0 / counts.sum().clamp(min=1.0)).expand(rows)
     if loss_type == PolicyLossType.dr_grpo:
         width = length if max_completion_length is None else max_completion_length
-        return counts.new_full((batch,), 1.0 / (batch * width))
+        return counts.new_full((rows,), 1.0 / (batch * width))
     total = counts.sum() if num_items is None else torch.as_tensor(num_items, dtype=torch.float32,
                                                                    device=counts.device)
-    return (1.0 / total.clamp(min=1.0)).expand(batch)
+    return (1.0 / total.clamp(min=1.0)).expand(rows)
 
 
 def token_weights(mask, loss_type, max_completion_length=None, num_items=None):
