@@ -17,6 +17,7 @@ from conftest import TOL, aggregate64, assert_rel, dpo64, gae64, group_adv64, kl
 from fastalign.ops import reference as R
 from fastalign.ops.kl import KL_KINDS
 from fastalign.ops.policy import LOSS_TYPES
+from fastalign.ops.policy.spec import row_scale
 
 FP32 = TOL[torch.float32]
 DTYPES = [torch.float32, torch.bfloat16]
@@ -537,7 +538,7 @@ def test_bradley_terry_loss(margin_kind, center_coef):
 def test_row_scale_global_counts_follow_trl_num_items_in_batch():
     # The normalizer of a micro-batch of 3 rows inside a step of 12 sequences / 50 tokens.
     counts = torch.tensor([4.0, 0.0, 6.0])
-    spec = R.policy_loss.__globals__["row_scale"]
+    spec = row_scale
     assert torch.allclose(spec(counts, "grpo", num_sequences=12), 1 / (12 * torch.tensor([4.0, 1.0, 6.0])))
     assert torch.allclose(spec(counts, "dr_grpo", length=8, num_sequences=12), torch.full((3,), 1 / 96))
     assert torch.allclose(spec(counts, "dapo", num_items=50), torch.full((3,), 1 / 50))
