@@ -16,6 +16,13 @@ from pathlib import Path
 
 import yaml
 
+from fastalign.ops.policy.spec import PolicyLossType
+from fastalign.ops.preference.spec import DpoLossType
+
+# The flows offer the kinds the ops declare (fastalign/ops/*/spec.py), never a copy of the list.
+DPO_LOSS_TYPES = DpoLossType.names()
+POLICY_LOSS_TYPES = PolicyLossType.names()
+
 
 def choice(default, options, help=""):
     return field(default=default, metadata={"choices": tuple(options), "help": help})
@@ -119,7 +126,7 @@ class RewardConfig(TrainConfig):
 class DPOConfig(TrainConfig):
     init_from: str = knob("", "policy (and reference) start (e.g. an SFT run's model/ folder; default: model)")
     beta: float = knob(0.1, "KL strength β", minimum=0)
-    loss_type: str = choice("sigmoid", ("sigmoid", "hinge", "ipo", "robust"))
+    loss_type: str = choice("sigmoid", DPO_LOSS_TYPES)
     label_smoothing: float = knob(0.0, "sigmoid/robust label smoothing ε", minimum=0, maximum=0.49)
     reference: str = choice("frozen_copy", ("frozen_copy", "precomputed", "adapter", "shared_trunk"),
                             "how the reference model is held (see fastalign.models.reference)")
@@ -225,7 +232,7 @@ class GRPOConfig(TrainConfig):
     advantage: str = choice("group", ("group", "batch", "none", "rloo"),
                             "group: (r - group mean) / group std; batch: / std of the whole batch; none: no "
                             "division (Dr. GRPO); rloo: r - mean of the other G-1")
-    loss_type: str = choice("dapo", ("grpo", "bnpo", "dr_grpo", "dapo"), "token aggregation of the policy loss")
+    loss_type: str = choice("dapo", POLICY_LOSS_TYPES, "token aggregation of the policy loss")
     epsilon: float = knob(0.2, "ratio clip ε_low", minimum=0)
     epsilon_high: float = knob(0.0, "ratio clip ε_high (0 = epsilon; DAPO uses 0.28)", minimum=0)
     beta: float = knob(0.0, "k3 KL weight against the reference (0 = no reference model is loaded)", minimum=0)
