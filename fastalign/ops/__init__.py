@@ -5,22 +5,19 @@ Each op family is a package (``logprobs``, ``kl``, ``advantages``, ``policy``, `
 (:mod:`kinds`), its pure-PyTorch spec (``spec.py``, gathered in ``fastalign.ops.reference``) and the
 registration of each backend (``cpu.py``, ``triton.py``). At call time an op validates its inputs,
 picks a backend (:func:`backends` lists them; :func:`backend` or ``FASTALIGN_BACKEND`` forces one)
-and runs an autograd-ready implementation.
+and runs an autograd-ready implementation. A family lists its public ops in its ``__all__``; they
+are re-exported here, so a new op is declared in its family alone.
 """
 
-from . import reference
-from .advantages import gae, group_advantages, rloo_advantages, whiten
+from . import advantages, kl, logprobs, policy, preference, reference, steering
+from .advantages import *  # noqa: F403
 from .dispatch import backend, backends, registered_ops
-from .kl import kl_penalty
-from .logprobs import logprobs_from_logits, sequence_logprobs, token_logprobs
-from .policy import policy_loss, value_loss
-from .preference import bradley_terry_loss, dpo_loss, simpo_loss
-from .steering import steer_logits
+from .kl import *  # noqa: F403
+from .logprobs import *  # noqa: F403
+from .policy import *  # noqa: F403
+from .preference import *  # noqa: F403
+from .steering import *  # noqa: F403
 
-__all__ = [
-    "token_logprobs", "logprobs_from_logits", "sequence_logprobs", "kl_penalty",
-    "group_advantages", "rloo_advantages", "gae", "whiten", "policy_loss", "value_loss",
-    "dpo_loss", "simpo_loss", "bradley_terry_loss",
-    "steer_logits",
-    "backend", "backends", "registered_ops", "reference",
-]
+FAMILIES = (logprobs, kl, advantages, policy, preference, steering)
+__all__ = [name for family in FAMILIES for name in family.__all__] + [
+    "backend", "backends", "registered_ops", "reference"]

@@ -10,6 +10,8 @@ from . import cpu  # noqa: F401  (registers the compiled backends)
 from . import spec as ref
 from .spec import AdvantageScale
 
+__all__ = ["group_advantages", "rloo_advantages", "gae", "whiten"]  # fastalign.ops re-exports these
+
 SCALES = AdvantageScale.names()
 
 

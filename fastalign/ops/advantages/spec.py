@@ -6,6 +6,8 @@ import torch
 
 from ..kinds import Kind
 
+__all__ = ["group_advantages", "rloo_advantages", "gae", "whiten"]  # gathered by fastalign.ops.reference
+
 
 class AdvantageScale(Kind):
     """What group advantages are divided by."""

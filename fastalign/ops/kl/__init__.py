@@ -8,6 +8,8 @@ from . import cpu, triton  # noqa: F401  (register the compiled and Triton backe
 from .spec import KlKind
 from .spec import kl_penalty as _kl_penalty_spec
 
+__all__ = ["kl_penalty"]  # fastalign.ops re-exports these
+
 KL_KINDS = KlKind.names()
 
 

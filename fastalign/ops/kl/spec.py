@@ -6,6 +6,8 @@ import torch
 
 from ..kinds import Kind
 
+__all__ = ["kl_penalty"]  # gathered by fastalign.ops.reference
+
 
 class KlKind(Kind):
     """Schulman's estimators of KL(policy || ref) from d = ref_logp - logp."""

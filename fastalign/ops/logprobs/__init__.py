@@ -7,6 +7,8 @@ from .. import validation as v
 from . import chunked, cpu, triton  # noqa: F401  (register the compiled and Triton backends)
 from . import spec as ref
 
+__all__ = ["token_logprobs", "logprobs_from_logits", "sequence_logprobs"]  # fastalign.ops re-exports these
+
 
 def _check_temperature_ignore(temperature, ignore_index):
     v.positive("temperature", temperature)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+__all__ = ["token_logprobs", "logprobs_from_logits", "sequence_logprobs"]  # gathered by fastalign.ops.reference
+
 
 def logprobs_from_logits(logits, labels, *, temperature=1.0, ignore_index=-100, return_entropy=False):
     z = logits.float() / temperature

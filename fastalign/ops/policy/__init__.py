@@ -14,6 +14,8 @@ from . import cpu, triton  # noqa: F401  (register the compiled and Triton backe
 from . import spec as ref
 from .spec import PolicyLossType, policy_metrics, row_scale
 
+__all__ = ["policy_loss", "value_loss"]  # fastalign.ops re-exports these
+
 LOSS_TYPES = PolicyLossType.names()
 
 

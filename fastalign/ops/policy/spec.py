@@ -7,6 +7,8 @@ import torch
 from ..kinds import Kind
 from ..kl.spec import kl_penalty
 
+__all__ = ["policy_loss", "value_loss"]  # gathered by fastalign.ops.reference
+
 
 class PolicyLossType(Kind):
     """How the per-token terms of the policy loss are aggregated (the normalizer of each token)."""

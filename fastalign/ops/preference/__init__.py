@@ -10,6 +10,8 @@ from . import cpu, triton  # noqa: F401  (register the compiled and Triton backe
 from . import spec as ref
 from .spec import DpoLossType
 
+__all__ = ["dpo_loss", "simpo_loss", "bradley_terry_loss"]  # fastalign.ops re-exports these
+
 DPO_LOSS_TYPES = DpoLossType.names()
 
 

@@ -7,6 +7,8 @@ import torch.nn.functional as F
 
 from ..kinds import Kind
 
+__all__ = ["dpo_loss", "simpo_loss", "bradley_terry_loss"]  # gathered by fastalign.ops.reference
+
 
 class DpoLossType(Kind):
     """The DPO-family losses of a pair's log-ratio difference Δ."""

@@ -1,20 +1,21 @@
 """Pure-PyTorch reference implementations: the spec every fast backend is tested against.
 
-Each op's spec lives beside it (``fastalign/ops/<op>/spec.py``); this namespace gathers them. They
-favour clarity over speed (token_logprobs materializes the full logits here), accumulate in float32
-and take already-validated inputs with the same keywords as the public ops.
+Each op's spec lives beside it (``fastalign/ops/<family>/spec.py``, listed in its ``__all__``); this
+namespace gathers them. They favour clarity over speed (token_logprobs materializes the full logits
+here), accumulate in float32 and take already-validated inputs with the same keywords as the ops.
 """
 
-from ..advantages.spec import gae, group_advantages, rloo_advantages, whiten
-from ..kl.spec import kl_penalty
-from ..logprobs.spec import logprobs_from_logits, sequence_logprobs, token_logprobs
-from ..policy.spec import policy_loss, value_loss
-from ..preference.spec import bradley_terry_loss, dpo_loss, simpo_loss
-from ..steering.spec import steer_logits
+from ..advantages import spec as _advantages
+from ..advantages.spec import *  # noqa: F403
+from ..kl import spec as _kl
+from ..kl.spec import *  # noqa: F403
+from ..logprobs import spec as _logprobs
+from ..logprobs.spec import *  # noqa: F403
+from ..policy import spec as _policy
+from ..policy.spec import *  # noqa: F403
+from ..preference import spec as _preference
+from ..preference.spec import *  # noqa: F403
+from ..steering import spec as _steering
+from ..steering.spec import *  # noqa: F403
 
-__all__ = [
-    "token_logprobs", "logprobs_from_logits", "sequence_logprobs", "kl_penalty",
-    "group_advantages", "rloo_advantages", "gae", "whiten", "policy_loss", "value_loss",
-    "dpo_loss", "simpo_loss", "bradley_terry_loss",
-    "steer_logits",
-]
+__all__ = [name for spec in (_logprobs, _kl, _advantages, _policy, _preference, _steering) for name in spec.__all__]

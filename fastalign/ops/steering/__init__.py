@@ -12,6 +12,8 @@ from .. import validation as v
 from . import cpu, triton  # noqa: F401  (register the compiled and Triton backends)
 from . import spec as ref
 
+__all__ = ["steer_logits"]  # fastalign.ops re-exports these
+
 
 def _betas(betas, num_neg: int, like: torch.Tensor) -> torch.Tensor:
     """``betas`` as a float32 ``[K]`` tensor on ``like``'s device (all ones when None)."""

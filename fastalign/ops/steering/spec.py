@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import torch
 
+__all__ = ["steer_logits"]  # gathered by fastalign.ops.reference
+
 
 def steer_logits(value_logits, base_logits, negative_logits=None, *, alpha=1.0, betas=None, top_p=1.0,
                  min_tokens_to_keep=1, temperature=1.0):
