@@ -290,6 +290,19 @@ def test_resume_gives_the_uninterrupted_weights(tmp_path, reward_model_dir, valu
     assert [(r["score"], r["kl"]) for r in rows["resumed"]] == [(r["score"], r["kl"]) for r in rows["straight"][2:]]
 
 
+def test_a_blown_up_update_stops_the_run_naming_the_rollout_and_the_update(tmp_path, reward_model_dir):
+    """lr 1e30: Adam's first update moves every weight by ~1e30, so the rollout's second update sees a non-finite
+    loss; the shared trainer stops there, before any optimizer step or checkpoint of that rollout."""
+    from fastalign.engine import checkpoint as ckpt
+    from fastalign.engine.trainer import TrainingDiverged
+
+    cfg = _cfg(tmp_path, reward_model_dir, "diverged", lr=1e30, warmup_steps=0, save_every=1)
+    with pytest.raises(TrainingDiverged, match=r"became (nan|inf) at step 1 \(PPO epoch 1, update 2\); training "
+                                               r"stopped\. Last good checkpoint: none was written"):
+        ppo.run(cfg)
+    assert ckpt.latest_checkpoint(tmp_path / "diverged") is None and not (tmp_path / "diverged" / "model").exists()
+
+
 # ------------------------------------------------------------------------------------- bad config
 @pytest.mark.parametrize("over, message", [
     (dict(reward_model=""), "'reward_model' must name a trained reward model folder"),
