@@ -70,7 +70,8 @@ from fastalign.models.heads import (
     lm_head,
     target_mask,
 )
-from fastalign.models.loading import load_from_config, load_tokenizer, save_pretrained
+from fastalign.models.loading import load_from_config, load_tokenizer, module_bytes, save_pretrained
+from fastalign.models.offload import OffloadedModel
 from fastalign.models.reference import build_reference
 
 
@@ -140,30 +141,6 @@ def advantages_and_returns(rewards, values, mask, *, gamma, lam, whiten=True):
 
 
 # ------------------------------------------------------------------------------------------ roles
-def module_bytes(module) -> int:
-    """Parameters + buffers, in bytes (a shared tensor counted once)."""
-    tensors = {id(t): t for t in itertools.chain(module.parameters(), module.buffers())}
-    return sum(t.numel() * t.element_size() for t in tensors.values())
-
-
-class OffloadedModel:
-    """A frozen model that runs on ``device``; with ``offload`` it lives on the CPU and each call copies its
-    weights to ``device`` for the forward (``torch.func.functional_call``) and drops the copies after, so
-    between uses it takes no device memory. Frozen weights never change, so nothing is copied back."""
-
-    def __init__(self, module, device, offload: bool):
-        self.device, self.offload = torch.device(device), bool(offload)
-        self.module = module.eval().requires_grad_(False).to("cpu" if self.offload else self.device)
-
-    @torch.no_grad()
-    def __call__(self, *args, **kwargs):
-        if not self.offload:
-            return self.module(*args, **kwargs)
-        named = itertools.chain(self.module.named_parameters(), self.module.named_buffers())
-        on_device = {name: t.to(self.device, non_blocking=True) for name, t in named}
-        return torch.func.functional_call(self.module, on_device, args, kwargs)
-
-
 def _reference_bytes(reference) -> int:
     held = getattr(reference, "model", None) or getattr(reference, "top", None)
     return module_bytes(held) if held is not None else int(reference.extra_bytes)
