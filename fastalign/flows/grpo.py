@@ -194,12 +194,13 @@ def prompt_lengths(batch: GRPOBatch) -> torch.Tensor:
 # ------------------------------------------------------------------------------------ rollout stream
 class RolloutStream:
     """What the engine trainer pulls each step: the micro-batches of the current rollout, a new rollout (of the
-    next prompt batch of ``prompts``) every ``num_iterations`` steps. Its ``state_dict`` (prompt position,
-    sampling RNG, pending rollout) makes resume exact."""
+    next prompt batch of ``prompts``, by ``sample_fn(rows, generator) -> (GRPOBatch, metrics)``) every
+    ``num_iterations`` steps. Its ``state_dict`` (prompt position, sampling RNG, pending rollout) makes resume
+    exact."""
 
     def __init__(self, prompts: BatchStream, sample_fn, *, num_iterations: int, micro_batch_size: int,
                  generator: torch.Generator):
-        self.prompts, self.sample_fn, self.generator = prompts, sample_fn, generator  # rows, generator -> batch
+        self.prompts, self.sample_fn, self.generator = prompts, sample_fn, generator
         self.num_iterations, self.micro_batch_size = num_iterations, micro_batch_size
         self.pending: GRPOBatch | None = None
         self.uses_left = 0

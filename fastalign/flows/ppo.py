@@ -76,23 +76,27 @@ from fastalign.models.reference import build_reference
 
 
 # --------------------------------------------------------------------------------------- KL control
-class FixedKLController:
-    """β stays at its start value."""
+class KLController:
+    """β, the KL penalty's coefficient; ``update`` after each rollout. β is all a checkpoint keeps of it."""
 
     def __init__(self, kl_coef: float):
         self.value = float(kl_coef)
 
-    def state_dict(self) -> dict:  # β is what a checkpoint keeps of either controller
+    def update(self, current_kl: float, n_steps: int) -> float:
+        return self.value
+
+    def state_dict(self) -> dict:
         return {"value": self.value}
 
     def load_state_dict(self, saved: dict):
         self.value = float(saved["value"])
 
-    def update(self, current_kl: float, n_steps: int) -> float:
-        return self.value
+
+class FixedKLController(KLController):
+    """β stays at its start value."""
 
 
-class AdaptiveKLController(FixedKLController):
+class AdaptiveKLController(KLController):
     """Ziegler et al. (2019), as in TRL and OpenRLHF: after a rollout of ``n_steps`` completions whose mean
     KL to the reference was ``current_kl`` nats, ``β ← β · (1 + clip(current_kl / target − 1, ±0.2) ·
     n_steps / horizon)``: β grows while the policy is further than ``target`` from the reference."""
@@ -102,7 +106,8 @@ class AdaptiveKLController(FixedKLController):
             raise ValueError(f"target must be > 0 nats, got {target!r}")
         if horizon < 1:
             raise ValueError(f"horizon must be >= 1 completions, got {horizon!r}")
-        self.value, self.target, self.horizon = float(kl_coef), float(target), int(horizon)
+        super().__init__(kl_coef)
+        self.target, self.horizon = float(target), int(horizon)
 
     def update(self, current_kl: float, n_steps: int) -> float:
         error = min(max(current_kl / self.target - 1.0, -0.2), 0.2)
@@ -110,7 +115,7 @@ class AdaptiveKLController(FixedKLController):
         return self.value
 
 
-def kl_controller(cfg: PPOConfig):
+def kl_controller(cfg: PPOConfig) -> KLController:
     if cfg.kl_target > 0:
         return AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
     return FixedKLController(cfg.kl_coef)
