@@ -30,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="fastalign", description=__doc__)
     parser.add_argument("--version", action="version", version=f"fastalign {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="command")
+    sub = parser.add_subparsers(dest="command", metavar="command", parser_class=_FlowParser)
     p = sub.add_parser("ops", help="table of ops x backends available on this machine")
     p.set_defaults(func=_cmd_ops)
     _add_flow_commands(sub)
@@ -69,31 +69,32 @@ def _add_bench_command(sub) -> None:
     p.set_defaults(func=_cmd_bench, takes_overrides=True)
 
 
-FLOW_HELP = {"sft": "supervised fine-tuning", "reward": "reward model (Bradley-Terry)",
-             "dpo": "DPO (sigmoid | hinge | ipo | robust)", "simpo": "SimPO (reference-free)",
-             "ppo": "PPO, classic RLHF (policy, reference, reward and value models)",
-             "grpo": "GRPO (G samples per prompt, group-relative advantages, verifier/model/function rewards)",
-             "icl": "in-context alignment: --mode instruct | forgetting | steer | picle | reflect | all"}
+class _FlowParser(argparse.ArgumentParser):
+    """A flow's parser: the epilog listing its config keys is built when its help is printed, so parsing a command
+    imports no flow module but the one it runs."""
 
+    def __init__(self, *args, flow=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.flow = flow
 
-def _flow_config_classes() -> dict:
-    """Each flow's config class (its fields are the flow's knobs)."""
-    from fastalign.engine import config as cfgmod
+    def format_help(self):
+        if self.flow is not None and self.epilog is None:
+            from fastalign.engine.config import describe
 
-    return {"sft": cfgmod.SFTConfig, "reward": cfgmod.RewardConfig, "dpo": cfgmod.DPOConfig,
-            "simpo": cfgmod.SimPOConfig, "ppo": cfgmod.PPOConfig, "grpo": cfgmod.GRPOConfig,
-            "icl": cfgmod.ICLConfig}
+            self.epilog = ("config keys (in the YAML file or as --key value overrides):\n"
+                           + describe(self.flow.config_class()))
+        return super().format_help()
 
 
 def _cmd_flow(args: argparse.Namespace) -> int:
-    import importlib
-
     from fastalign.engine import config as cfgmod
     from fastalign.engine.trainer import TrainingDiverged
+    from fastalign.flows import FLOWS
 
+    flow = FLOWS[args.command]
     try:
-        cfg = cfgmod.load_config(_flow_config_classes()[args.command], args.config, args.overrides)
-        importlib.import_module(f"fastalign.flows.{args.command}").run(cfg)
+        cfg = cfgmod.load_config(flow.config_class(), args.config, args.overrides)
+        flow.run(cfg)
     except (ValueError, TypeError, OSError, ImportError, TrainingDiverged) as e:
         print(f"fastalign {args.command}: error: {e}", file=sys.stderr)
         return 1
@@ -116,15 +117,12 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
 
 
 def _add_flow_commands(sub) -> None:
-    """``sft|reward|dpo|simpo --config cfg.yaml [--key value ...]`` and ``pipeline``."""
-    from fastalign.engine.config import describe
+    """``<flow> --config cfg.yaml [--key value ...]`` for every registered flow, and ``pipeline``."""
+    from fastalign.flows import FLOWS
 
-    classes = _flow_config_classes()
-    for flow, text in FLOW_HELP.items():
-        p = sub.add_parser(flow, help=f"{text}: --config cfg.yaml, then --key value overrides",
-                           formatter_class=argparse.RawDescriptionHelpFormatter,
-                           epilog="config keys (in the YAML file or as --key value overrides):\n"
-                                  + describe(classes[flow]))
+    for flow in FLOWS.values():
+        p = sub.add_parser(flow.name, help=f"{flow.help}: --config cfg.yaml, then --key value overrides",
+                           formatter_class=argparse.RawDescriptionHelpFormatter, flow=flow)
         p.add_argument("--config", default=None, help="YAML file of config keys (see configs/)")
         p.set_defaults(func=_cmd_flow, takes_overrides=True)
     p = sub.add_parser("pipeline", help="every flow on the tiny default model + results table and report.md")

@@ -11,12 +11,16 @@ mean reward the pipeline's reward model gives the greedy completions (learned re
 mean verifier reward of the same completions, and KL to the SFT model.
 Writes ``<output_dir>/<name>/results.json`` and ``report.md`` (table + training curves).
 
-A YAML file (``--config``) may hold per-stage overrides: ``{sft: {max_steps: 300}, grpo: {beta: 0.04}}``;
-``icl:`` overrides go to :func:`fastalign.flows.icl.pipeline_rows`.
+Each stage runs the registered flow (:data:`fastalign.flows.FLOWS`) with the config :data:`DEFAULTS` (then
+:data:`QUICK`, then the YAML file) sets on top of the flow's defaults; every stage writes its resolved
+``config.yaml`` (the ``icl`` stage too) and ``report.md`` lists, per stage, the keys that differ from the flow's
+defaults. A YAML file (``--config``) may hold per-stage overrides: ``{sft: {max_steps: 300}, grpo: {beta: 0.04}}``;
+``icl:`` overrides are ICLConfig keys for :func:`fastalign.flows.icl.pipeline_rows`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 
@@ -24,14 +28,14 @@ import yaml
 
 from fastalign.data import loading, tasks
 from fastalign.engine import evaluation
-from fastalign.engine.config import DPOConfig, GRPOConfig, PPOConfig, RewardConfig, SFTConfig, SimPOConfig, load_config
+from fastalign.engine.config import ICLConfig, config_dict, load_config
 from fastalign.engine.generation import decode, generate
 from fastalign.engine.runs import write_json
+from fastalign.flows import FLOWS
 from fastalign.models.loading import load_causal_lm, load_tokenizer
 
-STAGES = {"sft": SFTConfig, "reward": RewardConfig, "dpo": DPOConfig, "simpo": SimPOConfig, "grpo": GRPOConfig,
-          "ppo": PPOConfig}
-ICL = "icl"  # not a training stage: its overrides are ICLConfig keys for fastalign.flows.icl.pipeline_rows
+STAGES = ("sft", "reward", "dpo", "simpo", "grpo", "ppo")  # the training stages, in the order they run
+ICL = "icl"  # not a training stage: its values are ICLConfig keys for fastalign.flows.icl.pipeline_rows
 # Sized for ~2-3 minutes on two CPU cores; QUICK is a smoke test of the same path.
 DEFAULTS = {
     # Measured on 2 cores: held-out 2-digit addition climbs slowly to ~10-15% exact match by step 400 in this
@@ -54,8 +58,11 @@ DEFAULTS.update({
     "ppo": dict(dataset="pronoun+arith", num_examples=1000, max_steps=30, batch_size=64, mini_batch_size=32,
                 ppo_epochs=2, lr=5e-5, kl_coef=0.1, kl_target=2.0, kl_horizon=640),
 })
-# Sized for ~90 s on 2 cores (PICLe's LoRA tuning is the long part); 100 held-out prompts per task.
-ICL_DEFAULTS = dict(picle_steps=10, picle_pool_size=24)
+# In-context rows, sized for ~90 s on 2 cores (PICLe's LoRA tuning is the long part; no steering timing);
+# 100 held-out prompts per task.
+DEFAULTS[ICL] = dict(timing_batch_sizes=[], alphas=["1", "2"], alpha=2.0, picle_steps=10, picle_pool_size=24,
+                     picle_num_statements=32, reflect_rounds=2, reflect_generated=4, reflect_mutations=6,
+                     reflect_probes=16, progress=False)
 ICL_EVAL_PROMPTS = 100
 QUICK = {
     "sft": dict(num_examples=30, max_steps=4, batch_size=16, micro_batch_size=8),
@@ -65,8 +72,8 @@ QUICK = {
     "grpo": dict(num_examples=16, max_steps=2, batch_size=4, num_generations=4),
     "ppo": dict(num_examples=16, max_steps=2, batch_size=8, mini_batch_size=4, ppo_epochs=1),
 }
-ICL_QUICK = dict(picle_steps=2, picle_pool_size=8, picle_num_statements=8, reflect_rounds=1, reflect_generated=2,
-                 reflect_mutations=2, reflect_keep=2, reflect_probes=4, alphas=["0", "2"])
+QUICK[ICL] = dict(picle_steps=2, picle_pool_size=8, picle_num_statements=8, reflect_rounds=1, reflect_generated=2,
+                  reflect_mutations=2, reflect_keep=2, reflect_probes=4, alphas=["0", "2"])
 EVAL_TASKS = "arith+pronoun"
 COLUMNS = [("arith/exact_match", "arith exact match"), ("pronoun/neutral_rate", "neutral-language rate"),
            ("pronoun/stereotype_rate", "stereotype rate"), ("learned_reward", "learned reward (RM)"),
@@ -77,14 +84,19 @@ COLUMNS = [("arith/exact_match", "arith exact match"), ("pronoun/neutral_rate", 
 def _stage_configs(name, output_dir, quick, seed, threads, overrides_file):
     file_overrides = _read_overrides(overrides_file)
     configs = {}
-    for stage, cls in STAGES.items():
-        values = dict(DEFAULTS[stage], **(QUICK[stage] if quick else {}), **(file_overrides.get(stage) or {}))
+    for stage in STAGES:
+        values = _stage_values(stage, quick, file_overrides)
         values.update(name=f"{name}/{stage}", output_dir=output_dir, seed=seed, threads=threads,
                       num_eval_examples=20 if quick else 200, progress=not quick)
         if stage == "ppo":  # the reward stage's model, trained before PPO runs
             values["reward_model"] = str(Path(output_dir) / name / "reward" / "model")
-        configs[stage] = load_config(cls, overrides=values)
+        configs[stage] = load_config(FLOWS[stage].config_class(), overrides=values)
     return configs
+
+
+def _stage_values(stage, quick, file_overrides) -> dict:
+    """The stage's keys on top of its flow's defaults: DEFAULTS, then QUICK (with ``--quick``), then the file."""
+    return dict(DEFAULTS[stage], **(QUICK[stage] if quick else {}), **(file_overrides.get(stage) or {}))
 
 
 def _read_overrides(path) -> dict:
@@ -140,7 +152,7 @@ def run_pipeline(*, name="pipeline", output_dir="runs", quick=False, seed=0, thr
     import torch
 
     from fastalign import rewards
-    from fastalign.flows import dpo, grpo, icl, ppo, reward, sft, simpo
+    from fastalign.flows import icl
 
     if threads:
         torch.set_num_threads(threads)
@@ -155,7 +167,7 @@ def run_pipeline(*, name="pipeline", output_dir="runs", quick=False, seed=0, thr
     tokenizer = load_tokenizer("tiny")
     untrained_lm = load_causal_lm("tiny")
     t = time.time()
-    sft.run(configs["sft"])
+    FLOWS["sft"].run(configs["sft"])
     timings["sft"] = time.time() - t
     sft_dir = str(root / "sft" / "model")
     sft_lm = load_causal_lm(sft_dir)
@@ -163,7 +175,7 @@ def run_pipeline(*, name="pipeline", output_dir="runs", quick=False, seed=0, thr
     # --- the reward model: a stage of its own and the judge of every row's learned reward -------------
     configs["reward"].init_from = sft_dir
     t = time.time()
-    result = reward.run(configs["reward"])
+    result = FLOWS["reward"].run(configs["reward"])
     timings["reward"] = time.time() - t
     reward_dir = str(root / "reward" / "model")
     judge = rewards.reward_source(reward_dir, tokenizer=tokenizer)
@@ -175,10 +187,10 @@ def run_pipeline(*, name="pipeline", output_dir="runs", quick=False, seed=0, thr
     timings["measure"] = time.time() - t
 
     # --- preference and online RL stages, each from the SFT model ---------------------------------------
-    for stage, flow in (("dpo", dpo), ("simpo", simpo), ("grpo", grpo), ("ppo", ppo)):
+    for stage in ("dpo", "simpo", "grpo", "ppo"):
         configs[stage].init_from = sft_dir
         t = time.time()
-        flow.run(configs[stage])
+        FLOWS[stage].run(configs[stage])
         timings[stage] = time.time() - t
         t = time.time()
         rows[stage] = measure(load_causal_lm(str(root / stage / "model")), tokenizer, sft_lm, n=n_eval, seed=seed,
@@ -187,7 +199,7 @@ def run_pipeline(*, name="pipeline", output_dir="runs", quick=False, seed=0, thr
 
     # --- in-context alignment of the SFT model (nothing trained) -----------------------------------------
     t = time.time()
-    icl_values = dict(ICL_DEFAULTS, **(ICL_QUICK if quick else {}), **(_read_overrides(config).get(ICL) or {}))
+    icl_values = _stage_values(ICL, quick, _read_overrides(config))
     icl_rows = icl.pipeline_rows(sft_dir, tokenizer, n=min(n_eval, ICL_EVAL_PROMPTS), seed=seed, run_dir=root / ICL,
                                  **icl_values)
     for mode, metrics in icl_rows.items():
@@ -222,8 +234,22 @@ def write_report(root: Path, table: str, rows: dict, timings: dict, configs: dic
     plots = sorted((root / ICL).glob("*.png")) if (root / ICL).is_dir() else []
     if plots:
         lines += ["## In-context alignment", ""] + [f"![{p.stem}]({ICL}/{p.name})" for p in plots] + [""]
-    lines += ["## Stage configs", ""] + [f"- `{s}`: `{c.name}` → `{Path(c.output_dir) / c.name}/config.yaml`"
-                                         for s, c in configs.items()]
+    lines += ["## Stage configs", "", "Each stage's resolved config, and the keys the pipeline sets to other values "
+              "than its flow's defaults:", ""]
+    for stage, cfg in configs.items():
+        lines.append(f"- `{stage}`: `{Path(cfg.output_dir) / cfg.name}/config.yaml`; "
+                     + ", ".join(f"`{k}: {v}`" for k, v in changed_keys(cfg).items()))
+    icl_config = root / ICL / "config.yaml"
+    if icl_config.exists():
+        cfg = load_config(ICLConfig, str(icl_config))
+        lines.append(f"- `{ICL}`: `{icl_config}`; " + ", ".join(f"`{k}: {v}`" for k, v in changed_keys(cfg).items()))
     path = root / "report.md"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def changed_keys(cfg) -> dict:
+    """The config's keys whose values differ from its class's defaults (the run folder's name and parent aside)."""
+    defaults = {f.name: f.default_factory() if f.default is dataclasses.MISSING else f.default
+                for f in dataclasses.fields(cfg)}
+    return {k: v for k, v in config_dict(cfg).items() if v != defaults[k] and k not in ("name", "output_dir")}

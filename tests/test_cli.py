@@ -109,3 +109,57 @@ def test_flow_help_lists_every_config_key(capsys):
     for f in dataclasses.fields(DPOConfig):
         assert f"--{f.name} (" in out, f.name
     assert "--loss_type (str, default 'sigmoid')" in out and "sigmoid | hinge | ipo | robust" in out
+
+
+def test_every_registered_flow_is_a_command_with_its_config_keys(capsys):
+    from fastalign.flows import FLOWS
+
+    assert cli.main([]) == 2
+    listing = capsys.readouterr().out
+    commands = {line.split()[0] for line in listing.splitlines() if line.startswith("    ") and line[4] != " "}
+    assert set(FLOWS) | {"ops", "bench", "pipeline"} == commands
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["ppo", "--help"])
+    assert exit_info.value.code == 0
+    assert "--kl_coef (float, default 0.05)" in capsys.readouterr().out
+
+
+NEW_FLOW = '''
+from dataclasses import dataclass
+from pathlib import Path
+
+from fastalign.engine.config import TrainConfig, knob
+
+
+@dataclass
+class EchoConfig(TrainConfig):
+    greeting: str = knob("hello", "what the flow writes into its run folder")
+
+
+def run(cfg: EchoConfig) -> dict:
+    folder = Path(cfg.output_dir) / cfg.name
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "greeting.txt").write_text(cfg.greeting)
+    return {"greeting": cfg.greeting}
+'''
+
+
+def test_a_new_flow_is_one_module_and_one_registry_line(tmp_path, monkeypatch, capsys):
+    """A module with its config class and ``run``, plus one FLOWS entry: the CLI lists it, its ``--help`` lists
+    its keys, it runs with ``--key value`` overrides and a wrong key is refused like any flow's."""
+    from fastalign.flows import FLOWS, Flow
+
+    (tmp_path / "echo_flow.py").write_text(NEW_FLOW)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setitem(FLOWS, "echo", Flow("echo", "EchoConfig", "writes a greeting", module="echo_flow"))
+
+    assert cli.main([]) == 2
+    assert "writes a greeting" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["echo", "--help"])
+    assert exit_info.value.code == 0
+    assert "--greeting (str, default 'hello'): what the flow writes into its run folder" in capsys.readouterr().out
+    assert cli.main(["echo", "--greeting", "hi", "--output_dir", str(tmp_path), "--name", "run"]) == 0
+    assert (tmp_path / "run" / "greeting.txt").read_text() == "hi"
+    assert cli.main(["echo", "--greting", "hi"]) == 1
+    assert "did you mean 'greeting'" in capsys.readouterr().err

@@ -10,7 +10,7 @@ from conftest import one_and_two_processes, rel_err
 
 from fastalign.data import loading
 from fastalign.engine import generation
-from fastalign.engine.generation import HFSampler, Rollout, generate, make_sampler, sample
+from fastalign.engine.generation import HFSampler, SampledCompletions, generate, make_sampler, sample
 from fastalign.models.loading import load_causal_lm, load_tokenizer
 
 
@@ -26,7 +26,7 @@ def _prompts(tok, n):
     return [loading.encode_prompt(tok, t) for t in texts]
 
 
-def _float64_step_logprobs(lm, rollout: Rollout, pad_id, temperature):
+def _float64_step_logprobs(lm, rollout: SampledCompletions, pad_id, temperature):
     """``log softmax(logits / T)`` of every completion token from one float64 forward over prompt + completion
     (materialized logits), plus the full per-step log-prob rows ``[N, T, V]``."""
     lm64 = load_causal_lm("tiny", dtype="float32").double()

@@ -270,11 +270,16 @@ def test_each_mode_writes_its_table_and_plot(tmp_path, mode, conditions):
 def test_pipeline_rows_use_the_pipeline_keys(tmp_path):
     rows = icl.pipeline_rows("tiny", n=6, seed=0, run_dir=tmp_path, picle_steps=2, picle_pool_size=8,
                              picle_num_statements=4, picle_batch_size=4, reflect_rounds=1, reflect_generated=2,
-                             reflect_mutations=2, reflect_probes=3, reflect_max_tokens=3, alphas=["0", "1"])
+                             reflect_mutations=2, reflect_probes=3, reflect_max_tokens=3, alphas=["0", "1"],
+                             timing_batch_sizes=[], progress=False)
     assert list(rows) == ["base", "instruct", "steer", "picle", "reflect"]
     for metrics in rows.values():
         assert {"pronoun/neutral_rate", "pronoun/stereotype_rate", "arith/exact_match"} <= set(metrics)
     assert (tmp_path / "steer.md").exists() and (tmp_path / "reflect.png").exists()
+    # The resolved config is written, as every flow's run folder has it: the given keys, the rest ICLConfig's.
+    written = load_config(ICLConfig, str(tmp_path / "config.yaml"))
+    assert (written.picle_steps, written.num_eval_examples, written.mode) == (2, 6, "all")
+    assert written.reflect_keep == ICLConfig().reflect_keep
 
 
 def test_config_errors_name_the_key(tmp_path):

@@ -29,6 +29,11 @@ def test_quick_pipeline_writes_table_and_report(tmp_path, capsys):
         assert f"({stage}/curves.png)" in report and (root / stage / "curves.png").exists()
         assert (root / stage / "eval.json").exists() and (root / stage / "config.yaml").exists()
     assert "(icl/" in report
+    # What the pipeline sets on top of each flow's defaults is listed, the in-context rows' keys included.
+    assert "`max_steps: 4`" in report.split("- `sft`:")[1].splitlines()[0]
+    icl_line = report.split("- `icl`:")[1].splitlines()[0]
+    assert "`picle_steps: 2`" in icl_line and "`timing_batch_sizes: []`" in icl_line
+    assert "picle_steps: 2" in (root / "icl" / "config.yaml").read_text()
 
 
 def test_table_marks_missing_values():

@@ -14,7 +14,8 @@ from fastalign.engine.config import PPOConfig, RewardConfig, load_config
 from fastalign.engine.logging import read_metrics
 from fastalign.flows import ppo
 from fastalign.models.heads import CausalLMLogprobs, PolicyValueModel, ScalarHeadModel, TokenValueModel
-from fastalign.models.loading import load_causal_lm, load_tokenizer
+from fastalign.models.loading import load_causal_lm, load_tokenizer, module_bytes
+from fastalign.models.offload import OffloadedModel
 from fastalign.models.reference import FrozenCopy
 
 SMALL = dict(max_steps=2, batch_size=8, mini_batch_size=4, ppo_epochs=2, num_examples=16, num_eval_examples=4,
@@ -60,7 +61,7 @@ def test_ppo_flow_end_to_end(tmp_path, reward_model_dir, value_model, extra):
 
     # Memory by role: the policy is the whole tiny LM; the value model is a whole trunk or one Linear(H, 1).
     lm = load_causal_lm("tiny")
-    lm_mib = ppo.module_bytes(lm) / 2**20
+    lm_mib = module_bytes(lm) / 2**20
     mem = report["memory_mib"]
     reference = extra.get("reference", "frozen_copy")
     if reference == "adapter":  # LoRA weights on the policy; the reference is the same weights, adapters off
@@ -68,7 +69,7 @@ def test_ppo_flow_end_to_end(tmp_path, reward_model_dir, value_model, extra):
     else:
         assert mem["policy"] == pytest.approx(lm_mib)
         held = lm if reference == "frozen_copy" else lm.model.layers[-1]  # shared_trunk: a copy of the top layer
-        assert mem["reference"] == pytest.approx(ppo.module_bytes(held) / 2**20)
+        assert mem["reference"] == pytest.approx(module_bytes(held) / 2**20)
     assert mem["reward_model"] == pytest.approx(lm_mib + (128 + 1) * 4 / 2**20)
     expected_value = mem["reward_model"] if value_model == "separate" else (128 + 1) * 4 / 2**20
     assert mem["value_model"] == pytest.approx(expected_value)
@@ -100,7 +101,7 @@ def test_heldout_rewards_score_each_completion_alone(tmp_path, reward_model_dir,
 
     cfg = _cfg(tmp_path, reward_model_dir, "h", eval_batch_size=random.choice([2, 3, 64]))
     tok, lm = load_tokenizer("tiny"), load_causal_lm("tiny")
-    rm = ppo.OffloadedModel(ScalarHeadModel.load(reward_model_dir), "cpu", offload=False)
+    rm = OffloadedModel(ScalarHeadModel.load(reward_model_dir), "cpu", offload=False)
     seed = random.randrange(10**6)
     rows = loading.load_rows("pronoun+arith", "prompts", n=random.randint(2, 4), seed=seed, split="eval")
     gen = lambda: torch.Generator().manual_seed(seed)
@@ -169,7 +170,7 @@ def test_advantages_on_a_recorded_rollout_match_ops_and_float64(tmp_path, reward
             p.add_(torch.randn_like(p) * 0.02)
     policy = PolicyValueModel(lm)
     critic = TokenValueModel(ScalarHeadModel.load(reward_model_dir))
-    reward_model = ppo.OffloadedModel(ScalarHeadModel.load(reward_model_dir), "cpu", offload=False)
+    reward_model = OffloadedModel(ScalarHeadModel.load(reward_model_dir), "cpu", offload=False)
     from fastalign.data import tasks
 
     rows = tasks.task_rows("arith+pronoun", "prompts", 6, seed=random.randrange(1000))
@@ -250,7 +251,7 @@ def test_offloaded_reward_model_runs_on_the_device_and_stays_on_cpu_between_uses
     before = {k: v.clone() for k, v in module.state_dict().items()}
     seen = []
     module[1].register_forward_pre_hook(lambda mod, args: seen.append((mod.weight.device.type, args[0].device.type)))
-    holder = ppo.OffloadedModel(module, "meta", offload=True)
+    holder = OffloadedModel(module, "meta", offload=True)
     for _ in range(2):
         out = holder(torch.zeros(3, 4, dtype=torch.long, device="meta"))
         assert out.device.type == "meta" and out.shape == (3, 4, 1)
@@ -288,6 +289,19 @@ def test_resume_gives_the_uninterrupted_weights(tmp_path, reward_model_dir, valu
     rows = {n: read_metrics(tmp_path / n / "metrics.jsonl") for n in ("straight", "resumed")}
     assert [r["step"] for r in rows["resumed"]] == [3, 4]
     assert [(r["score"], r["kl"]) for r in rows["resumed"]] == [(r["score"], r["kl"]) for r in rows["straight"][2:]]
+
+
+def test_a_blown_up_update_stops_the_run_naming_the_rollout_and_the_update(tmp_path, reward_model_dir):
+    """lr 1e30: Adam's first update moves every weight by ~1e30, so the rollout's second update sees a non-finite
+    loss; the shared trainer stops there, before any optimizer step or checkpoint of that rollout."""
+    from fastalign.engine import checkpoint as ckpt
+    from fastalign.engine.trainer import TrainingDiverged
+
+    cfg = _cfg(tmp_path, reward_model_dir, "diverged", lr=1e30, warmup_steps=0, save_every=1)
+    with pytest.raises(TrainingDiverged, match=r"became (nan|inf) at step 1 \(PPO epoch 1, update 2\); training "
+                                               r"stopped\. Last good checkpoint: none was written"):
+        ppo.run(cfg)
+    assert ckpt.latest_checkpoint(tmp_path / "diverged") is None and not (tmp_path / "diverged" / "model").exists()
 
 
 # ------------------------------------------------------------------------------------- bad config

@@ -1,7 +1,7 @@
 """Batched generation from prompts (left-padded) with a KV cache, for evaluation and rollouts.
 
 * :func:`generate` — completion token lists (greedy or plain temperature sampling); what evaluation uses.
-* :func:`sample` — a :class:`Rollout` for online RL: token ids, completion masks and the sampling log-probs,
+* :func:`sample` — a :class:`SampledCompletions` for online RL: token ids, completion masks and the sampling log-probs,
   with temperature, top-p, top-k, a token limit, stop on EOS and on stop strings, ``num_samples`` per prompt.
 * :class:`VLLMSampler` — the same ``sample`` interface on vLLM (used when vLLM is installed and a GPU is
   present; see :func:`make_sampler`), with its weight sync.
@@ -41,7 +41,7 @@ def decode(tokenizer, completions):
 
 # ----------------------------------------------------------------------------------------- rollouts
 @dataclass
-class Rollout:
+class SampledCompletions:
     """Sampled completions of a batch of prompts: ``num_samples`` rows per prompt, contiguous.
 
     ``prompt_ids``/``prompt_mask`` ``[N, P]`` are left-padded; ``completion_ids``/``completion_mask``/``logprobs``
@@ -207,12 +207,12 @@ def _pad_stack(rows, width, value, left=False):
     return out
 
 
-def _rollout(prompts, completions, logps, prompt_index, pad) -> Rollout:
-    """A :class:`Rollout` from per-completion tensors: prompts left-padded, completions right-padded."""
+def _sampled_completions(prompts, completions, logps, prompt_index, pad) -> SampledCompletions:
+    """A :class:`SampledCompletions` from per-completion tensors: prompts left-padded, completions right-padded."""
     width_p = max(len(p) for p in prompts)
     width_c = max(1, max(len(c) for c in completions))
     ones = lambda rows: [torch.ones(len(r), dtype=torch.long) for r in rows]  # noqa: E731
-    return Rollout(prompt_ids=_pad_stack(prompts, width_p, pad, left=True),
+    return SampledCompletions(prompt_ids=_pad_stack(prompts, width_p, pad, left=True),
                    prompt_mask=_pad_stack(ones(prompts), width_p, 0, left=True),
                    completion_ids=_pad_stack(completions, width_c, pad),
                    completion_mask=_pad_stack(ones(completions), width_c, 0),
@@ -222,7 +222,7 @@ def _rollout(prompts, completions, logps, prompt_index, pad) -> Rollout:
 
 @torch.no_grad()
 def sample(model, tokenizer, prompt_ids, *, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0, stop_strings=(),
-           num_samples=1, batch_size=256, generator=None) -> Rollout:
+           num_samples=1, batch_size=256, generator=None) -> SampledCompletions:
     """Sample ``num_samples`` completions of each prompt (token-id lists) with transformers' ``generate`` and a
     KV cache, ``batch_size`` rows a call (whole groups: at least one prompt's samples, whose prompt pass is
     shared); greedy when ``temperature == 0``.
@@ -281,7 +281,7 @@ def sample(model, tokenizer, prompt_ids, *, max_new_tokens, temperature=1.0, top
             completions.append(new[i, :cut])
             logps.append(lp[i, :cut])
     model.train(was_training)
-    return _rollout(prompts, completions, logps, index, pad)
+    return _sampled_completions(prompts, completions, logps, index, pad)
 
 
 def _shared_prompt_cache(model, ids, attn, copies):
@@ -395,7 +395,7 @@ class VLLMSampler:
         self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
 
     def sample(self, prompt_ids, *, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0, stop_strings=(),
-               num_samples=1, batch_size=0, generator=None) -> Rollout:
+               num_samples=1, batch_size=0, generator=None) -> SampledCompletions:
         from vllm import SamplingParams, TokensPrompt
 
         _check_prompts(prompt_ids)
@@ -416,7 +416,7 @@ class VLLMSampler:
                 completions.append(torch.tensor(ids, dtype=torch.long))
                 logps.append(torch.tensor([lp[t].logprob for lp, t in zip(c.logprobs, ids)], dtype=torch.float32))
                 index.append(i)
-        return _rollout(prompts, completions, logps, index, pad)
+        return _sampled_completions(prompts, completions, logps, index, pad)
 
 
 def vllm_available() -> bool:
@@ -432,12 +432,12 @@ class HFSampler:
     def load_weights(self, state_dict):
         pass
 
-    def sample(self, prompt_ids, **kwargs) -> Rollout:
+    def sample(self, prompt_ids, **kwargs) -> SampledCompletions:
         return sample(self.model, self.tokenizer, prompt_ids, **kwargs)
 
 
 def make_sampler(backend, model, tokenizer, model_path=None):
-    """A sampler with ``.sample(prompt_ids, **sample kwargs) -> Rollout`` and ``.load_weights(state_dict)``:
+    """A sampler with ``.sample(prompt_ids, **sample kwargs) -> SampledCompletions`` and ``.load_weights(state_dict)``:
     ``"hf"`` (:class:`HFSampler`), ``"vllm"`` (:class:`VLLMSampler`; an error when vLLM or a GPU is missing)
     or ``"auto"`` (vLLM when both are present and ``model_path`` is given, else HF)."""
     if backend not in ("auto", "hf", "vllm"):

@@ -1,12 +1,13 @@
 """The loop every flow shares: batches → micro-batches → backward → clip → step → log → checkpoint.
 
-A flow supplies ``loss_fn(model, batch) -> (loss_sum, metric_sums)`` and ``weight_fn(batch)``:
-the loss and every metric are *sums* over the batch's units (target tokens for SFT, pairs for
-preference losses) and the trainer divides by the global number of units, all-reduced over
-processes and summed over micro-batches. That makes gradient accumulation and any world size
-give the same gradient as one process over the whole global batch. A non-finite loss or gradient
-stops the run with :class:`TrainingDiverged`, naming the step; no checkpoint is written after it,
-so the last good one survives.
+:class:`Trainer` owns what is the same for every flow (resume, the step loop, the NaN/Inf stop, logging,
+checkpoints); :func:`train` is its one-optimizer-update-per-step form. For :func:`train` a flow supplies
+``loss_fn(model, batch) -> (loss_sum, metric_sums)`` and ``weight_fn(batch)``: the loss and every metric are
+*sums* over the batch's units (target tokens for SFT, pairs for preference losses) and the trainer divides by
+the global number of units, all-reduced over processes and summed over micro-batches. That makes gradient
+accumulation and any world size give the same gradient as one process over the whole global batch. A
+non-finite loss or gradient stops the run with :class:`TrainingDiverged`, naming the step; no checkpoint is
+written after it, so the last good one survives.
 """
 
 from __future__ import annotations
@@ -125,64 +126,127 @@ def accumulate_gradients(model, micro_batches, loss_fn, weight_fn, state: DistSt
     return {k: float(v) / units for k, v in zip(keys, totals)}, tokens
 
 
+class Trainer:
+    """What every training flow shares around its steps: resume, the step loop, the NaN/Inf stop, logging and
+    checkpoints.
+
+    A step is what a flow's ``step_fn(step) -> (metrics, tokens)`` does between two learning-rate updates: one
+    optimizer update over the stream's micro-batches for SFT, reward, DPO, SimPO and GRPO (:func:`train`); a
+    rollout and its PPO epochs of minibatch updates for PPO. The step function changes the weights only through
+    :meth:`optimizer_step`, which clips the gradient and stops the run on a non-finite loss or gradient. A
+    checkpoint holds ``model`` (one module: everything training changes), the optimizer, the step, the schedule,
+    ``stream.state_dict()``, the history (``history_keys`` of every step's metrics) and each ``extra_state``
+    entry (a ``torch.Generator`` or an object with ``state_dict``/``load_state_dict``, e.g. PPO's KL controller).
+    """
+
+    def __init__(self, *, cfg, run_dir, model, optimizer, scheduler, stream, state: DistState, desc="train",
+                 extra_state: dict | None = None, history_keys=("loss",)):
+        self.cfg, self.run_dir, self.state, self.desc = cfg, Path(run_dir), state, desc
+        self.model, self.optimizer, self.scheduler, self.stream = model, optimizer, scheduler, stream
+        self.extra_state, self.history_keys = dict(extra_state or {}), tuple(history_keys)
+        self.params = [p for p in unwrap(model).parameters() if p.requires_grad]
+        self.step, self.history, self.checkpoint = 0, [], None
+        self.logger: RunLogger | None = None
+
+    # --- checkpoints ---------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        out = {"step": self.step, "scheduler": self.scheduler.state_dict(), "data": self.stream.state_dict(),
+               "history": self.history}
+        for name, obj in self.extra_state.items():
+            out[name] = obj.get_state() if isinstance(obj, torch.Generator) else obj.state_dict()
+        return out
+
+    def load_state_dict(self, saved: dict):
+        self.step, self.history = saved["step"], saved.get("history", [])
+        self.scheduler.load_state_dict(saved["scheduler"])
+        self.stream.load_state_dict(saved["data"])
+        for name, obj in self.extra_state.items():
+            obj.set_state(saved[name]) if isinstance(obj, torch.Generator) else obj.load_state_dict(saved[name])
+
+    def save(self) -> Path:
+        self.checkpoint = ckpt.save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, self.state_dict(),
+                                               self.state, keep=self.cfg.keep_checkpoints)
+        return self.checkpoint
+
+    def resume(self):
+        """Continue from the run folder's latest checkpoint, if it has one."""
+        last = ckpt.latest_checkpoint(self.run_dir)
+        if last is None:
+            return
+        self.load_state_dict(ckpt.load_checkpoint(last, self.model, self.optimizer, self.state))
+        self.checkpoint = last
+        if self.state.is_main:
+            print(f"resumed from {last} at step {self.step}")
+
+    # --- one optimizer update ------------------------------------------------------------------------
+    def optimizer_step(self, loss: float, detail: str = "") -> float:
+        """Clip the gradients, step the optimizer and clear the gradients; returns the norm before clipping.
+
+        A non-finite ``loss`` or gradient norm raises :class:`TrainingDiverged` instead, naming the step (and
+        ``detail``, e.g. which update of the step) and the last good checkpoint, which no later one replaces."""
+        grad_norm = float(_grad_norm(self.params, self.cfg.max_grad_norm))
+        if not math.isfinite(loss) or not math.isfinite(grad_norm):
+            what, value = ("loss", loss) if not math.isfinite(loss) else ("gradient norm", grad_norm)
+            if self.logger is not None:
+                self.logger.close(plot=False)
+            kept = ckpt.latest_checkpoint(self.run_dir)
+            raise TrainingDiverged(f"{what} became {value} at step {self.step + 1}{detail}; training stopped. "
+                                   f"Last good checkpoint: {kept if kept else 'none was written'}")
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return grad_norm
+
+    # --- the loop --------------------------------------------------------------------------------------
+    def fit(self, step_fn: Callable, on_step: Callable | None = None) -> TrainResult:
+        """Run steps up to ``cfg.max_steps`` (from the latest checkpoint when ``cfg.resume``): each step
+        ``step_fn(step)``, then the learning-rate schedule, ``on_step(step)`` (its metrics join the step's), the
+        log line and, every ``cfg.save_every`` steps and at the end, a checkpoint."""
+        cfg = self.cfg
+        if cfg.resume:
+            self.resume()
+        start_step = self.step
+        self.logger = RunLogger(self.run_dir, total_steps=cfg.max_steps, start_step=start_step,
+                                enabled=self.state.is_main, progress=cfg.progress, tensorboard=cfg.tensorboard,
+                                desc=self.desc)
+        self.model.train()
+        window_t, window_tokens = time.time(), 0
+        while self.step < cfg.max_steps:
+            metrics, tokens = step_fn(self.step + 1)
+            window_tokens += tokens
+            self.scheduler.step()
+            self.step += 1
+            metrics["lr"] = self.scheduler.get_last_lr()[0]
+            if on_step is not None:
+                metrics.update(on_step(self.step) or {})
+            self.history.append({"step": self.step, **{k: metrics[k] for k in self.history_keys if k in metrics}})
+            if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
+                elapsed = time.time() - window_t
+                metrics["tokens_per_s"] = all_reduce_sum(float(window_tokens), self.state) / max(elapsed, 1e-9)
+                window_t, window_tokens = time.time(), 0
+                self.logger.log(self.step, metrics)
+            else:
+                self.logger.advance()
+            if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.max_steps:
+                self.save()
+        if self.step > start_step or self.checkpoint is None:
+            self.save()
+        self.logger.close()
+        return TrainResult(step=self.step, history=self.history, checkpoint=self.checkpoint)
+
+
 def train(*, cfg, run_dir, model, optimizer, scheduler, stream: BatchStream, loss_fn: Callable,
           weight_fn: Callable, state: DistState, desc="train", on_step: Callable | None = None) -> TrainResult:
-    """Run ``cfg.max_steps`` optimizer steps (continuing from the latest checkpoint when ``cfg.resume``)."""
-    run_dir = Path(run_dir)
-    start_step, history, last_ckpt = 0, [], None
-    if cfg.resume:
-        last_ckpt = ckpt.latest_checkpoint(run_dir)
-        if last_ckpt is not None:
-            saved = ckpt.load_checkpoint(last_ckpt, model, optimizer, state)
-            start_step, history = saved["step"], saved.get("history", [])
-            scheduler.load_state_dict(saved["scheduler"])
-            stream.load_state_dict(saved["data"])
-            if state.is_main:
-                print(f"resumed from {last_ckpt} at step {start_step}")
-    logger = RunLogger(run_dir, total_steps=cfg.max_steps, start_step=start_step, enabled=state.is_main,
-                       progress=cfg.progress, tensorboard=cfg.tensorboard, desc=desc)
-    params = [p for p in unwrap(model).parameters() if p.requires_grad]
-    model.train()
+    """Run ``cfg.max_steps`` optimizer steps, each over the micro-batches of ``stream.next()`` (continuing from
+    the latest checkpoint when ``cfg.resume``); see the module docstring for ``loss_fn`` and ``weight_fn``."""
+    trainer = Trainer(cfg=cfg, run_dir=run_dir, model=model, optimizer=optimizer, scheduler=scheduler,
+                      stream=stream, state=state, desc=desc)
 
-    def save(step):
-        trainer_state = {"step": step, "scheduler": scheduler.state_dict(), "data": stream.state_dict(),
-                         "history": history}
-        return ckpt.save_checkpoint(run_dir, step, model, optimizer, trainer_state, state, keep=cfg.keep_checkpoints)
-
-    step = start_step
-    window_t, window_tokens = time.time(), 0
-    while step < cfg.max_steps:
+    def step_fn(step):
         try:
             metrics, tokens = accumulate_gradients(model, stream.next(), loss_fn, weight_fn, state)
         except ValueError as e:
-            raise ValueError(f"step {step + 1}: {e}") from None
-        window_tokens += tokens
-        grad_norm = float(_grad_norm(params, cfg.max_grad_norm))
-        if not math.isfinite(metrics["loss"]) or not math.isfinite(grad_norm):
-            what = "loss" if not math.isfinite(metrics["loss"]) else "gradient norm"
-            value = metrics["loss"] if what == "loss" else grad_norm
-            logger.close(plot=False)
-            kept = ckpt.latest_checkpoint(run_dir)
-            raise TrainingDiverged(f"{what} became {value} at step {step + 1}; training stopped. "
-                                   f"Last good checkpoint: {kept if kept else 'none was written'}")
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        metrics.update(grad_norm=grad_norm, lr=scheduler.get_last_lr()[0])
-        if on_step is not None:
-            metrics.update(on_step(step) or {})
-        history.append({"step": step, "loss": metrics["loss"]})
-        if step % cfg.log_every == 0 or step == cfg.max_steps:
-            elapsed = time.time() - window_t
-            tokens = all_reduce_sum(float(window_tokens), state)
-            metrics["tokens_per_s"] = tokens / max(elapsed, 1e-9)
-            window_t, window_tokens = time.time(), 0
-            logger.log(step, metrics)
-        else:
-            logger.advance()
-        if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
-            last_ckpt = save(step)
-    last_ckpt = save(step) if step > start_step or last_ckpt is None else last_ckpt
-    logger.close()
-    return TrainResult(step=step, history=history, checkpoint=last_ckpt)
+            raise ValueError(f"step {step}: {e}") from None
+        metrics["grad_norm"] = trainer.optimizer_step(metrics["loss"])
+        return metrics, tokens
+
+    return trainer.fit(step_fn, on_step=on_step)

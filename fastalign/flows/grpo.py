@@ -31,20 +31,21 @@ Run: ``fastalign grpo --config configs/grpo.yaml --init_from runs/sft/model [--k
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, fields
 
 import torch
 import torch.distributed as dist
 
 from fastalign import ops
-from fastalign.data import loading, tasks
+from fastalign.data import loading
 from fastalign.engine import evaluation
 from fastalign.engine.config import GRPOConfig
-from fastalign.engine.distributed import DistState, all_reduce_sum, shutdown, unwrap, wrap_model
-from fastalign.engine.generation import Rollout, decode, gathered_for_generation, make_sampler
+from fastalign.engine.distributed import DistState, shutdown, unwrap, wrap_model
+from fastalign.engine.generation import SampledCompletions, decode, gathered_for_generation, make_sampler
 from fastalign.engine.optim import build_optimizer, build_scheduler
+from fastalign.engine.rollouts import encode_prompts, global_means, max_new_tokens, verifier_means, verifier_rewards
 from fastalign.engine.runs import start_run, write_json
-from fastalign.engine.trainer import train
+from fastalign.engine.trainer import BatchStream, train
 from fastalign.losses import FusedLinearGRPOLoss
 from fastalign.models.heads import IGNORE_INDEX, CausalLMLogprobs, PolicyValueModel, completion_aligned, lm_head
 from fastalign.models.loading import (
@@ -56,15 +57,6 @@ from fastalign.models.loading import (
 )
 from fastalign.models.reference import build_reference
 from fastalign.rewards import build_rewards
-
-FILE_MAX_NEW_TOKENS = 16  # completion length for prompts that are not built-in tasks (when max_new_tokens = 0)
-
-
-def max_new_tokens(cfg: GRPOConfig) -> int:
-    if cfg.max_new_tokens:
-        return cfg.max_new_tokens
-    names = tasks.parse_task_spec(cfg.dataset)
-    return max(tasks.get_task(n).max_new_tokens for n in names) if names else FILE_MAX_NEW_TOKENS
 
 
 # ------------------------------------------------------------------------------------- advantages
@@ -109,7 +101,7 @@ class GRPOBatch:
         return int((self.labels[:, 1:] != IGNORE_INDEX).sum())
 
 
-def token_aligned(rollout: Rollout, values, labels):
+def token_aligned(rollout: SampledCompletions, values, labels):
     """Per-completion-token ``values [N, T]`` (masked by the rollout) placed at the shifted label positions."""
     out = torch.zeros(labels.shape[0], labels.shape[1] - 1, dtype=torch.float32)
     out[labels[:, 1:] != IGNORE_INDEX] = values[rollout.completion_mask.bool()].float()
@@ -200,57 +192,41 @@ def prompt_lengths(batch: GRPOBatch) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------ rollout stream
-@dataclass
 class RolloutStream:
-    """What the engine trainer pulls each step: the micro-batches of the current rollout, a new rollout every
+    """What the engine trainer pulls each step: the micro-batches of the current rollout, a new rollout (of the
+    next prompt batch of ``prompts``, by ``sample_fn(rows, generator) -> (GRPOBatch, metrics)``) every
     ``num_iterations`` steps. Its ``state_dict`` (prompt position, sampling RNG, pending rollout) makes resume
     exact."""
 
-    cfg: GRPOConfig
-    state: DistState
-    rows: list
-    sample_fn: object  # rows -> (GRPOBatch, metrics)
-    generator: torch.Generator = field(default_factory=torch.Generator)
-    position: int = 0
-    epoch: int = 0
-    pending: GRPOBatch | None = None
-    uses_left: int = 0
-    metrics: dict = field(default_factory=dict)
-
-    def _prompt_rows(self):
-        per_rank = self.cfg.batch_size // self.state.world_size
-        if self.position + self.cfg.batch_size > len(self.rows):
-            self.epoch, self.position = self.epoch + 1, 0
-        g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + self.epoch)
-        order = torch.randperm(len(self.rows), generator=g).tolist()
-        batch = order[self.position:self.position + self.cfg.batch_size]
-        self.position += self.cfg.batch_size
-        return [self.rows[i] for i in batch[self.state.rank * per_rank:(self.state.rank + 1) * per_rank]]
+    def __init__(self, prompts: BatchStream, sample_fn, *, num_iterations: int, micro_batch_size: int,
+                 generator: torch.Generator):
+        self.prompts, self.sample_fn, self.generator = prompts, sample_fn, generator
+        self.num_iterations, self.micro_batch_size = num_iterations, micro_batch_size
+        self.pending: GRPOBatch | None = None
+        self.uses_left = 0
+        self.metrics: dict = {}
 
     def next(self):
         if self.pending is None or self.uses_left == 0:
             t0 = time.time()
-            self.pending, self.metrics = self.sample_fn(self._prompt_rows(), self.generator)
+            self.pending, self.metrics = self.sample_fn(self.prompts.next()[0], self.generator)
             self.metrics["rollout_s"] = time.time() - t0
-            self.uses_left = self.cfg.num_iterations
+            self.uses_left = self.num_iterations
         self.uses_left -= 1
         n = self.pending.input_ids.shape[0]
-        micro = self.cfg.micro_batch_size or n
+        micro = self.micro_batch_size or n
         return [self.pending.rows(torch.arange(s, min(s + micro, n))) for s in range(0, n, micro)]
 
     def state_dict(self):
-        return {"position": self.position, "epoch": self.epoch, "generator": self.generator.get_state(),
-                "pending": self.pending, "uses_left": self.uses_left, "metrics": self.metrics}
+        pending = None if self.pending is None else {f.name: getattr(self.pending, f.name) for f in fields(GRPOBatch)}
+        return {"prompts": self.prompts.state_dict(), "generator": self.generator.get_state(), "pending": pending,
+                "uses_left": self.uses_left, "metrics": self.metrics}
 
     def load_state_dict(self, s):
-        self.position, self.epoch, self.pending = s["position"], s["epoch"], s["pending"]
-        self.uses_left, self.metrics = s["uses_left"], s["metrics"]
+        self.prompts.load_state_dict(s["prompts"])
         self.generator.set_state(s["generator"])
-
-
-def _global_mean(value: float, count: float, state: DistState) -> float:
-    totals = all_reduce_sum(torch.tensor([value * count, count], dtype=torch.float64), state)
-    return float(totals[0] / totals[1].clamp(min=1))
+        self.pending = None if s["pending"] is None else GRPOBatch(**s["pending"])
+        self.uses_left, self.metrics = s["uses_left"], s["metrics"]
 
 
 def make_rollout(policy, sampler, rewards, reference, tokenizer, cfg: GRPOConfig, state: DistState):
@@ -260,8 +236,7 @@ def make_rollout(policy, sampler, rewards, reference, tokenizer, cfg: GRPOConfig
 
     def sample(rows, generator):
         policy_module = unwrap(policy)
-        prompt_ids = [loading.encode_prompt(tokenizer, r["prompt"])[-max(cfg.max_length - new_tokens, 1):]
-                      for r in rows]
+        prompt_ids = encode_prompts(tokenizer, rows, max_length=cfg.max_length, new_tokens=new_tokens)
         with gathered_for_generation(policy):
             rollout = sampler.sample(prompt_ids, max_new_tokens=new_tokens, temperature=cfg.temperature,
                                      top_p=cfg.top_p, top_k=cfg.top_k, stop_strings=cfg.stop_strings,
@@ -281,17 +256,15 @@ def make_rollout(policy, sampler, rewards, reference, tokenizer, cfg: GRPOConfig
         if reference is not None:
             batch.ref_logps = reference_logps(reference, policy_module.lm, batch, cfg.temperature)
 
-        lengths = rollout.completion_mask.sum(1).float()
-        metrics = {"reward": _global_mean(float(total.mean()), len(total), state),
-                   "reward_std": _global_mean(float(total.view(-1, cfg.num_generations).std(1).mean()),
-                                              len(total), state),
-                   "completion_length": _global_mean(float(lengths.mean()), len(total), state)}
+        n, groups = len(total), total.view(-1, cfg.num_generations)
+        sums = {"reward": total.sum(), "reward_std": groups.std(1).sum(),
+                "completion_length": rollout.completion_mask.sum()}
+        counts = {"reward": n, "reward_std": len(groups), "completion_length": n}
         if len(parts) > 1:
-            metrics.update({f"reward/{k}": _global_mean(float(v.mean()), len(v), state) for k, v in parts.items()})
-        for name in sorted(tasks.TASKS):
-            hits = [tasks.get_task(name).reward(r, t) for r, t in zip(sample_rows, texts) if r.get("task") == name]
-            if all_reduce_sum(float(len(hits)), state):
-                metrics[f"{name}/verifier_reward"] = _global_mean(sum(hits) / max(len(hits), 1), len(hits), state)
+            sums.update({f"reward/{k}": v.sum() for k, v in parts.items()})
+            counts.update({f"reward/{k}": len(v) for k, v in parts.items()})
+        metrics = global_means(sums, counts, state)
+        metrics.update(verifier_means(sample_rows, verifier_rewards(sample_rows, texts), state))
         return batch, metrics
 
     return sample
@@ -327,10 +300,12 @@ def run(cfg: GRPOConfig) -> dict:
 
     # --- data: prompt rows ----------------------------------------------------------------------------
     rows = loading.load_rows(cfg.dataset, "prompts", n=cfg.num_examples, seed=cfg.seed)
-    if len(rows) < cfg.batch_size:
-        raise ValueError(f"batch_size ({cfg.batch_size}) is larger than the dataset ({len(rows)} prompt rows)")
-    stream = RolloutStream(cfg, state, rows, make_rollout(policy, sampler, rewards, reference, tokenizer, cfg, state))
-    stream.generator.manual_seed(cfg.seed * 1_000_003 + 7919 * state.rank)
+    # Each process samples its share of every prompt batch, with its own sampling RNG.
+    prompts = BatchStream(rows, lambda examples, index: examples, batch_size=cfg.batch_size, state=state,
+                          seed=cfg.seed)
+    stream = RolloutStream(prompts, make_rollout(policy, sampler, rewards, reference, tokenizer, cfg, state),
+                           num_iterations=cfg.num_iterations, micro_batch_size=cfg.micro_batch_size,
+                           generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + 7919 * state.rank))
 
     # --- loss and loop --------------------------------------------------------------------------
     loss_module = FusedLinearGRPOLoss(beta=cfg.beta, loss_type=cfg.loss_type, epsilon_low=cfg.epsilon,

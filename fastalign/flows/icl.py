@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 from fastalign.data import loading, tasks
-from fastalign.engine.config import ICLConfig, load_config
+from fastalign.engine.config import ICLConfig, load_config, save_config
 from fastalign.engine.runs import start_run, write_json
 from fastalign.icl import picle, prompts, report
 from fastalign.icl.judge import resolve_judge
@@ -458,12 +458,13 @@ PIPELINE_KEYS = ("pronoun/neutral_rate", "pronoun/stereotype_rate", "arith/exact
 def pipeline_rows(model_dir, tokenizer=None, *, n: int = 100, seed: int = 0, run_dir=None, **overrides) -> dict:
     """The pipeline's ICL rows: ``{"base", "instruct", "steer", "picle", "reflect"}`` → metrics with the
     pipeline's keys (``pronoun/neutral_rate``, ``pronoun/stereotype_rate``, ``arith/exact_match``). Writes each
-    mode's table and plot into ``run_dir`` (a temporary folder when None). ``overrides`` are ICLConfig keys."""
+    mode's table and plot, and the resolved ``config.yaml``, into ``run_dir`` (a temporary folder when None).
+    ``overrides`` are ICLConfig keys; every other key keeps ICLConfig's default."""
     run_dir = Path(run_dir or tempfile.mkdtemp(prefix="icl-"))
     run_dir.mkdir(parents=True, exist_ok=True)
-    values = dict(PIPELINE_DEFAULTS, num_eval_examples=n, seed=seed)
-    values.update(overrides)
+    values = {"num_eval_examples": n, "seed": seed, **overrides}
     cfg = load_config(ICLConfig, overrides=dict(values, init_from=str(model_dir), mode="all"))
+    save_config(cfg, run_dir, echo=False)
     ctx = ICLContext(cfg, tokenizer=tokenizer)
     keep = lambda m: {k: m[k] for k in PIPELINE_KEYS if k in m}  # noqa: E731
     seconds, out = {}, {}
@@ -479,9 +480,3 @@ def pipeline_rows(model_dir, tokenizer=None, *, n: int = 100, seed: int = 0, run
     write_json(run_dir / "pipeline_rows.json", {"rows": out, "seconds": seconds})
     print(f"icl pipeline rows: {seconds} s per mode")
     return out
-
-
-# Sized for the pipeline's time budget on two CPU cores (see the report in the commit that set them).
-PIPELINE_DEFAULTS = dict(timing_batch_sizes=[], alphas=["1", "2"], alpha=2.0, picle_steps=15, picle_pool_size=32,
-                         picle_num_statements=32, reflect_rounds=2, reflect_generated=4, reflect_mutations=6,
-                         reflect_probes=16, progress=False)

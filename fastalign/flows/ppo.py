@@ -20,11 +20,13 @@ token, the format it was trained on (a completion cut at ``max_new_tokens`` is s
 the old log-probs come from one forward over prompt + completion after sampling (the same forward
 gives the values; the reference's gives its log-probs), and the reference is read at temperature 1;
 the lr schedule advances once per rollout; advantages are whitened per process, as TRL does; no FSDP.
-Checkpoints (every ``save_every`` rollouts and at the end, atomically, under ``<run>/checkpoints``) hold
-what training changes — the policy and value weights, optimizer, schedule, KL coefficient, prompt order
-and sampling RNG — so ``resume`` continues exactly where a crashed run stopped. The run's final policy is
-saved as ``<run>/model`` (the value model only in the checkpoint). The final
-evaluation goes to ``<run>/eval.json``, for the trained policy and (``start/...``) the policy it started
+Training runs through the engine's :class:`~fastalign.engine.trainer.Trainer`, one trainer step per
+rollout: it resumes, stops on a NaN/Inf loss or gradient (naming the rollout and the update), logs, and
+writes checkpoints (every ``save_every`` rollouts and at the end, atomically, under ``<run>/checkpoints``)
+that hold what training changes — the policy and value weights, optimizer, schedule, KL coefficient,
+prompt order and sampling RNG — so ``resume`` continues exactly where a crashed run stopped. The run's
+final policy is saved as ``<run>/model`` (the value model only in the checkpoint). The final evaluation
+goes to ``<run>/eval.json``, for the trained policy and (``start/...``) the policy it started
 from, on held-out prompts: the task verifiers of greedy completions; the learned and the true (verifier)
 reward of greedy completions (``eval_...``) and of completions sampled at ``temperature``
 (``eval_sampled_...``, the expected reward PPO maximizes, which moves before the greedy answer flips);
@@ -36,7 +38,6 @@ Run: ``fastalign ppo --config configs/ppo.yaml --reward_model runs/rm/model [--k
 from __future__ import annotations
 
 import itertools
-import math
 import time
 from dataclasses import dataclass
 
@@ -44,15 +45,21 @@ import torch
 
 from fastalign import ops
 from fastalign.data import loading, tasks
-from fastalign.engine import checkpoint as ckpt
 from fastalign.engine import evaluation
 from fastalign.engine.config import PPOConfig
-from fastalign.engine.distributed import all_reduce_sum, shutdown, unwrap, wrap_model
+from fastalign.engine.distributed import shutdown, unwrap, wrap_model
 from fastalign.engine.generation import decode, generate, sample
-from fastalign.engine.logging import RunLogger
 from fastalign.engine.optim import build_optimizer, build_scheduler
+from fastalign.engine.rollouts import (
+    FILE_MAX_NEW_TOKENS,
+    encode_prompts,
+    global_means,
+    max_new_tokens,
+    verifier_means,
+    verifier_rewards,
+)
 from fastalign.engine.runs import start_run, write_json
-from fastalign.engine.trainer import BatchStream, TrainingDiverged
+from fastalign.engine.trainer import BatchStream, Trainer
 from fastalign.losses import FusedLinearPPOLoss
 from fastalign.models.heads import (
     IGNORE_INDEX,
@@ -63,15 +70,14 @@ from fastalign.models.heads import (
     lm_head,
     target_mask,
 )
-from fastalign.models.loading import load_from_config, load_tokenizer, save_pretrained
+from fastalign.models.loading import load_from_config, load_tokenizer, module_bytes, save_pretrained
+from fastalign.models.offload import OffloadedModel
 from fastalign.models.reference import build_reference
-
-FILE_MAX_NEW_TOKENS = 16  # completion length for prompts that are not built-in tasks (when max_new_tokens = 0)
 
 
 # --------------------------------------------------------------------------------------- KL control
-class FixedKLController:
-    """β stays at its start value."""
+class KLController:
+    """β, the KL penalty's coefficient; ``update`` after each rollout. β is all a checkpoint keeps of it."""
 
     def __init__(self, kl_coef: float):
         self.value = float(kl_coef)
@@ -79,8 +85,18 @@ class FixedKLController:
     def update(self, current_kl: float, n_steps: int) -> float:
         return self.value
 
+    def state_dict(self) -> dict:
+        return {"value": self.value}
 
-class AdaptiveKLController:
+    def load_state_dict(self, saved: dict):
+        self.value = float(saved["value"])
+
+
+class FixedKLController(KLController):
+    """β stays at its start value."""
+
+
+class AdaptiveKLController(KLController):
     """Ziegler et al. (2019), as in TRL and OpenRLHF: after a rollout of ``n_steps`` completions whose mean
     KL to the reference was ``current_kl`` nats, ``β ← β · (1 + clip(current_kl / target − 1, ±0.2) ·
     n_steps / horizon)``: β grows while the policy is further than ``target`` from the reference."""
@@ -90,7 +106,8 @@ class AdaptiveKLController:
             raise ValueError(f"target must be > 0 nats, got {target!r}")
         if horizon < 1:
             raise ValueError(f"horizon must be >= 1 completions, got {horizon!r}")
-        self.value, self.target, self.horizon = float(kl_coef), float(target), int(horizon)
+        super().__init__(kl_coef)
+        self.target, self.horizon = float(target), int(horizon)
 
     def update(self, current_kl: float, n_steps: int) -> float:
         error = min(max(current_kl / self.target - 1.0, -0.2), 0.2)
@@ -98,7 +115,7 @@ class AdaptiveKLController:
         return self.value
 
 
-def kl_controller(cfg: PPOConfig):
+def kl_controller(cfg: PPOConfig) -> KLController:
     if cfg.kl_target > 0:
         return AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
     return FixedKLController(cfg.kl_coef)
@@ -129,30 +146,6 @@ def advantages_and_returns(rewards, values, mask, *, gamma, lam, whiten=True):
 
 
 # ------------------------------------------------------------------------------------------ roles
-def module_bytes(module) -> int:
-    """Parameters + buffers, in bytes (a shared tensor counted once)."""
-    tensors = {id(t): t for t in itertools.chain(module.parameters(), module.buffers())}
-    return sum(t.numel() * t.element_size() for t in tensors.values())
-
-
-class OffloadedModel:
-    """A frozen model that runs on ``device``; with ``offload`` it lives on the CPU and each call copies its
-    weights to ``device`` for the forward (``torch.func.functional_call``) and drops the copies after, so
-    between uses it takes no device memory. Frozen weights never change, so nothing is copied back."""
-
-    def __init__(self, module, device, offload: bool):
-        self.device, self.offload = torch.device(device), bool(offload)
-        self.module = module.eval().requires_grad_(False).to("cpu" if self.offload else self.device)
-
-    @torch.no_grad()
-    def __call__(self, *args, **kwargs):
-        if not self.offload:
-            return self.module(*args, **kwargs)
-        named = itertools.chain(self.module.named_parameters(), self.module.named_buffers())
-        on_device = {name: t.to(self.device, non_blocking=True) for name, t in named}
-        return torch.func.functional_call(self.module, on_device, args, kwargs)
-
-
 def _reference_bytes(reference) -> int:
     held = getattr(reference, "model", None) or getattr(reference, "top", None)
     return module_bytes(held) if held is not None else int(reference.extra_bytes)
@@ -160,9 +153,10 @@ def _reference_bytes(reference) -> int:
 
 # ------------------------------------------------------------------------------------------ rollout
 @dataclass
-class Rollout:
-    """One completion per prompt and what PPO needs of it; token tensors are ``[B, T-1]``, aligned with the
-    policy's log-probs (position t scores ``input_ids[:, t+1]``; the value there is the state before it)."""
+class ScoredRollout:
+    """One sampled completion per prompt, scored by every role: what PPO trains on. Token tensors are ``[B, T-1]``,
+    aligned with the policy's log-probs (position t scores ``input_ids[:, t+1]``; the value there is the state
+    before it)."""
 
     batch: loading.Batch  # prompt + completion, right-padded [B, T]
     mask: torch.Tensor  # completion tokens
@@ -175,13 +169,6 @@ class Rollout:
     rows: list  # [B] the prompt rows
 
 
-def max_new_tokens(cfg: PPOConfig) -> int:
-    if cfg.max_new_tokens:
-        return cfg.max_new_tokens
-    names = tasks.parse_task_spec(cfg.dataset)
-    return max(tasks.get_task(n).max_new_tokens for n in names) if names else FILE_MAX_NEW_TOKENS
-
-
 def _policy_logps(policy_module, hidden, labels, temperature):
     head = lm_head(policy_module.lm)
     return ops.token_logprobs(hidden[:, :-1], head.weight, labels[:, 1:], bias=head.bias, temperature=temperature,
@@ -190,11 +177,11 @@ def _policy_logps(policy_module, hidden, labels, temperature):
 
 @torch.no_grad()
 def sample_rollout(policy, critic, reference, reward_model, tokenizer, rows, cfg: PPOConfig, device,
-                   generator=None) -> Rollout:
+                   generator=None) -> ScoredRollout:
     """Sample one completion per row from the policy, then score it with every role (one forward each)."""
     policy_module = unwrap(policy)
     new_tokens = max_new_tokens(cfg)
-    prompt_ids = [loading.encode_prompt(tokenizer, r["prompt"])[-max(cfg.max_length - new_tokens, 1):] for r in rows]
+    prompt_ids = encode_prompts(tokenizer, rows, max_length=cfg.max_length, new_tokens=new_tokens)
     # The sampler's log-probs are not reused: the forward below gives the training forward's own old log-probs
     # (bit-consistent with the loss's) and the values and reference log-probs need that forward anyway.
     completions = sample(policy_module.lm, tokenizer, prompt_ids, max_new_tokens=new_tokens,
@@ -226,9 +213,8 @@ def sample_rollout(policy, critic, reference, reward_model, tokenizer, rows, cfg
     scores = reward_model(batch.input_ids, batch.attention_mask).float()
 
     texts = decode(tokenizer, completions)
-    verifier = [tasks.get_task(r["task"]).reward(r, t) if r.get("task") in tasks.TASKS else None
-                for r, t in zip(rows, texts)]
-    return Rollout(batch, mask, logps, ref_logps.float(), values, scores, verifier, texts, rows)
+    return ScoredRollout(batch, mask, logps, ref_logps.float(), values, scores, verifier_rewards(rows, texts), texts,
+                         rows)
 
 
 # ----------------------------------------------------------------------------------------- training
@@ -236,7 +222,7 @@ def _rows_of(batch: loading.Batch, idx, width) -> loading.Batch:
     return loading.Batch(batch.input_ids[idx, :width], batch.attention_mask[idx, :width], batch.labels[idx, :width])
 
 
-def minibatch_loss(policy, critic, policy_loss_fn, rollout: Rollout, idx, advantages, returns, cfg: PPOConfig):
+def minibatch_loss(policy, critic, policy_loss_fn, rollout: ScoredRollout, idx, advantages, returns, cfg: PPOConfig):
     """``policy loss + vf_coef · value loss`` on the rollout rows ``idx``; returns ``(loss, metrics)``."""
     width = int(rollout.batch.attention_mask[idx].sum(1).max())  # right padding: trailing pads change nothing
     batch, cut = _rows_of(rollout.batch, idx, width), slice(0, width - 1)
@@ -256,25 +242,13 @@ def minibatch_loss(policy, critic, policy_loss_fn, rollout: Rollout, idx, advant
     return loss, metrics
 
 
-def _global_mean(values: dict, state) -> dict:
-    keys = sorted(values)
-    sums = all_reduce_sum(torch.tensor([float(values[k]) for k in keys], dtype=torch.float64), state)
-    return {k: float(s) / state.world_size for k, s in zip(keys, sums)}
-
-
-def rollout_metrics(rollout: Rollout, kl, kl_coef, state) -> dict:
+def rollout_metrics(rollout: ScoredRollout, kl, kl_coef, state) -> dict:
     """Learned reward, true (verifier) reward per task, KL per completion (global means over processes)."""
-    count = all_reduce_sum(float(len(rollout.rows)), state)
-    mean = lambda x: all_reduce_sum(float(x), state) / count
-    seq_kl = kl.sum(1)
-    out = {"score": mean(rollout.scores.sum()), "kl": mean(seq_kl.sum()),
-           "non_score_reward": mean(-kl_coef * seq_kl.sum()),
-           "completion_length": mean(rollout.mask.sum())}
-    for name in sorted(tasks.TASKS):
-        hits = [v for v, r in zip(rollout.verifier, rollout.rows) if r.get("task") == name]
-        n = all_reduce_sum(float(len(hits)), state)
-        if n:
-            out[f"{name}/verifier_reward"] = all_reduce_sum(float(sum(hits)), state) / n
+    n, seq_kl = len(rollout.rows), kl.sum(1)
+    sums = {"score": rollout.scores.sum(), "kl": seq_kl.sum(), "non_score_reward": -kl_coef * seq_kl.sum(),
+            "completion_length": rollout.mask.sum()}
+    out = global_means(sums, dict.fromkeys(sums, n), state)
+    out.update(verifier_means(rollout.rows, rollout.verifier, state))
     return out
 
 
@@ -374,43 +348,28 @@ def run(cfg: PPOConfig) -> dict:
 
     # --- data: prompt rows, each process its share of every rollout --------------------------------
     rows = loading.load_rows(cfg.dataset, "prompts", n=cfg.num_examples, seed=cfg.seed)
-    stream = BatchStream(rows, lambda examples, index: examples, batch_size=cfg.batch_size, state=state, seed=cfg.seed)
+    prompts = BatchStream(rows, lambda examples, index: examples, batch_size=cfg.batch_size, state=state,
+                          seed=cfg.seed)
 
-    # --- loss, optimizer, KL controller -------------------------------------------------------------
+    # --- loss, optimizer, KL controller, trainer ---------------------------------------------------------
     policy_loss_fn = FusedLinearPPOLoss(epsilon_low=cfg.cliprange, temperature=cfg.temperature,
                                         entropy_coef=cfg.entropy_coef)
     params = list(unwrap(policy).parameters()) + (list(unwrap(critic).parameters()) if critic is not None else [])
     optimizer = build_optimizer(params, cfg)
     scheduler = build_scheduler(optimizer, cfg)
-    trainable = [p for p in params if p.requires_grad]
     controller = kl_controller(cfg)
-    generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + state.rank)
-    # What training changes, for checkpoints: the policy (with its value head) and the separate value model.
+    generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + state.rank)  # sampling and minibatch order
+    # What training changes, for checkpoints: the policy (with its value head) and the separate value model; β and
+    # the sampling RNG travel with them, so a resumed run continues exactly.
     trained_roles = torch.nn.ModuleDict({"policy": unwrap(policy), **({"critic": unwrap(critic)} if critic else {})})
+    trainer = Trainer(cfg=cfg, run_dir=run_dir, model=trained_roles, optimizer=optimizer, scheduler=scheduler,
+                      stream=prompts, state=state, desc="ppo", history_keys=("loss", "score", "kl"),
+                      extra_state={"kl_controller": controller, "generator": generator})
 
-    def save(step):
-        trainer_state = {"step": step, "scheduler": scheduler.state_dict(), "data": stream.state_dict(),
-                         "kl_coef": controller.value, "generator": generator.get_state(), "history": history}
-        return ckpt.save_checkpoint(run_dir, step, trained_roles, optimizer, trainer_state, state,
-                                    keep=cfg.keep_checkpoints)
-
-    history, start_step = [], 0
-    if cfg.resume and (last := ckpt.latest_checkpoint(run_dir)) is not None:
-        saved = ckpt.load_checkpoint(last, trained_roles, optimizer, state)
-        start_step, history = saved["step"], saved["history"]
-        scheduler.load_state_dict(saved["scheduler"])
-        stream.load_state_dict(saved["data"])
-        controller.value = saved["kl_coef"]
-        generator.set_state(saved["generator"])
-        if state.is_main:
-            print(f"resumed from {last} at rollout {start_step}")
-    logger = RunLogger(run_dir, total_steps=cfg.max_steps, start_step=start_step, enabled=state.is_main,
-                       progress=cfg.progress, tensorboard=cfg.tensorboard, desc="ppo")
-
-    # --- loop: rollout → rewards and advantages → PPO epochs over minibatches ------------------------
-    for step in range(start_step + 1, cfg.max_steps + 1):
+    # --- one step: rollout → rewards and advantages → PPO epochs over minibatches ------------------------
+    def ppo_step(step):
         t0 = time.time()
-        rollout = sample_rollout(policy, critic, reference, reward_model, tokenizer, stream.next()[0], cfg,
+        rollout = sample_rollout(policy, critic, reference, reward_model, tokenizer, prompts.next()[0], cfg,
                                  state.device, generator)
         kl_coef = controller.value
         rewards, kl = token_rewards(rollout.scores, rollout.logps, rollout.ref_logps, rollout.mask, kl_coef=kl_coef,
@@ -418,40 +377,25 @@ def run(cfg: PPOConfig) -> dict:
         advantages, returns = advantages_and_returns(rewards, rollout.values, rollout.mask, gamma=cfg.gamma,
                                                      lam=cfg.lam, whiten=cfg.whiten_advantages)
         t1 = time.time()
-        sums, updates = {}, 0
-        for _ in range(cfg.ppo_epochs):
+        sums, updates, tokens = {}, 0, 0
+        for epoch in range(cfg.ppo_epochs):
             order = torch.randperm(len(rollout.rows), generator=generator).to(state.device)
             for idx in order.split(cfg.mini_batch_size):
                 loss, metrics = minibatch_loss(policy, critic, policy_loss_fn, rollout, idx, advantages, returns, cfg)
                 loss.backward()
-                loss = float(loss.detach())
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(
-                    trainable, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")))
-                if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-                    logger.close(plot=False)
-                    what = "loss" if not math.isfinite(loss) else "gradient norm"
-                    kept = ckpt.latest_checkpoint(run_dir)
-                    raise TrainingDiverged(f"{what} became non-finite at rollout {step} (optimizer update "
-                                           f"{updates + 1}); training stopped. Last good checkpoint: "
-                                           f"{kept if kept else 'none was written'}")
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+                metrics["grad_norm"] = trainer.optimizer_step(float(loss.detach()),
+                                                              f" (PPO epoch {epoch + 1}, update {updates + 1})")
                 updates += 1
-                for k, v in dict(metrics, grad_norm=grad_norm).items():
+                tokens += int(rollout.batch.attention_mask[idx].sum())
+                for k, v in metrics.items():
                     sums[k] = sums.get(k, 0.0) + float(v)
-        scheduler.step()
         out = rollout_metrics(rollout, kl, kl_coef, state)
-        out.update(_global_mean({k: v / updates for k, v in sums.items()}, state))
+        out.update(global_means(sums, dict.fromkeys(sums, updates), state))
         controller.update(out["kl"], n_steps=cfg.batch_size)
-        out.update(kl_coef=kl_coef, lr=scheduler.get_last_lr()[0], rollout_s=t1 - t0, train_s=time.time() - t1)
-        history.append({"step": step, **out})
-        if step % cfg.log_every == 0 or step == cfg.max_steps:
-            logger.log(step, out)
-        else:
-            logger.advance()
-        if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.max_steps:
-            save(step)
-    logger.close()
+        out.update(kl_coef=kl_coef, rollout_s=t1 - t0, train_s=time.time() - t1)
+        return out, tokens
+
+    history = trainer.fit(ppo_step).history
 
     # --- evaluation on held-out prompts --------------------------------------------------------------
     report = {"flow": "ppo", "run_dir": str(run_dir), "steps": cfg.max_steps, "value_model": cfg.value_model,

@@ -126,7 +126,7 @@ class PolicyValueModel(nn.Module):
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, prompt_lengths=None):
         """``(hidden [B, T, H], values [B, T] or None)``. With ``prompt_lengths`` (``[B]``; rows right-padded,
-        prompt then completion, as :meth:`Rollout.training_batch` lays them out) only the completion part is
+        prompt then completion, as :meth:`SampledCompletions.training_batch` lays them out) only the completion part is
         returned, through :func:`completion_hidden_states`: ``hidden [B, C, H]``, position ``j`` predicting the
         row's completion token ``j``."""
         if prompt_lengths is not None:

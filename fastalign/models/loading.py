@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import inspect
+import itertools
 import os
 from pathlib import Path
 
@@ -120,6 +121,12 @@ def save_pretrained(model, tokenizer, folder) -> Path:
 
 def parameter_bytes(module) -> int:
     return sum(p.numel() * p.element_size() for p in module.parameters())
+
+
+def module_bytes(module) -> int:
+    """Parameters + buffers, in bytes (a shared tensor counted once)."""
+    tensors = {id(t): t for t in itertools.chain(module.parameters(), module.buffers())}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
 def cache_argument(lm) -> str:
