@@ -236,9 +236,9 @@ def minibatch_loss(policy, critic, policy_loss_fn, rollout: ScoredRollout, idx, 
     vf_loss, vf = ops.value_loss(values[:, :-1], rollout.values[idx, cut], returns[idx, cut], mask,
                                  clip=cfg.cliprange_value)
     loss = pg_loss + cfg.vf_coef * vf_loss
+    # The policy loss's metrics under their TRL names (clip_ratio/*, approx_kl, entropy), as GRPO logs them.
     metrics = {"loss": loss.detach(), "policy_loss": pg_loss.detach(), "value_loss": vf_loss.detach(),
-               "clip_fraction": pg["clip_ratio/region_mean"], "entropy": pg["entropy"],
-               "approx_kl": pg["approx_kl"], "value_clip_fraction": vf["clip_fraction"]}
+               **{k: v for k, v in pg.items() if k != "kl"}, "value_clip_fraction": vf["clip_fraction"]}
     return loss, metrics
 
 
