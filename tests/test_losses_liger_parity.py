@@ -22,6 +22,14 @@ from fastalign.losses import FusedLinearDPOLoss, FusedLinearGRPOLoss, FusedLinea
 TOL = 1e-5
 
 
+@pytest.fixture(autouse=True)
+def fixed_inputs():
+    # Fixed draws: a hinge pair near its kink, or a loss that is the small difference of large terms,
+    # would otherwise make a 1e-5 comparison depend on the order the tests ran in.
+    torch.manual_seed(0)
+    random.seed(0)
+
+
 def rel_err(got, want) -> float:
     got, want = got.detach().double(), want.detach().double()
     assert torch.isfinite(got).all()
