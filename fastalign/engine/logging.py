@@ -14,6 +14,9 @@ class RunLogger:
     def __init__(self, run_dir, *, total_steps, start_step=0, enabled=True, progress=True, tensorboard=False,
                  desc="train"):
         self.run_dir = Path(run_dir)
+        from .runs import commit_run
+
+        commit_run(self.run_dir)  # a loop that logs has finished its setup (a no-op once the folder is written)
         self.enabled = enabled
         self.path = self.run_dir / "metrics.jsonl"
         self.bar = None

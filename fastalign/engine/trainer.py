@@ -22,6 +22,7 @@ import torch
 from . import checkpoint as ckpt
 from .distributed import DistState, all_reduce_sum, no_sync, unwrap
 from .logging import RunLogger
+from .runs import commit_run
 
 
 class TrainingDiverged(RuntimeError):
@@ -129,6 +130,7 @@ def train(*, cfg, run_dir, model, optimizer, scheduler, stream: BatchStream, los
           weight_fn: Callable, state: DistState, desc="train", on_step: Callable | None = None) -> TrainResult:
     """Run ``cfg.max_steps`` optimizer steps (continuing from the latest checkpoint when ``cfg.resume``)."""
     run_dir = Path(run_dir)
+    commit_run(run_dir)  # setup succeeded: only now is the run folder created and its config.yaml written
     start_step, history, last_ckpt = 0, [], None
     if cfg.resume:
         last_ckpt = ckpt.latest_checkpoint(run_dir)

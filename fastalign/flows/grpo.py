@@ -31,7 +31,7 @@ Run: ``fastalign grpo --config configs/grpo.yaml --init_from runs/sft/model [--k
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 import torch.distributed as dist
@@ -239,11 +239,15 @@ class RolloutStream:
         return [self.pending.rows(torch.arange(s, min(s + micro, n))) for s in range(0, n, micro)]
 
     def state_dict(self):
+        # The pending rollout as a dict of tensors: checkpoints hold plain data only (no pickled classes).
+        pending = self.pending and {f.name: getattr(self.pending, f.name) for f in fields(self.pending)}
         return {"position": self.position, "epoch": self.epoch, "generator": self.generator.get_state(),
-                "pending": self.pending, "uses_left": self.uses_left, "metrics": self.metrics}
+                "pending": pending, "uses_left": self.uses_left, "metrics": self.metrics}
 
     def load_state_dict(self, s):
-        self.position, self.epoch, self.pending = s["position"], s["epoch"], s["pending"]
+        self.position, self.epoch = s["position"], s["epoch"]
+        pending = s["pending"]
+        self.pending = GRPOBatch(**pending) if isinstance(pending, dict) else pending
         self.uses_left, self.metrics = s["uses_left"], s["metrics"]
         self.generator.set_state(s["generator"])
 
