@@ -474,6 +474,8 @@ def load_config(cls, path=None, overrides=None, **values):
 def read_yaml(path, what="YAML file"):
     """``yaml.safe_load`` of a file; a syntax or encoding error is one ValueError naming the file, line and column."""
     path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{what} {str(path)!r} does not exist")
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
