@@ -130,7 +130,6 @@ def train(*, cfg, run_dir, model, optimizer, scheduler, stream: BatchStream, los
           weight_fn: Callable, state: DistState, desc="train", on_step: Callable | None = None) -> TrainResult:
     """Run ``cfg.max_steps`` optimizer steps (continuing from the latest checkpoint when ``cfg.resume``)."""
     run_dir = Path(run_dir)
-    commit_run(run_dir)  # setup succeeded: only now is the run folder created and its config.yaml written
     start_step, history, last_ckpt = 0, [], None
     if cfg.resume:
         last_ckpt = ckpt.latest_checkpoint(run_dir)
@@ -141,6 +140,8 @@ def train(*, cfg, run_dir, model, optimizer, scheduler, stream: BatchStream, los
             stream.load_state_dict(saved["data"])
             if state.is_main:
                 print(f"resumed from {last_ckpt} at step {start_step}")
+    # Setup (and the checkpoint's load) succeeded: only now is the run folder written, config.yaml first.
+    commit_run(run_dir)
     logger = RunLogger(run_dir, total_steps=cfg.max_steps, start_step=start_step, enabled=state.is_main,
                        progress=cfg.progress, tensorboard=cfg.tensorboard, desc=desc)
     params = [p for p in unwrap(model).parameters() if p.requires_grad]
