@@ -227,7 +227,7 @@ def start_run(cfg, flow: str) -> tuple[DistState, Path]:
             _check_name(cfg.name)
             acquire_run_lock(run_dir)
             replace_old, note = _check_run_folder(cfg, flow, run_dir)
-        except RunFolderError as e:
+        except (ValueError, OSError) as e:  # a RunFolderError, or a checkpoint that cannot be read safely
             error = str(e)
     # Every process raises the same error, so none waits for the others at a barrier.
     error, replace_old, note = broadcast_object((error, replace_old, note), state)
