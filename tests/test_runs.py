@@ -159,3 +159,14 @@ def test_a_run_holds_its_lock_until_the_next_run_in_the_process(tmp_path):
     again = subprocess.run([sys.executable, "-c", _HOLDER.replace("time.sleep(120)", ""),
                             str(tmp_path / "runs" / "held")], capture_output=True, text=True, timeout=120)
     assert again.returncode == 0, again.stderr
+
+
+def test_the_pipeline_refuses_an_existing_pipeline_folder(tmp_path, capsys):
+    from fastalign import cli
+
+    (tmp_path / "p" / "sft").mkdir(parents=True)
+    (tmp_path / "p" / "sft" / "config.yaml").write_text("seed: 0\n")
+    assert cli.main(["pipeline", "--quick", "--output_dir", str(tmp_path), "--name", "p"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "already holds a pipeline run; pass --overwrite" in err[0]
+    assert [p.name for p in (tmp_path / "p").iterdir()] == ["sft"]
