@@ -96,9 +96,14 @@ def _cmd_flow(args: argparse.Namespace) -> int:
         cfg = cfgmod.load_config(flow.config_class(), args.config, args.overrides)
         flow.run(cfg)
     except (ValueError, TypeError, OSError, ImportError, TrainingDiverged) as e:
-        print(f"fastalign {args.command}: error: {e}", file=sys.stderr)
+        print(f"fastalign {args.command}: error: {one_line(e)}", file=sys.stderr)
         return 1
     return 0
+
+
+def one_line(error: BaseException) -> str:
+    """An error message on one line (some libraries' messages span several)."""
+    return " ".join(str(error).split())
 
 
 def _cmd_pipeline(args: argparse.Namespace) -> int:
@@ -109,9 +114,9 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
         return 2
     try:
         run_pipeline(name=args.name, output_dir=args.output_dir, quick=args.quick, seed=args.seed,
-                     threads=args.threads, config=args.config)
+                     threads=args.threads, config=args.config, overwrite=args.overwrite)
     except (ValueError, TypeError, OSError) as e:
-        print(f"fastalign pipeline: error: {e}", file=sys.stderr)
+        print(f"fastalign pipeline: error: {one_line(e)}", file=sys.stderr)
         return 1
     return 0
 
@@ -132,6 +137,7 @@ def _add_flow_commands(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     p.add_argument("--config", default=None, help="YAML of per-stage overrides: {sft: {max_steps: 300}, ...}")
+    p.add_argument("--overwrite", action="store_true", help="replace the stages of an existing pipeline folder")
     p.set_defaults(func=_cmd_pipeline, takes_overrides=True)
 
 

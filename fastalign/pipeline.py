@@ -24,8 +24,6 @@ import dataclasses
 import time
 from pathlib import Path
 
-import yaml
-
 from fastalign.data import loading, tasks
 from fastalign.engine import evaluation
 from fastalign.engine.config import ICLConfig, config_dict, load_config
@@ -81,13 +79,13 @@ COLUMNS = [("arith/exact_match", "arith exact match"), ("pronoun/neutral_rate", 
            ("kl_to_sft", "KL to SFT (nats/completion)")]
 
 
-def _stage_configs(name, output_dir, quick, seed, threads, overrides_file):
+def _stage_configs(name, output_dir, quick, seed, threads, overrides_file, overwrite=False):
     file_overrides = _read_overrides(overrides_file)
     configs = {}
     for stage in STAGES:
         values = _stage_values(stage, quick, file_overrides)
         values.update(name=f"{name}/{stage}", output_dir=output_dir, seed=seed, threads=threads,
-                      num_eval_examples=20 if quick else 200, progress=not quick)
+                      num_eval_examples=20 if quick else 200, progress=not quick, overwrite=overwrite)
         if stage == "ppo":  # the reward stage's model, trained before PPO runs
             values["reward_model"] = str(Path(output_dir) / name / "reward" / "model")
         configs[stage] = load_config(FLOWS[stage].config_class(), overrides=values)
@@ -102,7 +100,9 @@ def _stage_values(stage, quick, file_overrides) -> dict:
 def _read_overrides(path) -> dict:
     if not path:
         return {}
-    data = yaml.safe_load(Path(path).read_text()) or {}
+    from fastalign.engine.config import read_yaml
+
+    data = read_yaml(path, "pipeline config") or {}
     known = [*STAGES, ICL]
     if not isinstance(data, dict) or any(k not in known for k in data):
         bad = [k for k in data if k not in known] if isinstance(data, dict) else [type(data).__name__]
@@ -147,17 +147,24 @@ def format_table(rows: dict) -> str:
     return "\n".join(lines)
 
 
-def run_pipeline(*, name="pipeline", output_dir="runs", quick=False, seed=0, threads=0, config=None) -> dict:
-    """Run every stage and write the report; returns ``{"rows": {stage: metrics}, "report": path, ...}``."""
+def run_pipeline(*, name="pipeline", output_dir="runs", quick=False, seed=0, threads=0, config=None,
+                 overwrite=False) -> dict:
+    """Run every stage and write the report; returns ``{"rows": {stage: metrics}, "report": path, ...}``.
+
+    An existing ``<output_dir>/<name>`` is refused unless ``overwrite`` (each stage then replaces its own run)."""
     import torch
 
     from fastalign import rewards
+    from fastalign.engine.runs import holds_run
     from fastalign.flows import icl
 
     if threads:
         torch.set_num_threads(threads)
-    configs = _stage_configs(name, output_dir, quick, seed, threads, config)
+    configs = _stage_configs(name, output_dir, quick, seed, threads, config, overwrite)
     root = Path(output_dir) / name
+    if holds_run(root) and not overwrite:
+        raise ValueError(f"pipeline folder {root} already holds a pipeline run; pass --overwrite to replace its "
+                         "stages, or choose another --name")
     root.mkdir(parents=True, exist_ok=True)
     n_eval = configs["sft"].num_eval_examples
     timings, rows = {}, {}

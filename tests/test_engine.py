@@ -24,7 +24,7 @@ def test_config_yaml_then_overrides(tmp_path):
     path.write_text(yaml.safe_dump({"lr": 0.01, "beta": 0.2, "loss-type": "ipo", "packing": True}))
     cfg = load_config(DPOConfig, str(path), ["--beta", "0.3", "--max_steps=7", "--resume"])
     got = (cfg.lr, cfg.beta, cfg.loss_type, cfg.packing, cfg.max_steps, cfg.resume)
-    assert got == (0.01, 0.3, "ipo", True, 7, True)
+    assert got == (0.01, 0.3, "ipo", True, 7, "true")  # resume: "" (off), "true" or "auto"
     save_config(cfg, tmp_path, echo=False)
     again = load_config(DPOConfig, str(tmp_path / "config.yaml"))
     assert again == cfg

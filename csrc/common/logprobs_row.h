@@ -10,6 +10,8 @@
 // cheap pass without exp that also brings the row into cache): logp_j = (x_j - m) - log s is then
 // exact to float32 rounding even at |x| ~ 1e4, where x_j - lse would lose ~1e-3 to lse's rounding.
 // Both loops are branch-free with SIMD reductions, so the host compiler vectorizes them.
+// A label outside [0, vocab) (value checks off; the caller handles ignore_index) is never read:
+// its row gets logp = NaN (lse and entropy as usual) and an all-zero gradient.
 #pragma once
 
 #include <cmath>
@@ -27,6 +29,8 @@ struct RowForward {
   float lse;
   float rel_lse;  // log s = lse - max_j x_j, what logprob_row_backward_rel takes
 };
+
+FA_HD bool label_in_row(int64_t label, int64_t vocab) { return label >= 0 && label < vocab; }
 
 template <typename T>
 FA_HD float row_max(const T* z, int64_t vocab) {
@@ -56,7 +60,7 @@ FA_HD RowForward logprob_row_forward(const T* z, int64_t vocab, float inv_temp, 
   out.lse = m + log_s;
   out.rel_lse = log_s;
   out.entropy = log_s - u / s;
-  out.logp = (to_float(z[label]) * inv_temp - m) - log_s;
+  out.logp = label_in_row(label, vocab) ? (to_float(z[label]) * inv_temp - m) - log_s : NAN;
   return out;
 }
 
@@ -65,6 +69,10 @@ FA_HD RowForward logprob_row_forward(const T* z, int64_t vocab, float inv_temp, 
 template <typename T, typename G>
 FA_HD void logprob_row_backward_shifted(const T* z, G* grad, int64_t vocab, float inv_temp, int64_t label,
                                         float shift, float log_s, float entropy, float g_logp, float g_ent) {
+  if (!label_in_row(label, vocab)) {  // its logp is NaN: no gradient flows from the row
+    for (int64_t j = 0; j < vocab; ++j) grad[j] = from_float<G>(0.0f);
+    return;
+  }
   // Read the label's logit before the loop: grad may alias z.
   const float lp_label = (to_float(z[label]) * inv_temp - shift) - log_s;
   // dz_j = -p_j * c_j / T with c_j = g_logp + g_ent * (logp_j + entropy): fold the constants once.

@@ -33,10 +33,25 @@ REQUIRED = {"sft": (("prompt", "completion"), ("messages",)),
 # ----------------------------------------------------------------------------------------------
 # Reading rows
 # ----------------------------------------------------------------------------------------------
+DATA_FILE_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".parquet", ".csv", ".arrow")
+
+
+def _decode_line(raw: bytes, path, lineno) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: row {lineno} is not UTF-8 text (byte {raw[e.start]:#04x} at column {e.start + 1}); "
+                         "save the file as UTF-8") from None
+
+
 def _read_jsonl(path):
+    import gzip
+
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            line = _decode_line(raw, path, lineno)
             if not line.strip():
                 continue
             try:
@@ -49,20 +64,56 @@ def _read_jsonl(path):
     return rows
 
 
+def _read_json_array(path):
+    """A ``.json`` file holding one array of row objects (the rows are numbered from 1 in messages)."""
+    raw = open(path, "rb").read()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        column = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1
+        raise ValueError(f"{path}: line {line} is not UTF-8 text (byte {raw[e.start]:#04x} at column {column}); "
+                         "save the file as UTF-8") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
+    if not isinstance(data, list):
+        raise ValueError(f"{path}: a .json dataset must hold an array of row objects (or one object per line), "
+                         f"got a {type(data).__name__}")
+    for i, row in enumerate(data, start=1):
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}: row {i} must be a JSON object, got {type(row).__name__}")
+    return data
+
+
 def read_rows(source: str, split: str = "train"):
-    """Rows (list of dicts) from a JSONL/JSON/Parquet file or a hub dataset id, with their origin name."""
+    """Rows (list of dicts) from a JSONL/JSON/Parquet file or a hub dataset id, with their origin name.
+
+    A path that exists, ends in a data-file suffix, starts with ``.`` or ``/``, or whose first folder
+    exists here is local and never sent to the hub."""
     if os.path.isfile(source):
-        if source.endswith((".jsonl", ".jsonl.gz")) or (source.endswith(".json") and _looks_like_jsonl(source)):
+        if source.endswith((".jsonl", ".jsonl.gz")):
             return _read_jsonl(source)
+        if source.endswith(".json"):
+            return _read_jsonl(source) if _first_char(source) == "{" else _read_json_array(source)
         import datasets
 
         builder = "parquet" if source.endswith(".parquet") else "json"
-        return list(datasets.load_dataset(builder, data_files=source, split="train"))
+        try:
+            return list(datasets.load_dataset(builder, data_files=source, split="train"))
+        except Exception as e:  # the datasets readers raise many kinds; name the file and the reader
+            raise ValueError(f"{source}: could not be read as {builder} ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None
     if os.path.isdir(source):
         import datasets
 
         return list(datasets.load_dataset(source, split=split))
-    if source.count("/") != 1 or source.startswith((".", "/")):
+    first = source.split("/")[0]
+    if source.endswith(DATA_FILE_SUFFIXES) or source.startswith((".", "/", "~")) or (
+            "/" in source and first and os.path.isdir(first)):
+        raise ValueError(f"dataset file {source!r} does not exist (a local path: it is not looked up on the hub)")
+    if source.count("/") != 1:
         raise ValueError(f"dataset {source!r} is not a built-in task ({sorted(tasks.TASKS)}), an existing file, "
                          "or a hub id of the form 'owner/name'")
     import datasets
@@ -74,13 +125,33 @@ def read_rows(source: str, split: str = "train"):
                          f"{type(e).__name__}: {e}. Offline? Pass a local JSONL/Parquet file instead.") from e
 
 
-def _looks_like_jsonl(path):
-    with open(path, encoding="utf-8") as f:
-        return f.read(1) == "{"
+def _first_char(path) -> str:
+    with open(path, "rb") as f:
+        head = f.read(64).lstrip()
+    return head[:1].decode("latin-1")
 
 
 def _is_messages(value):
     return isinstance(value, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in value)
+
+
+def _check_messages(value, source, i, key, *, needs_assistant):
+    """A message list: string contents; a target (``needs_assistant``) must end in a non-empty assistant turn."""
+    for t, m in enumerate(value, start=1):
+        if not isinstance(m["content"], str) or not isinstance(m["role"], str):
+            raise ValueError(f"{source}: row {i} field {key!r} turn {t} must have string 'role' and 'content', "
+                             f"got {type(m['role']).__name__} and {type(m['content']).__name__}")
+    if not needs_assistant:
+        return
+    if not value:
+        raise ValueError(f"{source}: row {i} field {key!r} is empty (it needs an assistant turn to train on)")
+    turns = [t for t, m in enumerate(value, start=1) if m["role"] == "assistant"]
+    if not turns:
+        raise ValueError(f"{source}: row {i} field {key!r} has no assistant turn (roles: "
+                         f"{[m['role'] for m in value]}); the last assistant turn is the target")
+    if not value[turns[-1] - 1]["content"]:
+        raise ValueError(f"{source}: row {i} field {key!r} turn {turns[-1]} (the assistant reply, the target) is "
+                         "empty")
 
 
 def validate_rows(rows, kind, source):
@@ -102,8 +173,11 @@ def validate_rows(rows, kind, source):
             if not (isinstance(value, str) or _is_messages(value)):
                 raise ValueError(f"{source}: row {i} field {key!r} must be a string or a list of "
                                  f"{{'role', 'content'}} messages, got {type(value).__name__}: {str(value)[:60]!r}")
-            if key != "prompt" and isinstance(value, str) and not value:
-                raise ValueError(f"{source}: row {i} field {key!r} is empty")
+            # Every target (completion, chosen, rejected, a messages row's last assistant turn) must be non-empty.
+            if isinstance(value, list):
+                _check_messages(value, source, i, key, needs_assistant=key != "prompt")
+            elif key != "prompt" and not value:
+                raise ValueError(f"{source}: row {i} field {key!r} is empty (it is the target to train on)")
     return rows
 
 

@@ -44,6 +44,28 @@ def check_finite_numbers(key, values):
             raise ValueError(f"config key {key!r} must hold finite numbers, got {v!r}")
 
 
+# `resume` takes a boolean (as before) or 'auto'; stored as '' (off), 'true' or 'auto' so `if cfg.resume` still reads.
+RESUME_ALIASES = {"true": "true", "1": "true", "yes": "true", "on": "true", "false": "", "0": "", "no": "", "off": "",
+                  "none": "", "": "", "auto": "auto"}
+# Knobs a --resume may change, applied from the checkpoint's step on: the schedule is recomputed from lr,
+# max_steps, warmup_steps and min_lr_ratio (see engine.optim); the others are read afresh each step or at the end.
+# Any other difference from the checkpoint's config is refused (engine.runs.resume_changes).
+RESUME_APPLIED = frozenset({"max_steps", "lr", "warmup_steps", "min_lr_ratio", "max_grad_norm", "save_every",
+                            "keep_checkpoints", "log_every", "progress", "tensorboard", "threads", "eval_batch_size",
+                            "micro_batch_size"})
+# What names the run rather than shapes it.
+RESUME_IGNORED = frozenset({"name", "output_dir", "resume", "overwrite"})
+
+
+def resume_mode(cfg) -> str:
+    """'' (no resume), 'true' or 'auto' from ``cfg.resume`` (a bool set in code, or any alias)."""
+    value = cfg.resume
+    key = ("true" if value else "") if isinstance(value, bool) or value is None else str(value).strip().lower()
+    if key not in RESUME_ALIASES:
+        raise ValueError(f"config key 'resume' must be true, false or auto, got {value!r}")
+    return RESUME_ALIASES[key]
+
+
 @dataclass
 class TrainConfig:
     """What every flow shares: run, model, data, optimisation, logging and checkpoints."""
@@ -87,13 +109,18 @@ class TrainConfig:
     log_every: int = knob(10, "steps between metric lines", minimum=1)
     save_every: int = knob(0, "steps between checkpoints (0 = only the final one)", minimum=0)
     keep_checkpoints: int = knob(2, "checkpoints kept on disk", minimum=1)
-    resume: bool = knob(False, "continue from the latest checkpoint in the run folder")
+    resume: str = field(default="", metadata={
+        "choices": ("", "true", "auto"), "aliases": RESUME_ALIASES,
+        "help": "continue from the run folder's latest checkpoint ('--resume'; an error when there is none) or "
+                "'--resume auto' (start fresh when there is none)"})
+    overwrite: bool = knob(False, "replace the run folder's previous run (removed once setup succeeded)")
     tensorboard: bool = knob(False, "also write TensorBoard events (needs tensorboard installed)")
     progress: bool = knob(True, "show a tqdm progress bar")
     eval_batch_size: int = knob(256, "prompts per generation batch in the evaluation", minimum=1)
 
     def validate(self):
         """Range and choice checks on every field, then cross-field checks."""
+        self.resume = resume_mode(self)
         hints = typing.get_type_hints(type(self))
         for f in dataclasses.fields(self):
             value, meta = getattr(self, f.name), f.metadata
@@ -396,6 +423,7 @@ def _convert(key, value, kind, source):
 
 def _apply(values: dict, cls, source: str, into: dict):
     hints = typing.get_type_hints(cls)
+    aliases = {f.name: f.metadata["aliases"] for f in dataclasses.fields(cls) if "aliases" in f.metadata}
     for raw_key, value in values.items():
         key = str(raw_key).replace("-", "_")
         if key not in hints:
@@ -403,6 +431,12 @@ def _apply(values: dict, cls, source: str, into: dict):
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ValueError(f"unknown config key {raw_key!r} in {source}{hint}; {cls.__name__} knows: "
                              f"{', '.join(sorted(hints))}")
+        if key in aliases:
+            text = ("true" if value else "false") if isinstance(value, bool) else str(value).strip().lower()
+            if text not in aliases[key]:
+                raise ValueError(f"config key {key!r} ({source}) must be one of {sorted(set(aliases[key]) - {''})}, "
+                                 f"got {value!r}")
+            value = aliases[key][text]
         into[key] = _convert(key, value, hints[key], source)
 
 
@@ -433,7 +467,7 @@ def load_config(cls, path=None, overrides=None, **values):
         p = Path(path)
         if not p.is_file():
             raise ValueError(f"config file {str(path)!r} does not exist")
-        data = yaml.safe_load(p.read_text()) or {}
+        data = read_yaml(p, "config file") or {}
         if not isinstance(data, dict):
             raise ValueError(f"config file {str(path)!r} must hold a mapping of key: value, got {type(data).__name__}")
         _apply(data, cls, str(path), resolved)
@@ -442,6 +476,27 @@ def load_config(cls, path=None, overrides=None, **values):
                "command line", resolved)
     _apply(values, cls, "arguments", resolved)
     return cls(**resolved).validate()
+
+
+def read_yaml(path, what="YAML file"):
+    """``yaml.safe_load`` of a file; a syntax or encoding error is one ValueError naming the file, line and column."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{what} {str(path)!r} does not exist")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{what} {str(path)!r} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset "
+                         f"{e.start})") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        context = getattr(e, "context", None)
+        raise ValueError(f"{what} {str(path)!r} is not valid YAML{where}: {problem}"
+                         f"{f' ({context})' if context else ''}") from None
 
 
 def describe(cls) -> str:

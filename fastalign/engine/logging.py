@@ -7,6 +7,8 @@ import math
 import time
 from pathlib import Path
 
+from .runs import commit_run
+
 
 class RunLogger:
     """Logs on the main process only; every other process gets a logger that does nothing."""
@@ -14,6 +16,7 @@ class RunLogger:
     def __init__(self, run_dir, *, total_steps, start_step=0, enabled=True, progress=True, tensorboard=False,
                  desc="train"):
         self.run_dir = Path(run_dir)
+        commit_run(self.run_dir)  # a loop that logs has finished its setup (a no-op once the folder is written)
         self.enabled = enabled
         self.path = self.run_dir / "metrics.jsonl"
         self.bar = None

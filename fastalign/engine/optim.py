@@ -28,6 +28,19 @@ def lr_factor(step: int, warmup_steps: int, max_steps: int, min_lr_ratio: float)
     return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+class WarmupCosine(torch.optim.lr_scheduler.LambdaLR):
+    """LambdaLR whose checkpointed state is its position only: on resume the lr comes from this run's config
+    (``lr``, ``max_steps``, ``warmup_steps``, ``min_lr_ratio``) at the saved step, not from the checkpoint's.
+    With an unchanged config that is exactly the lr the checkpoint held (same formula, same inputs)."""
+
+    def load_state_dict(self, state_dict):
+        self.last_epoch = state_dict["last_epoch"]
+        self._step_count = state_dict.get("_step_count", self.last_epoch + 1)
+        lrs = [base * fn(self.last_epoch) for base, fn in zip(self.base_lrs, self.lr_lambdas)]
+        for group, base, lr in zip(self.optimizer.param_groups, self.base_lrs, lrs):
+            group["initial_lr"], group["lr"] = base, lr
+        self._last_lr = lrs
+
+
 def build_scheduler(optimizer, cfg):
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio))
+    return WarmupCosine(optimizer, lambda step: lr_factor(step, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio))

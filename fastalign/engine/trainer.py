@@ -23,6 +23,7 @@ import torch
 from . import checkpoint as ckpt
 from .distributed import DistState, all_reduce_sum, no_sync, unwrap
 from .logging import RunLogger
+from .runs import commit_run
 
 
 class TrainingDiverged(RuntimeError):
@@ -204,6 +205,8 @@ class Trainer:
         cfg = self.cfg
         if cfg.resume:
             self.resume()
+        # Setup (and the checkpoint's load) succeeded: only now is the run folder written, config.yaml first.
+        commit_run(self.run_dir)
         start_step = self.step
         self.logger = RunLogger(self.run_dir, total_steps=cfg.max_steps, start_step=start_step,
                                 enabled=self.state.is_main, progress=cfg.progress, tensorboard=cfg.tensorboard,

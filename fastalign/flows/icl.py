@@ -35,7 +35,7 @@ import torch
 
 from fastalign.data import loading, tasks
 from fastalign.engine.config import ICLConfig, load_config, save_config
-from fastalign.engine.runs import start_run, write_json
+from fastalign.engine.runs import commit_run, start_run, write_json
 from fastalign.icl import picle, prompts, report
 from fastalign.icl.judge import resolve_judge
 from fastalign.icl.reflect import reflect_search
@@ -51,6 +51,7 @@ def run(cfg: ICLConfig) -> dict:
     if state.world_size > 1:
         raise ValueError(f"fastalign icl runs in one process (it trains nothing), got world size {state.world_size}")
     ctx = ICLContext(cfg, device=state.device)
+    commit_run(run_dir)  # model, judge and prompts loaded: now the run folder is written
     # --- the modes ---------------------------------------------------------------------------------
     results = {}
     for mode in MODES if cfg.mode == "all" else (cfg.mode,):

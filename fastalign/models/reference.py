@@ -129,7 +129,7 @@ class Precomputed:
                              pair["rejected"]["labels"])).encode())
         path = cache_dir() / "reference" / f"{key.hexdigest()[:24]}.pt"
         if path.exists():
-            table = torch.load(path)
+            table = torch.load(path, weights_only=True)  # a tensor; never unpickle objects (torch < 2.6 would)
         else:
             table = self._compute(policy, pairs, collate_fn, batch_size)
             path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,8 +1,15 @@
 """Input checks shared by the public ops.
 
 Every failure names the argument, what was expected and what came. Checks on tensor *values*
-(label ranges, empty masks) need a device sync; ``FASTALIGN_CHECK_VALUES=0`` skips them in hot
-loops where the caller already guarantees them. Shape, dtype and device checks always run.
+need a device sync; ``FASTALIGN_CHECK_VALUES`` chooses them (shape, dtype and device checks always run):
+
+* ``1`` (default): labels in ``[0, V)`` or ``ignore_index``; masks hold only 0 and 1; no empty rows
+  where a mean needs one. NaN/Inf in float inputs is not checked: it comes out as NaN (the flows
+  stop on a non-finite loss or gradient, naming the step).
+* ``2``: also every float input must be finite (NaN/Inf raise, naming the argument and an index).
+* ``0``: none, for hot loops where the caller guarantees them. Bad values may then give wrong
+  results, but never an out-of-bounds read: an out-of-range label gives a NaN log-prob for its
+  position and no gradient from it, on every backend.
 """
 
 from __future__ import annotations
@@ -16,8 +23,21 @@ FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 INT_DTYPES = (torch.int64, torch.int32)
 
 
+def check_values_level() -> int:
+    """0, 1 or 2 from ``FASTALIGN_CHECK_VALUES`` (default 1)."""
+    raw = os.environ.get("FASTALIGN_CHECK_VALUES", "1").strip() or "1"
+    if raw not in ("0", "1", "2"):
+        raise ValueError(f"FASTALIGN_CHECK_VALUES must be 0 (no value checks), 1 (default) or 2 (also finiteness), "
+                         f"got {raw!r}")
+    return int(raw)
+
+
 def check_values_enabled() -> bool:
-    return os.environ.get("FASTALIGN_CHECK_VALUES", "1") != "0"
+    return check_values_level() >= 1
+
+
+def _first_index(bad: torch.Tensor) -> tuple:
+    return tuple(int(i) for i in bad.nonzero()[0].tolist())
 
 
 def tensor(name: str, x, *, dtypes: Sequence[torch.dtype] | None = None, dim: int | None = None,
@@ -35,7 +55,14 @@ def tensor(name: str, x, *, dtypes: Sequence[torch.dtype] | None = None, dim: in
 
 
 def float_tensor(name: str, x, **kw) -> torch.Tensor:
-    return tensor(name, x, dtypes=FLOAT_DTYPES, **kw)
+    tensor(name, x, dtypes=FLOAT_DTYPES, **kw)
+    if x.numel() and check_values_level() >= 2:
+        bad = ~torch.isfinite(x.detach())
+        if bool(bad.any()):
+            where = _first_index(bad)
+            raise ValueError(f"{name} must be finite (FASTALIGN_CHECK_VALUES=2), got {x[where].item()} at index "
+                             f"{where} ({int(bad.sum())} non-finite value(s))")
+    return x
 
 
 def int_tensor(name: str, x, **kw) -> torch.Tensor:
@@ -49,6 +76,13 @@ def mask_tensor(name: str, x, shape: torch.Size, like: torch.Tensor) -> torch.Te
         raise TypeError(f"{name} must be bool, integer or floating, got {x.dtype}")
     same_shape(name, x, shape)
     same_device(name, x, like)
+    if x.dtype != torch.bool and x.numel() and check_values_enabled():
+        # A weight of 2 or NaN would silently count a position twice or poison the sum: only 0/1 selects.
+        bad = (x != 0) & (x != 1)
+        if bool(bad.any()):
+            where = _first_index(bad)
+            raise ValueError(f"{name} must hold only 0 and 1 (a bool mask, or 0/1 integers or floats), got "
+                             f"{x[where].item()} at index {where}")
     return x
 
 

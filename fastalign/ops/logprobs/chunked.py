@@ -145,7 +145,11 @@ def _rows_forward_torch(z: Tensor, labels: Tensor, temperature: float,
         log_s = s.log()
         rel_lse[r0:r1] = log_s
         entropy[r0:r1] = log_s - u / s
-        logp[r0:r1] = d.gather(-1, labels[r0:r1, None]).squeeze(-1) - log_s
+        # A label outside [0, V) (value checks off) is never read: NaN log-prob, as the native kernels give.
+        lab = labels[r0:r1]
+        inside = (lab >= 0) & (lab < z.shape[1])
+        picked = d.gather(-1, lab.clamp(0, z.shape[1] - 1)[:, None]).squeeze(-1)
+        logp[r0:r1] = torch.where(inside, picked, float("nan")) - log_s
     return logp, entropy, rel_lse
 
 
@@ -168,7 +172,10 @@ def _rows_backward_torch_(z: Tensor, labels: Tensor, rel_lse: Tensor, entropy: T
             torch.mul(p, gl, out=zb).neg_()
         else:  # dx = -p * (g_logp + g_ent * (logp + H))
             zb.add_(entropy[r0:r1, None]).mul_(g_entropy[r0:r1, None]).add_(gl).mul_(p).neg_()
-        zb.scatter_add_(-1, labels[r0:r1, None], gl)  # + g_logp at the label
+        lab = labels[r0:r1]
+        inside = ((lab >= 0) & (lab < zb.shape[1]))[:, None]
+        zb.scatter_add_(-1, lab.clamp(0, zb.shape[1] - 1)[:, None], gl)  # + g_logp at the label
+        zb.masked_fill_(~inside, 0.0)  # an out-of-range label's row (NaN log-prob) passes no gradient
         if temperature != 1.0:
             zb.mul_(inv_t)
 

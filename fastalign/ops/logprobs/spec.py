@@ -11,8 +11,11 @@ def logprobs_from_logits(logits, labels, *, temperature=1.0, ignore_index=-100, 
     z = logits.float() / temperature
     logp_all = torch.log_softmax(z, dim=-1)
     valid = labels != ignore_index
-    safe = torch.where(valid, labels, torch.zeros_like(labels)).long()
+    # A label outside [0, V) that is not ignore_index (value checks off) gives NaN, never an index error.
+    inside = (labels >= 0) & (labels < z.shape[-1])
+    safe = torch.where(valid & inside, labels, torch.zeros_like(labels)).long()
     logp = logp_all.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
+    logp = torch.where(valid & ~inside, torch.full_like(logp, float("nan")), logp)
     logp = torch.where(valid, logp, torch.zeros_like(logp))
     if not return_entropy:
         return logp
