@@ -21,6 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import on_tensor_device
+
 KL_KIND_CODES = {"k1": 0, "k2": 1, "k3": 2, "abs": 3}
 LOSS_TYPE_CODES = {"grpo": 0, "bnpo": 1, "dr_grpo": 2, "dapo": 3}
 DPO_LOSS_CODES = {"sigmoid": 0, "hinge": 1, "ipo": 2, "robust": 3}
@@ -119,6 +121,7 @@ def _kl_bwd_kernel(grad_ptr, logp_ptr, ref_ptr, grad_logp_ptr, n, KL_KIND: tl.co
     tl.store(grad_logp_ptr + offs, grad.to(grad_logp_ptr.dtype.element_ty), mask=valid)
 
 
+@on_tensor_device
 def kl_penalty_forward(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str) -> torch.Tensor:
     """fp32 KL estimate of every element; ``logp`` and ``ref_logp`` contiguous, same shape."""
     out = torch.empty(logp.shape, dtype=torch.float32, device=logp.device)
@@ -129,6 +132,7 @@ def kl_penalty_forward(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str) ->
     return out
 
 
+@on_tensor_device
 def kl_penalty_backward(grad: torch.Tensor, logp: torch.Tensor, ref_logp: torch.Tensor, kind: str) -> torch.Tensor:
     grad = grad.contiguous()
     grad_logp = torch.empty_like(logp)
@@ -317,6 +321,7 @@ def _policy_layout(T: int) -> tuple[int, int]:
     return block_t, triton.cdiv(T, block_t)
 
 
+@on_tensor_device
 def policy_loss_forward(logp, old_logp, advantages, mask, ref_logp, *, beta, kl_kind, clip_low, clip_high,
                         loss_type, max_completion_length, num_items):
     """Loss and metrics of the clipped policy loss in one pass over the tokens.
@@ -362,6 +367,7 @@ def policy_loss_forward(logp, old_logp, advantages, mask, ref_logp, *, beta, kl_
     return stats, row_scale
 
 
+@on_tensor_device
 def policy_loss_backward(grad_loss, stats, row_scale, logp, old_logp, advantages, mask, ref_logp, *, beta,
                          kl_kind, clip_low, clip_high, loss_type, need_logp_grad, need_adv_grad):
     """(grad of logp [B, T] in logp's dtype or None, grad of advantages in their shape or None)."""
@@ -458,6 +464,7 @@ def _pair_block(n: int) -> int:
     return _block(n, 1024)
 
 
+@on_tensor_device
 def dpo_forward(pc, pr, rc, rr, *, beta, loss_type, label_smoothing):
     """(losses, chosen_rewards, rejected_rewards), all fp32 [B]."""
     n = pc.shape[0]
@@ -472,6 +479,7 @@ def dpo_forward(pc, pr, rc, rr, *, beta, loss_type, label_smoothing):
     return losses, chosen_rewards, rejected_rewards
 
 
+@on_tensor_device
 def dpo_backward(grad, pc, pr, rc, rr, *, beta, loss_type, label_smoothing, need_chosen, need_rejected):
     n = pc.shape[0]
     grad_chosen = torch.empty(n, dtype=pc.dtype, device=pc.device) if need_chosen else None
@@ -518,6 +526,7 @@ def _simpo_bwd_kernel(grad_ptr, c_ptr, r_ptr, grad_chosen_ptr, grad_rejected_ptr
         tl.store(grad_rejected_ptr + offs, (-d).to(grad_rejected_ptr.dtype.element_ty), mask=valid)
 
 
+@on_tensor_device
 def simpo_forward(chosen, rejected, *, beta, gamma, label_smoothing):
     n = chosen.shape[0]
     losses, chosen_rewards, rejected_rewards = (torch.empty(n, dtype=torch.float32, device=chosen.device)
@@ -530,6 +539,7 @@ def simpo_forward(chosen, rejected, *, beta, gamma, label_smoothing):
     return losses, chosen_rewards, rejected_rewards
 
 
+@on_tensor_device
 def simpo_backward(grad, chosen, rejected, *, beta, gamma, label_smoothing, need_chosen, need_rejected):
     n = chosen.shape[0]
     grad_chosen = torch.empty(n, dtype=chosen.dtype, device=chosen.device) if need_chosen else None
@@ -603,6 +613,7 @@ def _bt_bwd_kernel(grad_ptr, c_ptr, r_ptr, margin_ptr, grad_c_ptr, grad_r_ptr, g
         tl.store(grad_margin_ptr + offs, (-d_x).to(grad_margin_ptr.dtype.element_ty), mask=valid)
 
 
+@on_tensor_device
 def bradley_terry_forward(chosen, rejected, margin, *, margin_value, center_coef):
     """fp32 [loss, accuracy, mean margin]; ``margin`` a [B] tensor or None (then ``margin_value``)."""
     n = chosen.shape[0]
@@ -615,6 +626,7 @@ def bradley_terry_forward(chosen, rejected, margin, *, margin_value, center_coef
     return stats
 
 
+@on_tensor_device
 def bradley_terry_backward(grad_loss, chosen, rejected, margin, *, margin_value, center_coef, need_chosen,
                            need_rejected, need_margin):
     n = chosen.shape[0]

@@ -41,6 +41,12 @@ def _chunk_columns(rows: int, vocab: int, itemsize: int, budget: int, align: int
 
 
 def _compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    # Promoting bf16 hidden states to an fp32 head would silently run without tensor cores (~20x slower).
+    half = (torch.bfloat16, torch.float16)
+    if hidden.dtype != weight.dtype and (hidden.dtype in half or weight.dtype in half):
+        raise TypeError(
+            f"hidden and weight must share one dtype on the triton backend, got hidden {hidden.dtype} and "
+            f"weight {weight.dtype}; cast one explicitly (e.g. weight.to(hidden.dtype))")
     dtype = torch.promote_types(hidden.dtype, weight.dtype)
     return torch.float32 if dtype == torch.float64 else dtype
 
