@@ -99,9 +99,10 @@ def _step(impl: str, hidden, weight, labels, g):
             (logp * g).sum().backward()
     elif impl == "trl_chunked":
         from trl.kernels import ChunkedLogProbFunction
-        from trl.trainer import utils as trl_utils
-        # The vocabulary chunk TRL's add_fused_lm_head passes (32768 in TRL 1.16); no optional outputs.
-        chunk = getattr(trl_utils, "_CHUNKED_LOGPROB_CHUNK_SIZE", 32768)
+        try:  # the vocabulary chunk TRL's add_fused_lm_head passes (32768 in TRL 1.16); no optional outputs
+            from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE as chunk
+        except ImportError:  # trl.trainer needs datasets/accelerate; the kernel itself does not
+            chunk = 32768
 
         def step():
             logp = ChunkedLogProbFunction.apply(hidden, weight, None, labels, 1.0, chunk, None, 1.0, ())[0]

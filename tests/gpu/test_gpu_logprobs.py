@@ -171,3 +171,19 @@ def test_memory_bound_at_issue_shape():
     peak = torch.cuda.max_memory_allocated()
     assert torch.isfinite(weight.grad.float()).all() and torch.isfinite(hidden.grad.float()).all()
     assert peak <= 1.2 * floor, f"peak {peak / 2**30:.2f} GiB > 1.2 x {floor / 2**30:.2f} GiB"
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_launches_on_the_tensors_device_not_the_current_one():
+    """Triton launches on the current device; the launchers switch to the inputs' device first."""
+    torch.manual_seed(0)
+    hidden = torch.randn(300, 256, device="cuda:1", dtype=torch.bfloat16, requires_grad=True)
+    weight = (torch.randn(5000, 256, device="cuda:1") * 0.05).to(torch.bfloat16).requires_grad_()
+    labels = torch.randint(0, 5000, (300,), device="cuda:1")
+    with torch.cuda.device(0):
+        logp = ops.token_logprobs(hidden, weight, labels)
+        logp.sum().backward()
+    want = torch.log_softmax((hidden.detach().float() @ weight.detach().float().t()), -1).gather(1, labels[:, None])
+    assert logp.device == torch.device("cuda:1")
+    assert rel_err(logp, want.squeeze(1)) < TOL[torch.bfloat16]
+    assert hidden.grad.device == torch.device("cuda:1") and torch.isfinite(hidden.grad).all()
