@@ -300,7 +300,7 @@ def _dhidden_accumulate_kernel(dz_ptr, w_ptr, kept_ptr, count_ptr, dh_ptr, N, V,
     hmask = hcols < H
     acc = tl.zeros((BLOCK_N, BLOCK_HO), dtype=tl.float32)
     offs_k = tl.arange(0, BLOCK_K)
-    SUB: tl.constexpr = BLOCK_V // BLOCK_K
+    SUB = BLOCK_V // BLOCK_K  # constexpr: flag tile / reduction step
     if FILTER:
         tiles = tl.load(count_ptr + nb)
     else:
@@ -349,7 +349,7 @@ def _dweight_chunk_kernel(dz_ptr, h_ptr, kept_ptr, count_ptr, dw_ptr, db_ptr, N,
     acc = tl.zeros((BLOCK_V, BLOCK_HO), dtype=tl.float32)
     acc_b = tl.zeros((BLOCK_V,), dtype=tl.float32)
     offs_k = tl.arange(0, BLOCK_K)
-    SUB: tl.constexpr = BLOCK_N // BLOCK_K
+    SUB = BLOCK_N // BLOCK_K  # constexpr: flag tile / reduction step
     if FILTER:
         tiles = tl.load(count_ptr + vb)
     else:
