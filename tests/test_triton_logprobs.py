@@ -198,11 +198,16 @@ def _assert_filter_bound(hidden, weight, bias, labels, g_logp, g_ent, eps, exact
 
     n, v = labels.shape[0], weight.shape[0]
     u = _unscaled_softmax_grad(hidden, weight, bias, labels, g_ent is not None)
+    # The kernels tile the vocabulary in the order the backend sorts it (by average logit).
+    order = tl_kernels.vocab_order(hidden, weight, bias, True)
+    order = torch.arange(v, device=u.device) if order is None else order.long()
     bn, bv = tl_kernels.FLAG_BLOCK_N, tl_kernels.FLAG_BLOCK_V
-    padded = torch.nn.functional.pad(u, (0, -v % bv, 0, -n % bn))
+    padded = torch.nn.functional.pad(u[:, order], (0, -v % bv, 0, -n % bn))
     tile_max = padded.reshape(-(-n // bn), bn, -(-v // bv), bv).amax(dim=(1, 3))
     # A margin for fp32 rounding of p in the kernel: tiles within it of eps may go either way.
-    skippable = (tile_max < eps * (1 + 1e-3)).repeat_interleave(bn, 0).repeat_interleave(bv, 1)[:n, :v]
+    skippable_sorted = (tile_max < eps * (1 + 1e-3)).repeat_interleave(bn, 0).repeat_interleave(bv, 1)[:n, :v]
+    skippable = torch.empty_like(skippable_sorted)
+    skippable[:, order] = skippable_sorted
     assert skippable.any() and not skippable.all(), "the setup must let some tiles be skipped"
     g = g_logp.double().abs() + (g_ent.double().abs() if g_ent is not None else 0.0)  # G_n
     per_row = skippable.sum(1, dtype=torch.float64)
@@ -220,7 +225,9 @@ def _assert_filter_bound(hidden, weight, bias, labels, g_logp, g_ent, eps, exact
             f"{name}: error {err.max().item():.3e} beyond the bound {bound.max().item():.3e}")
 
 
-def test_grad_filtering_error_within_bound():
+@pytest.mark.parametrize("sort", ["1", "0"])
+def test_grad_filtering_error_within_bound(sort, monkeypatch):
+    monkeypatch.setenv("FASTALIGN_FILTER_SORT", sort)
     n, h, v, eps = 48, 32, 290, 1e-4
     hidden, weight, bias, labels = _filter_setup(n, h, v, torch.float32)
     g_logp, g_ent = torch.rand(n, device=DEVICE) + 0.5, torch.rand(n, device=DEVICE) * 0.1
@@ -452,3 +459,27 @@ def test_grouped_program_order_is_a_permutation():
         # Consecutive programs stay within one group of `group` outer blocks.
         first = (out[: min(group, outer) * inner] // inner).unique().numel()
         assert first == min(group, outer)
+
+
+def test_vocabulary_sorting_lets_filtering_skip_scattered_likely_tokens(monkeypatch):
+    """Likely tokens spread over every vocabulary tile: unsorted, no tile can be skipped; sorted, most can."""
+    n, h, v, eps = 32, 16, 256, 2.0 ** -12
+    hidden = torch.randn(n, h, device=DEVICE)
+    weight = torch.randn(v, h, device=DEVICE) * 0.1
+    bias = torch.full((v,), -8.0, device=DEVICE)
+    likely = torch.arange(0, v, 32, device=DEVICE) + 5  # one per 32-column tile
+    bias[likely] = 6.0
+    labels = likely[torch.randint(0, likely.numel(), (n,), device=DEVICE)]
+    g_logp = torch.full((n,), 1.0 / n, device=DEVICE)
+    _, _, exact = run_token_logprobs(hidden, weight, bias, labels, g_logp, None)
+    monkeypatch.setenv("FASTALIGN_FILTER_SORT", "0")
+    _, _, unsorted = run_token_logprobs(hidden, weight, bias, labels, g_logp, None, grad_filter_eps=eps)
+    monkeypatch.setenv("FASTALIGN_FILTER_SORT", "1")
+    _, _, sorted_ = run_token_logprobs(hidden, weight, bias, labels, g_logp, None, grad_filter_eps=eps)
+    # Unsorted every tile holds a likely token: nothing skipped, the result is the exact one.
+    for got, want in zip(unsorted, exact):
+        assert_close(got, want, 1e-6, "unsorted filtering skips nothing here")
+    _assert_filter_bound(hidden, weight, bias, labels, g_logp, None, eps, exact, sorted_)
+    assert (sorted_[1] - exact[1]).abs().max() > 0, "sorted, the unlikely tiles must be skipped"
+    for name, got, want in zip(("d(hidden)", "d(weight)", "d(bias)"), sorted_, exact):
+        assert_close(got, want, 1e-3, f"sorted filtered {name} vs exact")

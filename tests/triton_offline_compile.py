@@ -26,7 +26,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from fastalign.triton_kernels import steering, token_logprobs  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
-POINTER_TYPES = {"labels_ptr": "*i64", "keep_ptr": "*i8", "kept_ptr": "*i32", "count_ptr": "*i32"}
+POINTER_TYPES = {"labels_ptr": "*i64", "keep_ptr": "*i8", "kept_ptr": "*i32", "count_ptr": "*i32", "order_ptr": "*i32"}
 BF16_POINTERS = {"h_ptr", "w_ptr", "b_ptr", "dz_ptr", "dw_ptr"}
 FLOAT_SCALARS = {"inv_temp", "eps", "alpha", "temperature", "top_p"}
 
@@ -86,11 +86,11 @@ def cases(all_configs: bool):
     common = {"UPCAST": False, "IEEE": False}
     kernels = [
         (k._lse_forward_kernel, {"HAS_BIAS": True, **common}),
-        (k._dlogits_chunk_kernel, {"HAS_BIAS": True, "HAS_G_ENT": True, "FILTER": True, **common,
+        (k._dlogits_chunk_kernel, {"HAS_BIAS": True, "HAS_G_ENT": True, "FILTER": True, "SORTED": True, **common,
                                    "BLOCK_N": k.FLAG_BLOCK_N, "BLOCK_V": k.FLAG_BLOCK_V}),
-        (k._dhidden_accumulate_kernel, {"FILTER": True, **common, "BLOCK_N": k.FLAG_BLOCK_N,
+        (k._dhidden_accumulate_kernel, {"FILTER": True, "SORTED": True, **common, "BLOCK_N": k.FLAG_BLOCK_N,
                                         "BLOCK_V": k.FLAG_BLOCK_V}),
-        (k._dweight_chunk_kernel, {"HAS_DW": True, "HAS_BIAS": True, "FILTER": True, **common,
+        (k._dweight_chunk_kernel, {"HAS_DW": True, "HAS_BIAS": True, "FILTER": True, "SORTED": True, **common,
                                    "BLOCK_N": k.FLAG_BLOCK_N, "BLOCK_V": k.FLAG_BLOCK_V}),
     ]
     for kernel, fixed in kernels:
