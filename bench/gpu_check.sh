@@ -12,6 +12,8 @@
 #     bash bench/gpu_check.sh
 # Fill the git-ignored .whl/ here first (pure-Python wheels; the machine has no network):
 #     pip download --no-deps -d .whl liger-kernel cut-cross-entropy trl
+# (about 2 MB; Liger's sm_90 log-prob/entropy kernel also needs nvidia-cutlass-dsl, a large binary
+# wheel: without it that entry is recorded as skipped.)
 # Dry run on any CPU machine (CI runs it): the same steps at tiny shapes under TRITON_INTERPRET=1
 # with the peers that run on CPU, writing the same JSON; no install, build or GPU tests:
 #     OUT=dir bash bench/gpu_check.sh --dry-run

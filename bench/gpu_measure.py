@@ -153,6 +153,8 @@ class Bench:
             value = self.timed(make()) if timed else make()
         except Unavailable as exc:
             value = {"skipped": str(exc)}
+        except ImportError as exc:  # a peer's optional dependency, e.g. Liger's CuTe DSL needs nvidia-cutlass-dsl
+            value = {"skipped": f"a module it needs is missing here: {exc}"}
         except Exception as exc:  # one failing entry must not cost the others
             value = {"error": f"{type(exc).__name__}: {exc}"[:500], "where": traceback.format_exc()[-800:]}
         value["wall_s"] = round(_now() - t0, 2)
