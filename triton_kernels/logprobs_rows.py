@@ -19,6 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import on_tensor_device
+
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
@@ -87,6 +89,7 @@ def _block_v(vocab: int) -> tuple[int, int]:
     return block, (8 if block >= 2048 else 4)
 
 
+@on_tensor_device
 def row_forward(logits2d, labels1d, inv_temp: float, ignore_index: int):
     """(logp, entropy, lse), each fp32 [N]."""
     n, vocab = logits2d.shape
@@ -99,6 +102,7 @@ def row_forward(logits2d, labels1d, inv_temp: float, ignore_index: int):
     return out[0], out[1], out[2]
 
 
+@on_tensor_device
 def row_backward(logits2d, grad, labels1d, lse, entropy, g_logp, g_ent, inv_temp: float, ignore_index: int):
     """Write d(loss)/d(logits) into ``grad`` (which may be ``logits2d``)."""
     n, vocab = logits2d.shape

@@ -25,6 +25,8 @@ import triton.language as tl
 from fastalign.ops.kl.spec import KlKind
 from fastalign.ops.preference.spec import DpoLossType
 
+from .launch import on_tensor_device
+
 KL_K1 = tl.constexpr(KlKind.k1.value)
 KL_K2 = tl.constexpr(KlKind.k2.value)
 KL_K3 = tl.constexpr(KlKind.k3.value)
@@ -128,6 +130,7 @@ def _kl_bwd_kernel(grad_ptr, logp_ptr, ref_ptr, grad_logp_ptr, n, KL_KIND: tl.co
     tl.store(grad_logp_ptr + offs, grad.to(grad_logp_ptr.dtype.element_ty), mask=valid)
 
 
+@on_tensor_device
 def kl_penalty_forward(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str) -> torch.Tensor:
     """fp32 KL estimate of every element; ``logp`` and ``ref_logp`` contiguous, same shape."""
     out = torch.empty(logp.shape, dtype=torch.float32, device=logp.device)
@@ -138,6 +141,7 @@ def kl_penalty_forward(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str) ->
     return out
 
 
+@on_tensor_device
 def kl_penalty_backward(grad: torch.Tensor, logp: torch.Tensor, ref_logp: torch.Tensor, kind: str) -> torch.Tensor:
     grad = grad.contiguous()
     grad_logp = torch.empty_like(logp)
@@ -219,6 +223,7 @@ def _policy_tokens_kernel(
             tl.store(grad_adv_ptr + offs, d_adv, mask=valid)
 
 
+@on_tensor_device
 def policy_tokens(logp, old_logp, advantages, mask, ref_logp, scale, *, beta, kl_kind, clip_low, clip_high,
                   need_adv_grad):
     """The policy loss's token pass (the contract of ``fastalign.ops.policy.spec.policy_tokens``).
@@ -318,6 +323,7 @@ def _pair_block(n: int) -> int:
     return _block(n, 1024)
 
 
+@on_tensor_device
 def dpo_forward(pc, pr, rc, rr, *, beta, loss_type, label_smoothing):
     """(losses, chosen_rewards, rejected_rewards), all fp32 [B]."""
     n = pc.shape[0]
@@ -332,6 +338,7 @@ def dpo_forward(pc, pr, rc, rr, *, beta, loss_type, label_smoothing):
     return losses, chosen_rewards, rejected_rewards
 
 
+@on_tensor_device
 def dpo_backward(grad, pc, pr, rc, rr, *, beta, loss_type, label_smoothing, need_chosen, need_rejected):
     n = pc.shape[0]
     grad_chosen = torch.empty(n, dtype=pc.dtype, device=pc.device) if need_chosen else None
@@ -379,6 +386,7 @@ def _simpo_bwd_kernel(grad_ptr, c_ptr, r_ptr, grad_chosen_ptr, grad_rejected_ptr
         tl.store(grad_rejected_ptr + offs, (-d).to(grad_rejected_ptr.dtype.element_ty), mask=valid)
 
 
+@on_tensor_device
 def simpo_forward(chosen, rejected, *, beta, gamma, label_smoothing):
     n = chosen.shape[0]
     losses, chosen_rewards, rejected_rewards = (torch.empty(n, dtype=torch.float32, device=chosen.device)
@@ -391,6 +399,7 @@ def simpo_forward(chosen, rejected, *, beta, gamma, label_smoothing):
     return losses, chosen_rewards, rejected_rewards
 
 
+@on_tensor_device
 def simpo_backward(grad, chosen, rejected, *, beta, gamma, label_smoothing, need_chosen, need_rejected):
     n = chosen.shape[0]
     grad_chosen = torch.empty(n, dtype=chosen.dtype, device=chosen.device) if need_chosen else None
@@ -464,6 +473,7 @@ def _bt_bwd_kernel(grad_ptr, c_ptr, r_ptr, margin_ptr, grad_c_ptr, grad_r_ptr, g
         tl.store(grad_margin_ptr + offs, (-d_x).to(grad_margin_ptr.dtype.element_ty), mask=valid)
 
 
+@on_tensor_device
 def bradley_terry_forward(chosen, rejected, margin, *, margin_value, center_coef):
     """fp32 [loss, accuracy, mean margin]; ``margin`` a [B] tensor or None (then ``margin_value``)."""
     n = chosen.shape[0]
@@ -476,6 +486,7 @@ def bradley_terry_forward(chosen, rejected, margin, *, margin_value, center_coef
     return stats
 
 
+@on_tensor_device
 def bradley_terry_backward(grad_loss, chosen, rejected, margin, *, margin_value, center_coef, need_chosen,
                            need_rejected, need_margin):
     n = chosen.shape[0]

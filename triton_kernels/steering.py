@@ -24,6 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import on_tensor_device
+
 ONE_BITS = tl.constexpr(0x3F800000)  # bit pattern of 1.0f, the largest e_j (the max token's exp(0))
 
 
@@ -84,10 +86,14 @@ def _steer_kernel(value_ptr, base_ptr, neg_ptr, betas_ptr, out_ptr, V, K, stride
         zv = tl.load(v_row + cols, mask=mask, other=0.0).to(tl.float32)
         zb = tl.load(b_row + cols, mask=mask, other=0.0).to(tl.float32)
         z = zv + alpha * (zv - zb)
+        # Step a pointer through the K negatives: k * stride_nk in the loop's int32 would wrap past
+        # 2^31 elements (K x B x V), a 64-bit pointer plus one stride never does.
+        n_k = n_row
         for k in range(0, K):
             beta = tl.load(betas_ptr + k)
-            zn = tl.load(n_row + k * stride_nk + cols, mask=mask, other=0.0).to(tl.float32)
+            zn = tl.load(n_k + cols, mask=mask, other=0.0).to(tl.float32)
             z = z - beta * (zn - zb)
+            n_k += stride_nk
         z = tl.math.div_rn(z, temperature)
         if MASKED:
             e = _value_exp(v_row, cols, V, temperature, m)
@@ -95,6 +101,7 @@ def _steer_kernel(value_ptr, base_ptr, neg_ptr, betas_ptr, out_ptr, V, K, stride
         tl.store(o_row + cols, z, mask=mask)
 
 
+@on_tensor_device
 def steer_logits(value: torch.Tensor, base: torch.Tensor, negatives: torch.Tensor | None, betas: torch.Tensor,
                  alpha: float, temperature: float, top_p: float, min_keep: int) -> torch.Tensor:
     """float32 [B, V] steered logits. Inputs share one dtype; columns must be contiguous (stride 1)."""

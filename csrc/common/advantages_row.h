@@ -98,44 +98,60 @@ FA_HD void rloo_advantages_row(const float* r, float* out, int64_t g) {
   for (int64_t i = 0; i < g; ++i) out[i] = r[i] - (sum - r[i]) / static_cast<float>(g - 1);
 }
 
-// Reverse GAE scan over one sequence; masked steps get 0 and carry the chain through.
+// The GAE recurrences as single steps, so a launcher can feed them from wherever it staged the
+// inputs (the CUDA kernel runs them out of shared memory) with the very arithmetic of the rows below.
+struct GaeCarry {
+  float running = 0.0f;     // forward: A_{t+1}; backward: D of the previous unmasked step
+  float next_value = 0.0f;  // forward only: V of the next unmasked step
+};
+
+// One step t of the reverse scan; masked steps get 0 and carry the chain through.
+FA_HD void gae_step(float reward, float value, float mask, float* adv, float* ret, GaeCarry& c, float gamma,
+                    float gamma_lam) {
+  if (mask == 0.0f) {
+    *adv = 0.0f;
+    *ret = 0.0f;
+    return;
+  }
+  const float delta = reward + gamma * c.next_value - value;
+  c.running = delta + gamma_lam * c.running;
+  *adv = c.running;
+  *ret = c.running + value;
+  c.next_value = value;
+}
+
+// One step t of the backward (a forward scan). With G_t = g_adv_t + g_ret_t, the gradient reaching
+// delta_t is D_t = G_t + gamma_lam D_prev (prev = the previous unmasked step); V_t enters
+// delta_t (-1), delta_prev (+gamma, as its next value) and ret_t (+1). Masked steps get 0.
+FA_HD void gae_backward_step(float g_adv, float g_ret, float mask, float* d_reward, float* d_value, GaeCarry& c,
+                             float gamma, float gamma_lam) {
+  if (mask == 0.0f) {
+    *d_reward = 0.0f;
+    *d_value = 0.0f;
+    return;
+  }
+  const float d = g_adv + g_ret + gamma_lam * c.running;
+  *d_reward = d;
+  *d_value = g_ret - d + gamma * c.running;
+  c.running = d;
+}
+
+// Reverse GAE scan over one sequence.
 // gamma_lam = gamma * lam rounded once from double, as TRL's `args.gamma * args.lam` is, so the
 // scan reproduces TRL's per-timestep loop bit for bit.
 FA_HD void gae_row(const float* rewards, const float* values, const float* mask, float* adv, float* ret,
                    int64_t len, float gamma, float gamma_lam) {
-  float running = 0.0f, next_value = 0.0f;
-  for (int64_t t = len - 1; t >= 0; --t) {
-    if (mask[t] == 0.0f) {
-      adv[t] = 0.0f;
-      ret[t] = 0.0f;
-      continue;
-    }
-    const float delta = rewards[t] + gamma * next_value - values[t];
-    running = delta + gamma_lam * running;
-    adv[t] = running;
-    ret[t] = running + values[t];
-    next_value = values[t];
-  }
+  GaeCarry c;
+  for (int64_t t = len - 1; t >= 0; --t) gae_step(rewards[t], values[t], mask[t], adv + t, ret + t, c, gamma, gamma_lam);
 }
 
-// Backward of gae_row: a forward scan. With G_t = g_adv_t + g_ret_t, the gradient reaching
-// delta_t is D_t = G_t + gamma_lam D_prev (prev = the previous unmasked step); V_t enters
-// delta_t (-1), delta_prev (+gamma, as its next value) and ret_t (+1). Masked steps get 0.
-// g_ret may be null (no gradient from the returns).
+// Backward of gae_row; g_adv and g_ret may be null (no gradient from that output).
 FA_HD void gae_row_backward(const float* g_adv, const float* g_ret, const float* mask, float* d_rewards,
                             float* d_values, int64_t len, float gamma, float gamma_lam) {
-  float carry = 0.0f;
+  GaeCarry c;
   for (int64_t t = 0; t < len; ++t) {
-    if (mask[t] == 0.0f) {
-      d_rewards[t] = 0.0f;
-      d_values[t] = 0.0f;
-      continue;
-    }
-    const float gr = g_ret ? g_ret[t] : 0.0f;
-    const float d = (g_adv ? g_adv[t] : 0.0f) + gr + gamma_lam * carry;
-    d_rewards[t] = d;
-    d_values[t] = gr - d + gamma * carry;
-    carry = d;
+    gae_backward_step(g_adv ? g_adv[t] : 0.0f, g_ret ? g_ret[t] : 0.0f, mask[t], d_rewards + t, d_values + t, c,
+                      gamma, gamma_lam);
   }
 }
 

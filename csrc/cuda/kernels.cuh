@@ -21,8 +21,8 @@ cudaError_t group_advantages_backward(const float* rewards, const float* grad, f
 // RLOO; also its own backward (the map is linear and symmetric).
 cudaError_t rloo_advantages(const float* rewards, float* out, int64_t n, int64_t group_size, cudaStream_t stream);
 
-// One thread per sequence running the very row functions the CPU runs (gae_row / gae_row_backward);
-// gamma_lam = gamma * lam rounded to float once.
+// One warp per sequence, coalesced through shared memory, running the very steps the CPU runs
+// (gae_step / gae_backward_step); gamma_lam = gamma * lam rounded to float once.
 cudaError_t gae(const float* rewards, const float* values, const float* mask, float* adv, float* ret, int64_t batch,
                 int64_t len, float gamma, float gamma_lam, cudaStream_t stream);
 cudaError_t gae_backward(const float* grad_adv, const float* grad_ret, const float* mask, float* d_rewards,

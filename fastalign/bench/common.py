@@ -139,6 +139,7 @@ def bar_chart(path: str, title: str, names: list[str], panels: list[tuple[str, l
                     va="center", fontsize=8)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)  # the chart is written before the JSON
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path

@@ -11,6 +11,8 @@ Implementations (each one that cannot run here is listed with the reason):
 
 * ``naive``     materialized logits, ``log_softmax``, ``gather``, autograd.
 * ``trl``       materialized logits, TRL's ``selective_log_softmax`` (trl.trainer.utils), autograd.
+* ``trl_chunked`` TRL's own fused LM head, ``trl.kernels.ChunkedLogProbFunction`` (TRL >= 1.16): cuBLAS
+  tiles of 4096 tokens x 32768 vocabulary entries folded by Triton on CUDA, by torch ops elsewhere.
 * ``floor``     the three GEMMs alone (logits, d_hidden, d_weight): what no exact method avoids.
 * ``torch``     fastalign's token-chunked op, PyTorch row math (``backend("torch")``).
 * ``cpu``       fastalign's token-chunked op, native fused OpenMP row kernels (CPU tensors).
@@ -34,7 +36,7 @@ import torch
 
 from fastalign.bench import common
 
-IMPLS = ("naive", "trl", "floor", "torch", "cpu", "triton", "liger", "cce")
+IMPLS = ("naive", "trl", "trl_chunked", "floor", "torch", "cpu", "triton", "liger", "cce")
 FULL = {"n": 4096, "h": 1024, "v": 32000}
 QUICK = {"n": 512, "h": 256, "v": 8192}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -55,12 +57,15 @@ def _unavailable(impl: str, device: torch.device) -> str | None:
         return ops.backends()["cpu"].reason
     if impl == "triton" and "triton" not in ops.dispatch.implementations("token_logprobs"):
         return "no triton backend registered for token_logprobs"
-    modules = {"trl": "trl.trainer.utils", "liger": "liger_kernel.transformers", "cce": "cut_cross_entropy"}
+    modules = {"trl": "trl.trainer.utils", "trl_chunked": "trl.kernels", "liger": "liger_kernel.transformers",
+               "cce": "cut_cross_entropy"}
     if impl in modules:
         try:
-            __import__(modules[impl])
+            module = __import__(modules[impl], fromlist=["_"])
         except ImportError as exc:
             return f"not installed ({exc})"
+        if impl == "trl_chunked" and not hasattr(module, "ChunkedLogProbFunction"):
+            return "this TRL has no trl.kernels.ChunkedLogProbFunction (TRL >= 1.16)"
     return None
 
 
@@ -91,6 +96,16 @@ def _step(impl: str, hidden, weight, labels, g):
         def step():
             logits = (hidden @ weight.t()).float().view(b, n // b, -1)
             logp = selective_log_softmax(logits, labels.view(b, -1)).reshape(n)
+            (logp * g).sum().backward()
+    elif impl == "trl_chunked":
+        from trl.kernels import ChunkedLogProbFunction
+        try:  # the vocabulary chunk TRL's add_fused_lm_head passes (32768 in TRL 1.16); no optional outputs
+            from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE as chunk
+        except ImportError:  # trl.trainer needs datasets/accelerate; the kernel itself does not
+            chunk = 32768
+
+        def step():
+            logp = ChunkedLogProbFunction.apply(hidden, weight, None, labels, 1.0, chunk, None, 1.0, ())[0]
             (logp * g).sum().backward()
     elif impl == "floor":
         h, w = hidden.detach(), weight.detach()

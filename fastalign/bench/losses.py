@@ -3,15 +3,17 @@
     fastalign bench losses [--quick] [--out DIR] [--device cpu|cuda] [--liger-compiled]
     python -m fastalign.bench.losses ...
 
-Cases (fp32, H=1024, V=32000 unless ``--quick``):
+Cases (fp32, H=1024, V=32000 unless ``--quick``), each in two label layouts, because a loss that
+skips ignored positions gains most where there are many of them:
 
 * ``dpo_t512``  — DPO with reference hidden states, 4 pairs x T=512. Prompts (the first T/4
   positions) are ``-100`` as in any DPO batch and rejected completions end at 7T/8 (padding);
   ``dpo_t512_all_valid`` repeats it with every position labelled (no position to skip).
-* ``dpo_t4096`` — one pair at T=4096 (the same layout).
+* ``dpo_t4096`` / ``dpo_t4096_all_valid`` — one pair at T=4096 (the same two layouts).
 * ``grpo_t1024`` — GRPO (dapo, β=0, old log-probs given), 16 completions x T=1024 with lengths
-  between T/2 and T; ``floor`` is the three GEMMs the loss cannot avoid (logits, d_hidden, d_weight)
-  over the same valid tokens, in the same chunks.
+  between T/2 and T; ``grpo_t1024_all_valid`` with every completion T long. ``floor`` is the three
+  GEMMs the loss cannot avoid (logits, d_hidden, d_weight) over exactly the tokens fastalign computes
+  (the labelled ones: ``computed_tokens`` in the report), in the same chunks.
 
 Implementations: ``fastalign`` (:mod:`fastalign.losses`), ``liger``
 (``LigerFusedLinearDPOLoss`` / ``LigerFusedLinearGRPOLoss``, ``compiled=False`` unless
@@ -41,21 +43,33 @@ FULL = {
     "dpo_t512": dict(kind="dpo", rows=8, t=512, h=1024, v=32000, layout="prompt"),
     "dpo_t512_all_valid": dict(kind="dpo", rows=8, t=512, h=1024, v=32000, layout="all"),
     "dpo_t4096": dict(kind="dpo", rows=2, t=4096, h=1024, v=32000, layout="prompt"),
+    "dpo_t4096_all_valid": dict(kind="dpo", rows=2, t=4096, h=1024, v=32000, layout="all"),
     "grpo_t1024": dict(kind="grpo", rows=16, t=1024, h=1024, v=32000, layout="completion"),
+    "grpo_t1024_all_valid": dict(kind="grpo", rows=16, t=1024, h=1024, v=32000, layout="all"),
 }
 QUICK = {
     "dpo_t512": dict(kind="dpo", rows=4, t=128, h=256, v=4096, layout="prompt"),
     "dpo_t512_all_valid": dict(kind="dpo", rows=4, t=128, h=256, v=4096, layout="all"),
     "dpo_t4096": dict(kind="dpo", rows=2, t=1024, h=256, v=4096, layout="prompt"),
+    "dpo_t4096_all_valid": dict(kind="dpo", rows=2, t=1024, h=256, v=4096, layout="all"),
     "grpo_t1024": dict(kind="grpo", rows=8, t=128, h=256, v=4096, layout="completion"),
+    "grpo_t1024_all_valid": dict(kind="grpo", rows=8, t=128, h=256, v=4096, layout="all"),
 }
 IMPLS = {"dpo": ("fastalign", "liger", "naive"), "grpo": ("fastalign", "liger", "naive", "floor")}
-SKIP = {"dpo_t512_all_valid": ("naive",)}
-TARGETS = [  # (case, numerator, denominator, metric, max ratio)
+# naive holds [rows, T, V] fp32 logits: at T=4096 that is 1 GiB per copy, and it adds nothing new.
+SKIP = {"dpo_t512_all_valid": ("naive",), "dpo_t4096_all_valid": ("naive",), "grpo_t1024_all_valid": ("naive",)}
+TARGETS = [  # (case, numerator, denominator, metric, max ratio); the all-valid rows have no target: reported
     ("dpo_t512", "fastalign", "liger", "seconds", 0.9),
     ("dpo_t512", "fastalign", "liger", "peak_mb", 0.6),
+    ("dpo_t512_all_valid", "fastalign", "liger", "seconds", None),
+    ("dpo_t512_all_valid", "fastalign", "liger", "peak_mb", None),
     ("dpo_t4096", "fastalign", "liger", "peak_mb", 0.3),
+    ("dpo_t4096_all_valid", "fastalign", "liger", "seconds", None),
+    ("dpo_t4096_all_valid", "fastalign", "liger", "peak_mb", None),
     ("grpo_t1024", "fastalign", "floor", "seconds", 1.2),
+    ("grpo_t1024_all_valid", "fastalign", "floor", "seconds", None),
+    ("grpo_t1024", "fastalign", "liger", "seconds", None),
+    ("grpo_t1024_all_valid", "fastalign", "liger", "seconds", None),
 ]
 BETA = 0.1
 
@@ -163,8 +177,12 @@ def _worker(case: str, impl: str, quick: bool, device: str, liger_compiled: bool
     run()  # warm-up outside the memory window: lazy initialization, compilation
     with common.PeakMemory(dev) as mem:
         timing = common.time_calls(run, iters, dev, warmup=0)
-    return {"case": case, "impl": impl, **timing, "peak_mb": mem.peak_mb,
-            "valid_tokens": int((labels != -100).sum()), "tokens": labels.numel(), **spec}
+    # The tokens whose logits the implementation computes: the labelled ones for fastalign and the
+    # floor; every position for naive (and for Liger's DPO, which scores whole sequences).
+    valid = int((labels != -100).sum())
+    computed = valid if impl in ("fastalign", "floor") else labels.numel()
+    return {"case": case, "impl": impl, **timing, "peak_mb": mem.peak_mb, "valid_tokens": valid,
+            "tokens": labels.numel(), "computed_tokens": computed, **spec}
 
 
 def _run_one(case, impl, args) -> dict:
@@ -184,7 +202,7 @@ def _ratios(results: list[dict]) -> list[dict]:
         a, b = by.get((case, num)), by.get((case, den))
         ratio = None if a is None or b is None or not b[metric] else a[metric] / b[metric]
         row = {"case": case, "ratio": f"{num}/{den} {metric}", "value": ratio, "target": limit,
-               "met": None if ratio is None else ratio <= limit}
+               "met": None if ratio is None or limit is None else ratio <= limit}
         if metric == "seconds" and a is not None and b is not None and b.get("cpu_seconds"):
             row["cpu_value"] = a["cpu_seconds"] / b["cpu_seconds"]  # steadier than wall time on a busy machine
         out.append(row)
@@ -217,14 +235,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--cases", nargs="*", default=None, help=f"subset of {', '.join(FULL)}")
     parser.add_argument("--impls", nargs="*", default=None, help="subset of fastalign, liger, naive, floor")
-    parser.add_argument("--iters", type=int, default=None, help="timed calls per implementation (default 2, 3 quick)")
+    parser.add_argument("--iters", type=int, default=3, help="timed calls per implementation (median; >= 3)")
     parser.add_argument("--liger-compiled", action="store_true", help="run Liger with compiled=True")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per implementation subprocess")
     parser.add_argument("--no-suites", action="store_true", help="skip the rl_ops / rl_gpu suites in the report")
     parser.add_argument("--worker", nargs=2, metavar=("CASE", "IMPL"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.iters is None:
-        args.iters = 3 if args.quick else 2
+    if args.iters < 1:
+        parser.error(f"--iters must be >= 1, got {args.iters}")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda needs a CUDA device, and torch sees none")
     if args.worker:
@@ -246,7 +264,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{case:<20} {impl:<10} error: {r['error']}", flush=True)
             else:
                 print(f"{case:<20} {impl:<10} {r['seconds']:8.3f} s ({r['cpu_seconds']:8.3f} CPU s)  "
-                      f"{r['peak_mb']:9.1f} MiB peak growth  ({r['valid_tokens']}/{r['tokens']} tokens labelled)",
+                      f"{r['peak_mb']:9.1f} MiB peak growth  ({r['valid_tokens']}/{r['tokens']} tokens labelled, "
+                      f"{r['computed_tokens']} computed)",
                       flush=True)
     ratios = _ratios(results)
     print()

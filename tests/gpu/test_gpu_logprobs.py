@@ -96,13 +96,17 @@ def test_token_logprobs_parity(n, h, v, dtype, temperature, with_bias):
             assert err < TOL[dtype], f"{name}: relative error {err:.3e}"
 
 
-def test_grad_filter_bound_and_exact_at_zero():
+@pytest.mark.parametrize("upstream", ["sum", "mean"])
+def test_grad_filter_bound_and_exact_at_zero(upstream):
     dev = "cuda"
     n, h, v, eps = 2048, 1024, 32000, 2.0 ** -12
     hidden = torch.randn(n, h, device=dev, dtype=torch.bfloat16)
     weight = (torch.randn(v, h, device=dev) / h ** 0.5 * 6).to(torch.bfloat16)
     labels = torch.randint(0, v, (n,), device=dev)
-    g = torch.ones(n, device=dev)  # a summed loss: dz = p - onehot, as Cut Cross-Entropy filters it
+    # A summed loss (dz = p - onehot) or a mean one (dz = (p - onehot) / N, below eps everywhere):
+    # the filter tests the unscaled gradient, so both keep the same tiles.
+    scale = 1.0 if upstream == "sum" else 1.0 / n
+    g = torch.full((n,), scale, device=dev)
 
     def grads(eps_):
         x = hidden.clone().requires_grad_()
@@ -114,10 +118,10 @@ def test_grad_filter_bound_and_exact_at_zero():
     again_h, again_w = grads(0.0)
     assert torch.equal(exact_h, again_h) and torch.equal(exact_w, again_w), "eps = 0 must be deterministic"
     approx_h, approx_w = grads(eps)
-    # Every skipped element has |dz| < eps: |err dH[n, h]| <= eps * V * max|W[:, h]| (all of a row at most).
-    bound_h = eps * v * weight.double().abs().amax(0)
+    # Every skipped element has |dz| < eps * g: |err dH[n, h]| <= eps g V max|W[:, h]| (all of a row at most).
+    bound_h = eps * scale * v * weight.double().abs().amax(0)
     assert ((approx_h - exact_h).abs() <= bound_h[None, :] + 1e-2 * exact_h.abs().max()).all()
-    bound_w = eps * n * hidden.double().abs().amax(0)
+    bound_w = eps * scale * n * hidden.double().abs().amax(0)
     assert ((approx_w - exact_w).abs() <= bound_w[None, :] + 1e-2 * exact_w.abs().max()).all()
     _, _, want_h, want_w, _ = reference64(hidden, weight, None, labels, g, torch.zeros_like(g), 1.0, -100)
     assert rel_err(approx_h, want_h) < TOL[torch.bfloat16]
@@ -171,3 +175,19 @@ def test_memory_bound_at_issue_shape():
     peak = torch.cuda.max_memory_allocated()
     assert torch.isfinite(weight.grad.float()).all() and torch.isfinite(hidden.grad.float()).all()
     assert peak <= 1.2 * floor, f"peak {peak / 2**30:.2f} GiB > 1.2 x {floor / 2**30:.2f} GiB"
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_launches_on_the_tensors_device_not_the_current_one():
+    """Triton launches on the current device; the launchers switch to the inputs' device first."""
+    torch.manual_seed(0)
+    hidden = torch.randn(300, 256, device="cuda:1", dtype=torch.bfloat16, requires_grad=True)
+    weight = (torch.randn(5000, 256, device="cuda:1") * 0.05).to(torch.bfloat16).requires_grad_()
+    labels = torch.randint(0, 5000, (300,), device="cuda:1")
+    with torch.cuda.device(0):
+        logp = ops.token_logprobs(hidden, weight, labels)
+        logp.sum().backward()
+    want = torch.log_softmax((hidden.detach().float() @ weight.detach().float().t()), -1).gather(1, labels[:, None])
+    assert logp.device == torch.device("cuda:1")
+    assert rel_err(logp, want.squeeze(1)) < TOL[torch.bfloat16]
+    assert hidden.grad.device == torch.device("cuda:1") and torch.isfinite(hidden.grad).all()

@@ -43,6 +43,12 @@ def _chunk_columns(rows: int, vocab: int, itemsize: int, budget: int, align: int
 
 
 def _compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    # Promoting bf16 hidden states to an fp32 head would silently run without tensor cores (~20x slower).
+    half = (torch.bfloat16, torch.float16)
+    if hidden.dtype != weight.dtype and (hidden.dtype in half or weight.dtype in half):
+        raise TypeError(
+            f"hidden and weight must share one dtype on the triton backend, got hidden {hidden.dtype} and "
+            f"weight {weight.dtype}; cast one explicitly (e.g. weight.to(hidden.dtype))")
     dtype = torch.promote_types(hidden.dtype, weight.dtype)
     return torch.float32 if dtype == torch.float64 else dtype
 
@@ -91,6 +97,7 @@ class _TokenLogprobs(torch.autograd.Function):
         g_logp = gather(grad_logp) if grad_logp is not None else torch.zeros_like(lse)
         g_ent = gather(grad_entropy) if grad_entropy is not None else None
         filtered = ctx.eps > 0
+        order = k.vocab_order(hidden_c, weight, bias, filtered)  # None unless filtering
         chunk = _chunk_columns(rows, vocab, hidden_c.element_size(), ctx.budget, k.FLAG_BLOCK_V)
         dz = torch.empty((rows, chunk), dtype=hidden_c.dtype, device=hidden_c.device)
         keep_shape = (-(-rows // k.FLAG_BLOCK_N), -(-chunk // k.FLAG_BLOCK_V)) if filtered else (1, 1)
@@ -103,15 +110,15 @@ class _TokenLogprobs(torch.autograd.Function):
         for v0 in range(0, vocab, chunk):
             width = min(chunk, vocab - v0)
             k.dlogits_chunk(hidden_c, weight, bias, labels_c, lse, entropy_c, g_logp, g_ent, v0, width, dz, keep,
-                            ctx.inv_temp, ctx.eps)
+                            ctx.inv_temp, ctx.eps, order=order)
             if filtered:
                 by_nb, count_nb, by_vb, count_vb = k.kept_tiles(keep[:, :-(-width // k.FLAG_BLOCK_V)])
             else:
                 by_nb = count_nb = by_vb = count_vb = keep
             if need_h:
-                k.dhidden_accumulate(dz, weight, by_nb, count_nb, dh32, v0, width, filtered)
+                k.dhidden_accumulate(dz, weight, by_nb, count_nb, dh32, v0, width, filtered, order=order)
             if need_w or need_b:
-                k.dweight_chunk(dz, hidden_c, by_vb, count_vb, dw, db32, vocab, v0, width, filtered)
+                k.dweight_chunk(dz, hidden_c, by_vb, count_vb, dw, db32, vocab, v0, width, filtered, order=order)
         del dz, keep, hidden_c  # freed before d(hidden) is assembled: it is the peak's last step
         dh = None
         if need_h:
