@@ -47,11 +47,13 @@ def _row_forward_kernel(z_ptr, labels_ptr, logp_ptr, ent_ptr, lse_ptr, V, stride
         m = m_new
     label = tl.load(labels_ptr + row)
     valid = label != ignore_index
-    safe = tl.where(valid, label, 0)
+    # A label outside [0, V) is never an address (FASTALIGN_CHECK_VALUES=0 lets one through): NaN log-prob.
+    inside = (label >= 0) & (label < V)
+    safe = tl.where(valid & inside, label, 0)
     log_s = tl.log(s)
     lse = m + log_s
     x_label = tl.load(base + safe).to(tl.float32) * inv_temp
-    tl.store(logp_ptr + row, tl.where(valid, x_label - lse, 0.0))
+    tl.store(logp_ptr + row, tl.where(valid, tl.where(inside, x_label - lse, float("nan")), 0.0))
     tl.store(ent_ptr + row, tl.where(valid, log_s - u / s, 0.0))
     tl.store(lse_ptr + row, lse)
 
@@ -61,7 +63,8 @@ def _row_backward_kernel(z_ptr, grad_ptr, labels_ptr, lse_ptr, ent_ptr, g_logp_p
                          stride_g, inv_temp, ignore_index, HAS_G_ENT: tl.constexpr, BLOCK_V: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     label = tl.load(labels_ptr + row)
-    valid = label != ignore_index
+    # Ignored rows and rows whose label is outside [0, V) (their log-prob is NaN) pass no gradient.
+    valid = (label != ignore_index) & (label >= 0) & (label < V)
     lse = tl.load(lse_ptr + row)
     g_logp = tl.where(valid, tl.load(g_logp_ptr + row), 0.0)
     ent = tl.load(ent_ptr + row)
