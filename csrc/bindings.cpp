@@ -266,13 +266,16 @@ PolicyConfig policy_config(double beta, int64_t kl_kind, double clip_low, double
                       check_code(kl_kind, kKlKinds, "kl_kind")};
 }
 
-// (loss, sums[4], d_logp, d_adv): see cpu::policy_tokens. logp, old_logp and mask are [R, T];
-// advantages and scale are [R] or [R, T]; d_adv is empty unless advantages_grad.
-std::tuple<Tensor, Tensor, Tensor, Tensor> policy_tokens_cpu(const Tensor& logp, const Tensor& old_logp,
-                                                             const Tensor& adv, const Tensor& mask,
-                                                             const std::optional<Tensor>& ref_logp,
-                                                             const Tensor& scale, double beta, int64_t kl_kind,
-                                                             double clip_low, double clip_high, bool advantages_grad) {
+// (loss, sums[4], d_logp, d_adv, d_row): see cpu::policy_tokens. logp, old_logp and mask are [R, T];
+// advantages and scale are [R] or [R, T]; d_adv is empty unless advantages_grad. Issue 12's options:
+// row_log_ratio [R] (required unless level is token), token_weights [R, T], level, objective, delta
+// (inf = off), dual_clip (0 = off), kl_bias_correction.
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> policy_tokens_cpu(
+    const Tensor& logp, const Tensor& old_logp, const Tensor& adv, const Tensor& mask,
+    const std::optional<Tensor>& ref_logp, const Tensor& scale, double beta, int64_t kl_kind, double clip_low,
+    double clip_high, bool advantages_grad, const std::optional<Tensor>& row_log_ratio,
+    const std::optional<Tensor>& token_weights, int64_t level, int64_t objective, double delta, double dual_clip,
+    bool kl_bias_correction) {
   for (const Tensor* t : {&logp, &old_logp, &adv, &mask, &scale}) check_f32(*t, "policy_tokens input");
   TORCH_CHECK(logp.dim() == 2, "fastalign: logp must be [R, T], got ", logp.sizes());
   const int64_t rows = logp.size(0), len = logp.size(1);
@@ -284,14 +287,28 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> policy_tokens_cpu(const Tensor& logp,
   TORCH_CHECK(scale_per_token || (scale.dim() == 1 && scale.numel() == rows), "fastalign: scale must be [R] or [R, T]");
   TORCH_CHECK(beta <= 0.0 || (ref_logp.has_value() && ref_logp->defined()), "fastalign: ref_logp is required when beta > 0");
   const float* ref = beta > 0.0 ? optional_f32(ref_logp, logp.numel(), "ref_logp") : nullptr;
-  const PolicyConfig config = policy_config(beta, kl_kind, clip_low, clip_high);
+  PolicyConfig config = policy_config(beta, kl_kind, clip_low, clip_high);
+  config.level = check_code(level, kImportanceLevels, "importance_sampling_level");
+  config.objective = check_code(objective, kPolicyObjectives, "objective");
+  config.cispo_cap = static_cast<float>(clip_high);
+  config.delta = static_cast<float>(delta);
+  config.dual_clip = static_cast<float>(dual_clip);
+  config.kl_bias_correction = kl_bias_correction;
+  TORCH_CHECK(config.level == kLevelToken || (row_log_ratio.has_value() && row_log_ratio->defined()),
+              "fastalign: row_log_ratio [R] is required unless importance_sampling_level is token");
+  const float* row_lr =
+      config.level != kLevelToken ? optional_f32(row_log_ratio, rows, "row_log_ratio") : nullptr;
+  const float* tw = token_weights.has_value() && token_weights->defined()
+                        ? optional_f32(token_weights, logp.numel(), "token_weights")
+                        : nullptr;
   Tensor loss = scalar_f32(logp), sums = at::empty({4}, logp.options()), d_logp = at::empty_like(logp);
   Tensor d_adv = advantages_grad ? at::empty_like(adv) : at::empty({0}, adv.options());
+  Tensor d_row = at::empty({rows}, logp.options());
   cpu::policy_tokens(logp.data_ptr<float>(), old_logp.data_ptr<float>(), adv.data_ptr<float>(), adv_per_token,
                      mask.data_ptr<float>(), ref, scale.data_ptr<float>(), scale_per_token, rows, len, config,
                      loss.data_ptr<float>(), sums.data_ptr<float>(), d_logp.data_ptr<float>(),
-                     advantages_grad ? d_adv.data_ptr<float>() : nullptr);
-  return {loss, sums, d_logp, d_adv};
+                     advantages_grad ? d_adv.data_ptr<float>() : nullptr, row_lr, tw, d_row.data_ptr<float>());
+  return {loss, sums, d_logp, d_adv, d_row};
 }
 
 void check_value_inputs(const Tensor& values, const Tensor& old_values, const Tensor& returns, const Tensor& mask) {
@@ -468,8 +485,9 @@ TORCH_LIBRARY(fastalign, m) {
   m.def("sequence_logprobs_bwd(Tensor grad, Tensor mask, bool average) -> Tensor");
   m.def(
       "policy_tokens(Tensor logp, Tensor old_logp, Tensor advantages, Tensor mask, Tensor? ref_logp, Tensor scale, "
-      "float beta, int kl_kind, float clip_low, float clip_high, bool advantages_grad) "
-      "-> (Tensor, Tensor, Tensor, Tensor)");
+      "float beta, int kl_kind, float clip_low, float clip_high, bool advantages_grad, Tensor? row_log_ratio, "
+      "Tensor? token_weights, int level, int objective, float delta, float dual_clip, bool kl_bias_correction) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("value_loss_fwd(Tensor values, Tensor old_values, Tensor returns, Tensor mask, float clip) -> (Tensor, Tensor)");
   m.def(
       "value_loss_bwd(Tensor grad_loss, Tensor values, Tensor old_values, Tensor returns, Tensor mask, float clip) "

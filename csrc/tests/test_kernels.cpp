@@ -322,7 +322,8 @@ void test_policy_tokens() {
       float loss;
       Vec sums(4), d_lp(B * T), d_adv(B);
       cpu::policy_tokens(lp.data(), old.data(), adv.data(), false, m.data(), ref.data(), scale.data(),
-                         scale_per_token, B, T, c, &loss, sums.data(), d_lp.data(), d_adv.data());
+                         scale_per_token, B, T, c, &loss, sums.data(), d_lp.data(), d_adv.data(), nullptr, nullptr,
+                         nullptr);
       const double want = policy_double(to_double(lp), old, adv, w, ref, B, T, 0.2, 0.28, 0.1, kl_kind);
       check(std::fabs(loss - want) <= 1e-5 * std::max(1.0, std::fabs(want)), "policy tokens loss", loss, want);
       auto f = [&](const DVec& x) { return policy_double(x, old, adv, w, ref, B, T, 0.2, 0.28, 0.1, kl_kind); };
