@@ -311,6 +311,34 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> policy_tokens_cpu(
   return {loss, sums, d_logp, d_adv, d_row};
 }
 
+// ------------------------------------------------------------ off-policy corrections (issue 12)
+Tensor rollout_is_weights_cpu(const Tensor& old_logp, const Tensor& rollout_logp, const Tensor& mask, int64_t mode,
+                              double low, double high) {
+  for (const Tensor* t : {&old_logp, &rollout_logp, &mask}) check_f32(*t, "rollout_is_weights input");
+  TORCH_CHECK(old_logp.dim() == 2, "fastalign: old_logp must be [B, T], got ", old_logp.sizes());
+  check_numel(rollout_logp, old_logp.numel(), "rollout_logp");
+  check_numel(mask, old_logp.numel(), "mask");
+  Tensor out = at::empty_like(old_logp);
+  cpu::rollout_is_weights(old_logp.data_ptr<float>(), rollout_logp.data_ptr<float>(), mask.data_ptr<float>(),
+                          old_logp.size(0), old_logp.size(1), check_code(mode, kRolloutIsModes, "mode"),
+                          static_cast<float>(low), static_cast<float>(high), out.data_ptr<float>());
+  return out;
+}
+
+Tensor off_policy_mask_cpu(const Tensor& logp, const Tensor& sampling_logp, const Tensor& adv, const Tensor& mask,
+                           double threshold) {
+  for (const Tensor* t : {&logp, &sampling_logp, &adv, &mask}) check_f32(*t, "off_policy_mask input");
+  TORCH_CHECK(logp.dim() == 2, "fastalign: logp must be [B, T], got ", logp.sizes());
+  check_numel(sampling_logp, logp.numel(), "sampling_logp");
+  check_numel(mask, logp.numel(), "mask");
+  check_numel(adv, logp.size(0), "advantages");
+  Tensor out = at::empty({logp.size(0)}, logp.options());
+  cpu::off_policy_mask(logp.data_ptr<float>(), sampling_logp.data_ptr<float>(), adv.data_ptr<float>(),
+                       mask.data_ptr<float>(), logp.size(0), logp.size(1), static_cast<float>(threshold),
+                       out.data_ptr<float>());
+  return out;
+}
+
 void check_value_inputs(const Tensor& values, const Tensor& old_values, const Tensor& returns, const Tensor& mask) {
   for (const Tensor* t : {&values, &old_values, &returns, &mask}) {
     check_f32(*t, "value_loss input");
@@ -488,6 +516,8 @@ TORCH_LIBRARY(fastalign, m) {
       "float beta, int kl_kind, float clip_low, float clip_high, bool advantages_grad, Tensor? row_log_ratio, "
       "Tensor? token_weights, int level, int objective, float delta, float dual_clip, bool kl_bias_correction) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("rollout_is_weights(Tensor old_logp, Tensor rollout_logp, Tensor mask, int mode, float low, float high) -> Tensor");
+  m.def("off_policy_mask(Tensor logp, Tensor sampling_logp, Tensor advantages, Tensor mask, float threshold) -> Tensor");
   m.def("value_loss_fwd(Tensor values, Tensor old_values, Tensor returns, Tensor mask, float clip) -> (Tensor, Tensor)");
   m.def(
       "value_loss_bwd(Tensor grad_loss, Tensor values, Tensor old_values, Tensor returns, Tensor mask, float clip) "
@@ -526,6 +556,8 @@ TORCH_LIBRARY_IMPL(fastalign, CPU, m) {
   m.impl("sequence_logprobs_fwd", &fastalign::sequence_logprobs_fwd_cpu);
   m.impl("sequence_logprobs_bwd", &fastalign::sequence_logprobs_bwd_cpu);
   m.impl("policy_tokens", &fastalign::policy_tokens_cpu);
+  m.impl("rollout_is_weights", &fastalign::rollout_is_weights_cpu);
+  m.impl("off_policy_mask", &fastalign::off_policy_mask_cpu);
   m.impl("value_loss_fwd", &fastalign::value_loss_fwd_cpu);
   m.impl("value_loss_bwd", &fastalign::value_loss_bwd_cpu);
   m.impl("dpo_fwd", &fastalign::dpo_fwd_cpu);

@@ -214,7 +214,7 @@ def compile_for_sm90(fn, pointers, floats, constexprs):
 
 bf, f32, u8 = "*bf16", "*fp32", "*u8"
 scalars = {"ratio_low", "ratio_high", "beta", "cispo_cap", "delta", "dual_clip",
-            "ipo_target", "label_smoothing", "gamma", "margin_value",
+           "ipo_target", "label_smoothing", "gamma", "margin_value",
            "center_coef", "norm_value"}
 ptr = lambda fn, **kw: {n: kw.get(n, bf) for n in fn.arg_names if n.endswith("_ptr")}
 outs = dict(out_ptr=f32, partial_ptr=f32, stats_ptr=f32, row_scale_ptr=f32, num_items_ptr=f32, grad_ptr=f32,

@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 
 from fastalign.ops.kl.spec import KlKind
+from fastalign.ops.offpolicy.spec import RolloutIsMode
 from fastalign.ops.policy.spec import ImportanceLevel, PolicyObjective
 from fastalign.ops.preference.spec import DpoLossType
 
@@ -39,6 +40,10 @@ LEVEL_SEQUENCE = tl.constexpr(ImportanceLevel.sequence.value)
 LEVEL_SEQUENCE_TOKEN = tl.constexpr(ImportanceLevel.sequence_token.value)
 OBJECTIVE_CLIP = tl.constexpr(PolicyObjective.clip.value)
 OBJECTIVE_CISPO = tl.constexpr(PolicyObjective.cispo.value)
+ROLLOUT_TOKEN_TRUNCATE = tl.constexpr(RolloutIsMode.token_truncate.value)
+ROLLOUT_TOKEN_MASK = tl.constexpr(RolloutIsMode.token_mask.value)
+ROLLOUT_SEQUENCE_TRUNCATE = tl.constexpr(RolloutIsMode.sequence_truncate.value)
+ROLLOUT_SEQUENCE_MASK = tl.constexpr(RolloutIsMode.sequence_mask.value)
 
 
 # ----------------------------------------------------------------------------------- scalar math
@@ -366,6 +371,93 @@ def policy_tokens(logp, old_logp, advantages, mask, ref_logp, scale, *, beta, kl
         grad_adv = partials[5, :n_programs].view(R, nb).sum(1) if n_programs else torch.zeros(R, device=device)
     d_row = partials[6, :n_programs].view(R, nb).sum(1) if n_programs else torch.zeros(R, device=device)
     return loss, sums, grad_logp, grad_adv, d_row
+
+
+# ------------------------------------------------------------ off-policy corrections (issue 12)
+@triton.jit
+def _rollout_weight(log_rho, low, high, MODE: tl.constexpr):
+    rho = tl.exp(log_rho)
+    if (MODE == ROLLOUT_TOKEN_TRUNCATE) or (MODE == ROLLOUT_SEQUENCE_TRUNCATE):
+        out = tl.minimum(tl.maximum(rho, low), high)
+    elif (MODE == ROLLOUT_TOKEN_MASK) or (MODE == ROLLOUT_SEQUENCE_MASK):
+        out = tl.where((rho < low) | (rho > high), 0.0, rho)
+    else:  # no other mode: NaN
+        out = rho * float("nan")
+    return out
+
+
+@triton.jit
+def _rollout_is_kernel(old_ptr, rollout_ptr, mask_ptr, out_ptr, T, low, high, MODE: tl.constexpr,
+                       BLOCK_T: tl.constexpr):
+    """One row: its importance weights (sequence modes: a first sweep sums the row's log-ratios)."""
+    row = tl.program_id(0).to(tl.int64)
+    total = tl.zeros([BLOCK_T], tl.float32)
+    if (MODE == ROLLOUT_SEQUENCE_TRUNCATE) or (MODE == ROLLOUT_SEQUENCE_MASK):
+        for start in range(0, T, BLOCK_T):
+            cols = start + tl.arange(0, BLOCK_T)
+            valid = cols < T
+            o = tl.load(old_ptr + row * T + cols, mask=valid, other=0.0)
+            r = tl.load(rollout_ptr + row * T + cols, mask=valid, other=0.0)
+            m = tl.load(mask_ptr + row * T + cols, mask=valid, other=0.0)
+            d = (o - r) * m
+            total += tl.where(d != d, 0.0, d)  # an unscored (NaN) token counts as log-ratio 0
+        weight = _rollout_weight(tl.sum(total, axis=0), low, high, MODE)
+    for start in range(0, T, BLOCK_T):
+        cols = start + tl.arange(0, BLOCK_T)
+        valid = cols < T
+        if (MODE == ROLLOUT_SEQUENCE_TRUNCATE) or (MODE == ROLLOUT_SEQUENCE_MASK):
+            w = tl.zeros([BLOCK_T], tl.float32) + weight
+        else:
+            o = tl.load(old_ptr + row * T + cols, mask=valid, other=0.0)
+            r = tl.load(rollout_ptr + row * T + cols, mask=valid, other=0.0)
+            m = tl.load(mask_ptr + row * T + cols, mask=valid, other=0.0)
+            d = (o - r) * m
+            w = _rollout_weight(tl.where(d != d, 0.0, d), low, high, MODE)
+        tl.store(out_ptr + row * T + cols, w, mask=valid)
+
+
+@triton.jit
+def _off_policy_mask_kernel(logp_ptr, sampling_ptr, adv_ptr, mask_ptr, out_ptr, T, threshold, BLOCK_T: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    total = tl.zeros([BLOCK_T], tl.float32)
+    count = tl.zeros([BLOCK_T], tl.float32)
+    for start in range(0, T, BLOCK_T):
+        cols = start + tl.arange(0, BLOCK_T)
+        valid = cols < T
+        lp = tl.load(logp_ptr + row * T + cols, mask=valid, other=0.0)
+        sp = tl.load(sampling_ptr + row * T + cols, mask=valid, other=0.0)
+        m = tl.load(mask_ptr + row * T + cols, mask=valid, other=0.0)
+        d = sp - lp
+        total += tl.where(d != d, 0.0, d) * m
+        count += m
+    mean = tl.sum(total, axis=0) / tl.maximum(tl.sum(count, axis=0), 1.0)
+    adv = tl.load(adv_ptr + row)
+    keep = (adv >= 0.0) | (mean <= threshold)
+    tl.store(out_ptr + row, tl.where(keep, 1.0, 0.0))
+
+
+def rollout_is_weights(old_logp, rollout_logp, mask, *, mode, low, high):
+    """``[B, T]`` float32 rollout importance weights (spec: ``fastalign.ops.offpolicy.spec.rollout_is_weights``)."""
+    old, rollout = old_logp.float().contiguous(), rollout_logp.float().contiguous()
+    m = mask.to(torch.float32).contiguous()
+    B, T = old.shape
+    out = torch.empty((B, T), dtype=torch.float32, device=old.device)
+    if B and T:
+        _rollout_is_kernel[(B,)](old, rollout, m, out, T, float("-inf") if low is None else low,
+                                 float("inf") if high is None else high, MODE=RolloutIsMode.code(mode, "mode"),
+                                 BLOCK_T=_block(T, 1024))
+    return out
+
+
+def off_policy_mask(logp, sampling_logp, advantages, mask, *, threshold):
+    """``[B, 1]`` float32 keep-mask (spec: ``fastalign.ops.offpolicy.spec.off_policy_mask``)."""
+    lp, sp = logp.float().contiguous(), sampling_logp.float().contiguous()
+    adv, m = advantages.float().contiguous(), mask.to(torch.float32).contiguous()
+    B, T = lp.shape
+    out = torch.ones((B,), dtype=torch.float32, device=lp.device)
+    if B and T:
+        _off_policy_mask_kernel[(B,)](lp, sp, adv, m, out, T, float(threshold), BLOCK_T=_block(T, 1024))
+    return out[:, None]
 
 
 # ----------------------------------------------------------------------------------- dpo / simpo

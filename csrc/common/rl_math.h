@@ -267,6 +267,31 @@ FA_HD PolicyTokenTerms policy_token_terms_ext(float logp, float old_logp, float 
   return t;
 }
 
+// ----------------------------------------------------- off-policy corrections (issue 12)
+// Codes as declared in fastalign/ops/offpolicy/spec.py (RolloutIsMode); tests/test_kinds.py checks them.
+enum RolloutIsMode : int {
+  kRolloutTokenTruncate = 0,
+  kRolloutTokenMask = 1,
+  kRolloutSequenceTruncate = 2,
+  kRolloutSequenceMask = 3
+};
+constexpr int kRolloutIsModes = 4;
+
+// The rollout importance weight from rho = exp(log_rho): truncated to [low, high] or zeroed outside it.
+FA_HD float rollout_is_weight(float log_rho, int mode, float low, float high) {
+  const float rho = exp_any(log_rho);
+  switch (mode) {
+    case kRolloutTokenTruncate:
+    case kRolloutSequenceTruncate:
+      return clamp_range(rho, low, high);
+    case kRolloutTokenMask:
+    case kRolloutSequenceMask:
+      return ((rho < low) | (rho > high)) ? 0.0f : rho;
+    default:  // unknown code: the launchers reject it first
+      return NAN;
+  }
+}
+
 // ------------------------------------------------------------------------------------ value loss
 struct ValueToken {
   float loss;     // max((v - R)^2, (clip(v, v_old +- clip) - R)^2), before the 0.5 and the mean

@@ -65,6 +65,14 @@ void policy_tokens(const float* logp, const float* old_logp, const float* adv, b
                    const PolicyConfig& c, float* loss, float* sums, float* d_logp, float* d_adv,
                    const float* row_log_ratio, const float* token_weights, float* d_row);
 
+// Off-policy corrections (issue 12; fastalign/ops/offpolicy): out [rows, len] the rollout importance
+// weights of RolloutIsMode mode (low = -inf / high = inf for no bound); out [rows] the off-policy
+// sequence mask (1 = keep).
+void rollout_is_weights(const float* old_logp, const float* rollout_logp, const float* mask, int64_t rows, int64_t len,
+                        int mode, float low, float high, float* out);
+void off_policy_mask(const float* logp, const float* sampling_logp, const float* adv, const float* mask, int64_t rows,
+                     int64_t len, float threshold, float* out);
+
 // metrics[2] = clip_fraction, value_mean.
 void value_loss_forward(const float* values, const float* old_values, const float* returns, const float* mask,
                         int64_t n, float clip, float* loss, float* metrics);

@@ -290,6 +290,49 @@ void policy_tokens(const float* logp, const float* old_logp, const float* adv, b
   for (int k = 0; k < 4; ++k) sums[k] = static_cast<float>(total[k + 1]);
 }
 
+// ------------------------------------------------------------ off-policy corrections (issue 12)
+void rollout_is_weights(const float* old_logp, const float* rollout_logp, const float* mask, int64_t rows, int64_t len,
+                        int mode, float low, float high, float* out) {
+  const bool per_sequence = mode == kRolloutSequenceTruncate || mode == kRolloutSequenceMask;
+#pragma omp parallel for schedule(static) if (rows * len > kParallelMin)
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* o = old_logp + r * len;
+    const float* s = rollout_logp + r * len;
+    const float* m = mask + r * len;
+    float* w = out + r * len;
+    if (per_sequence) {
+      double sum = 0.0;  // the row's log of the product of ratios
+      for (int64_t t = 0; t < len; ++t) {
+        const float d = (o[t] - s[t]) * m[t];
+        sum += d != d ? 0.0f : d;  // NaN (an unscored token) counts as log-ratio 0, as TRL
+      }
+      const float weight = rollout_is_weight(static_cast<float>(sum), mode, low, high);
+      for (int64_t t = 0; t < len; ++t) w[t] = weight;
+    } else {
+      for (int64_t t = 0; t < len; ++t) {
+        const float d = (o[t] - s[t]) * m[t];
+        w[t] = rollout_is_weight(d != d ? 0.0f : d, mode, low, high);
+      }
+    }
+  }
+}
+
+void off_policy_mask(const float* logp, const float* sampling_logp, const float* adv, const float* mask, int64_t rows,
+                     int64_t len, float threshold, float* out) {
+#pragma omp parallel for schedule(static) if (rows * len > kParallelMin)
+  for (int64_t r = 0; r < rows; ++r) {
+    double sum = 0.0, count = 0.0;
+    for (int64_t t = 0; t < len; ++t) {
+      const float d = sampling_logp[r * len + t] - logp[r * len + t];
+      const float m = mask[r * len + t];
+      sum += (d != d ? 0.0f : d) * m;
+      count += m;
+    }
+    const float mean = static_cast<float>(sum) / static_cast<float>(count > 1.0 ? count : 1.0);
+    out[r] = (adv[r] >= 0.0f) | (mean <= threshold) ? 1.0f : 0.0f;
+  }
+}
+
 // ---------------------------------------------------------------------------------------- value loss
 void value_loss_forward(const float* values, const float* old_values, const float* returns, const float* mask,
                         int64_t n, float clip, float* loss, float* metrics) {

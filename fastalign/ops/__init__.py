@@ -1,7 +1,7 @@
 """fastalign.ops — the public fused ops, organized by op.
 
-Each op family is a package (``logprobs``, ``kl``, ``advantages``, ``policy``, ``preference``,
-``steering``) holding its public functions with their validation, its kinds declared once
+Each op family is a package (``logprobs``, ``kl``, ``advantages``, ``policy``, ``offpolicy``,
+``preference``, ``steering``) holding its public functions with their validation, its kinds declared once
 (:mod:`kinds`), its pure-PyTorch spec (``spec.py``, gathered in ``fastalign.ops.reference``) and the
 registration of each backend (``cpu.py``, ``triton.py``). At call time an op validates its inputs,
 picks a backend (:func:`backends` lists them; :func:`backend` or ``FASTALIGN_BACKEND`` forces one)
@@ -9,10 +9,11 @@ and runs an autograd-ready implementation.
 """
 
 from . import reference
-from .advantages import gae, group_advantages, rloo_advantages, whiten
+from .advantages import gae, group_advantages, reinforce_pp_advantages, rloo_advantages, whiten
 from .dispatch import backend, backends, registered_ops
 from .kl import kl_penalty
 from .logprobs import logprobs_from_logits, sequence_logprobs, token_logprobs
+from .offpolicy import entropy_mask, off_policy_mask, rollout_is_weights
 from .policy import policy_loss, value_loss
 from .preference import bradley_terry_loss, dpo_loss, simpo_loss
 from .steering import steer_logits
@@ -22,5 +23,6 @@ __all__ = [
     "group_advantages", "rloo_advantages", "gae", "whiten", "policy_loss", "value_loss",
     "dpo_loss", "simpo_loss", "bradley_terry_loss",
     "steer_logits",
+    "rollout_is_weights", "off_policy_mask", "entropy_mask", "reinforce_pp_advantages",
     "backend", "backends", "registered_ops", "reference",
 ]

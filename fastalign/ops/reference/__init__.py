@@ -5,9 +5,10 @@ favour clarity over speed (token_logprobs materializes the full logits here), ac
 and take already-validated inputs with the same keywords as the public ops.
 """
 
-from ..advantages.spec import gae, group_advantages, rloo_advantages, whiten
+from ..advantages.spec import gae, group_advantages, reinforce_pp_advantages, rloo_advantages, whiten
 from ..kl.spec import kl_penalty
 from ..logprobs.spec import logprobs_from_logits, sequence_logprobs, token_logprobs
+from ..offpolicy.spec import entropy_mask, off_policy_mask, rollout_is_weights
 from ..policy.spec import policy_loss, value_loss
 from ..preference.spec import bradley_terry_loss, dpo_loss, simpo_loss
 from ..steering.spec import steer_logits
@@ -17,4 +18,5 @@ __all__ = [
     "group_advantages", "rloo_advantages", "gae", "whiten", "policy_loss", "value_loss",
     "dpo_loss", "simpo_loss", "bradley_terry_loss",
     "steer_logits",
+    "rollout_is_weights", "off_policy_mask", "entropy_mask", "reinforce_pp_advantages",
 ]
