@@ -248,3 +248,42 @@ def test_fused_loss_rejects_a_bad_entropy_quantile(quantile):
     with pytest.raises(ValueError, match="top_entropy_quantile"):
         FusedLinearGRPOLoss(top_entropy_quantile=quantile)(
             torch.randn(2, 3, 4), torch.randn(5, 4), torch.zeros(2, 3, dtype=torch.long), advantages=torch.zeros(2))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_fused_grpo_loss_entropy_mask_and_bonus(backend, level):
+    """top_entropy_quantile masks the policy term to the high-entropy tokens; entropy_coef subtracts the mean
+    entropy over those same tokens (TRL's effective mask and normalizer), both with gradients."""
+    torch.manual_seed(5)
+    b, t, h, vocab = 4, 8, 16, 19
+    dev = TRITON_DEVICE if backend == "triton" else "cpu"
+    hidden = torch.randn(b, t, h) * 0.6
+    weight = torch.randn(vocab, h) * 0.6
+    labels = torch.randint(0, vocab, (b, t))
+    labels[3, 4:] = -100
+    mask = labels != -100
+    old = -torch.rand(b, t) * 3
+    adv = torch.randn(b)
+    quantile, coef = 0.3, 0.05
+    loss_fn = FusedLinearGRPOLoss(loss_type="grpo", importance_sampling_level=level, epsilon_high=0.28,
+                                  top_entropy_quantile=quantile, entropy_coef=coef, chunk_size=7)
+    hd, wd = hidden.clone().to(dev).requires_grad_(), weight.clone().to(dev).requires_grad_()
+    with on_backend(backend):
+        loss, _ = loss_fn(hd, wd, labels.to(dev), advantages=adv.to(dev), old_logps=old.to(dev))
+    loss.backward()
+    h64, w64 = hidden.detach().double().requires_grad_(), weight.detach().double().requires_grad_()
+    logits = h64 @ w64.t()
+    logprobs = torch.log_softmax(logits, -1)
+    lp64 = logprobs.gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1)
+    ent64 = -(logprobs.exp() * logprobs).sum(-1)
+    threshold = torch.quantile(ent64.detach()[mask], 1 - quantile)
+    keep = (ent64.detach() * mask >= threshold) & mask
+    want, _ = trl64(lp64, old.double(), adv.double(), mask, level=level, eps_high=0.28, token_weights=keep.double())
+    eff = (mask & keep).double()
+    want = want - coef * (ent64 * eff).sum() / eff.sum()
+    want.backward()
+    assert abs(loss.item() - want.item()) <= 1e-5 * max(1.0, abs(want.item())), (loss.item(), want.item())
+    for got, exp, what in ((hd.grad, h64.grad, "d hidden"), (wd.grad, w64.grad, "d weight")):
+        err = (got.double().cpu() - exp).abs().max().item() / max(exp.abs().max().item(), 1e-12)
+        assert err < 1e-5, f"{what}: relative error {err:.2e}"
