@@ -287,3 +287,20 @@ def test_fused_grpo_loss_entropy_mask_and_bonus(backend, level):
     for got, exp, what in ((hd.grad, h64.grad, "d hidden"), (wd.grad, w64.grad, "d weight")):
         err = (got.double().cpu() - exp).abs().max().item() / max(exp.abs().max().item(), 1e-12)
         assert err < 1e-5, f"{what}: relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_entropy_bonus_as_a_sum_for_token_summing_callers(level):
+    """entropy_num_items=1 (the grpo flow with dapo/cispo, whose trainer divides by the global token count)
+    turns the bonus into the entropy sum; the default is TRL's mean over the trained tokens."""
+    torch.manual_seed(2)
+    hidden, weight = torch.randn(3, 6, 8), torch.randn(11, 8)
+    labels = torch.randint(0, 11, (3, 6))
+    labels[0, 4:] = -100
+    loss_fn = FusedLinearGRPOLoss(loss_type="dapo", entropy_coef=0.1, importance_sampling_level=level)
+    kw = dict(advantages=torch.randn(3), num_items=1)
+    mean_loss, metrics = loss_fn(hidden, weight, labels, **kw)
+    sum_loss, _ = loss_fn(hidden, weight, labels, entropy_num_items=1, **kw)
+    n = int((labels != -100).sum())
+    entropy_sum = metrics["entropy"].item() * n
+    assert abs((mean_loss - sum_loss).item() - 0.1 * (entropy_sum - entropy_sum / n)) < 1e-5

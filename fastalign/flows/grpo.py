@@ -249,7 +249,8 @@ def grpo_loss_fn(loss_module: FusedLinearGRPOLoss, cfg: GRPOConfig):
         head = lm_head(unwrap(model).lm)
         loss, metrics = loss_module(hidden, head.weight, labels, advantages=batch.advantages if adv is None else adv,
                                     old_logps=old, ref_logps=ref, bias=head.bias, token_weights=tw,
-                                    num_items=1 if token_sums else None)
+                                    num_items=1 if token_sums else None,
+                                    entropy_num_items=1 if token_sums else None)
         n = weight_fn(batch)
         # grpo/dr_grpo divide by the local row count: × rows makes the sum over rows; dapo (num_items 1) is a sum.
         scale = batch.input_ids.shape[0] if loss_type in ("grpo", "dr_grpo") else 1

@@ -29,7 +29,7 @@ def clipped_policy_loss(hidden, weight, labels, *, advantages, mask=None, old_lo
                         epsilon_low=0.2, epsilon_high=None, loss_type="dapo", max_completion_length=None,
                         temperature=1.0, entropy_coef=0.0, ignore_index=-100, chunk_size=None, mem_budget=None,
                         importance_sampling_level="token", delta=None, ratio_clip_c=None, kl_bias_correction=False,
-                        token_weights=None, top_entropy_quantile=1.0, entropy_group=None):
+                        token_weights=None, top_entropy_quantile=1.0, entropy_group=None, entropy_num_items=None):
     """The GRPO/PPO policy loss (see :class:`FusedLinearGRPOLoss`); returns ``(loss, metrics)``.
 
     Each chunk's log-probs go through the same backend token pass as :func:`fastalign.ops.policy_loss`
@@ -40,6 +40,10 @@ def clipped_policy_loss(hidden, weight, labels, *, advantages, mask=None, old_lo
     of every valid token's entropy, before any token's gradient is known: with either, a no-grad
     pass computes all log-probs and entropies first (one extra logits GEMM per token, 4 instead of
     3), the token pass runs once over whole rows, and the gradient pass reuses its d logp.
+
+    The entropy bonus is ``entropy_coef`` times the mean entropy of the trained tokens (TRL's); a caller
+    that sums token terms over micro-batches (dapo with ``num_items=1``) passes ``entropy_num_items=1`` to
+    get its sum instead, normalized with the policy term.
     """
     base.check_common(hidden, weight, labels, bias=bias, ref_hidden=ref_hidden, ref_weight=ref_weight,
                       ref_bias=ref_bias, ref_logps=ref_logps, ignore_index=ignore_index, chunk_size=chunk_size,
@@ -89,7 +93,8 @@ def clipped_policy_loss(hidden, weight, labels, *, advantages, mask=None, old_lo
     # Each token's normalizer, flat: the chunks cut across rows, so the token pass takes a per-token scale.
     scale = row_scale(counts, loss_type, max_completion_length, num_items, length=bt[1])[:, None].expand(bt)
     scale, mflat = scale.reshape(1, -1), mf.reshape(1, -1)
-    w_ent = (mflat / counts.sum().clamp(min=1.0)) * float(entropy_coef)
+    ent_norm = counts.sum().clamp(min=1.0) if entropy_num_items is None else float(entropy_num_items)
+    w_ent = (mflat / ent_norm) * float(entropy_coef)
     use_ref = beta > 0
     if importance_sampling_level != "token" or top_entropy_quantile < 1.0:
         return _whole_rows_policy_loss(
@@ -97,8 +102,8 @@ def clipped_policy_loss(hidden, weight, labels, *, advantages, mask=None, old_lo
             ref_weight, ref_bias, ref_logps if use_ref else None, config, row_scale(counts, loss_type,
                                                                                    max_completion_length, num_items,
                                                                                    length=bt[1]),
-            token_weights, top_entropy_quantile, entropy_group, float(entropy_coef), temperature, ignore_index,
-            chunk_size, mem_budget)
+            token_weights, top_entropy_quantile, entropy_group, float(entropy_coef), entropy_num_items, temperature,
+            ignore_index, chunk_size, mem_budget)
     adv = advantages.detach().float()
     adv = (adv.unsqueeze(1) if adv.dim() == 1 else adv).expand(bt).reshape(1, -1)
     old = None if old_logps is None else old_logps.detach().float().reshape(1, -1)
@@ -137,7 +142,7 @@ def clipped_policy_loss(hidden, weight, labels, *, advantages, mask=None, old_lo
 
 def _whole_rows_policy_loss(hidden, weight, labels, advantages, mf, old_logps, bias, ref_hidden, ref_weight, ref_bias,
                             ref_logps, config, scale, token_weights, quantile, entropy_group, entropy_coef,
-                            temperature, ignore_index, chunk_size, mem_budget):
+                            entropy_num_items, temperature, ignore_index, chunk_size, mem_budget):
     """The policy loss when a token's gradient depends on its whole row (GSPO) or on every token (entropy mask).
 
     1. a no-grad pass: every log-prob and entropy (and the reference's, from ``ref_hidden``);
@@ -179,7 +184,8 @@ def _whole_rows_policy_loss(hidden, weight, labels, advantages, mf, old_logps, b
     total = total.detach()
     g_ent = None
     if entropy_coef:
-        w_ent = effective / effective.sum().clamp(min=1.0) * entropy_coef
+        norm = effective.sum().clamp(min=1.0) if entropy_num_items is None else float(entropy_num_items)
+        w_ent = effective / norm * entropy_coef
         total = total - (entropy * w_ent).sum()
         g_ent = -w_ent.reshape(-1)
     g_flat = g_logp.reshape(-1)
@@ -261,7 +267,8 @@ class FusedLinearGRPOLoss(torch.nn.Module):
                             top_entropy_quantile=top_entropy_quantile, entropy_group=entropy_group)
 
     def forward(self, hidden, weight, labels, *, advantages, mask=None, old_logps=None, bias=None, ref_hidden=None,
-                ref_weight=None, ref_bias=None, ref_logps=None, num_items=None, token_weights=None):
+                ref_weight=None, ref_bias=None, ref_logps=None, num_items=None, token_weights=None,
+                entropy_num_items=None):
         return clipped_policy_loss(
             hidden, weight, labels, advantages=advantages, mask=mask, old_logps=old_logps, bias=bias,
             ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias, ref_logps=ref_logps,
@@ -269,7 +276,8 @@ class FusedLinearGRPOLoss(torch.nn.Module):
             epsilon_high=self.epsilon_high, loss_type=self.loss_type,
             max_completion_length=self.max_completion_length, temperature=self.temperature,
             entropy_coef=self.entropy_coef, ignore_index=self.ignore_index, chunk_size=self.chunk_size,
-            mem_budget=self.mem_budget, token_weights=token_weights, **self.options)
+            mem_budget=self.mem_budget, token_weights=token_weights, entropy_num_items=entropy_num_items,
+            **self.options)
 
     def extra_repr(self) -> str:
         return (f"beta={self.beta}, loss_type={self.loss_type!r}, epsilon_low={self.epsilon_low}, "
