@@ -390,9 +390,10 @@ def dynamic_sample(sample_once, rows, generator, more_rows, pad_id: int, cfg: GR
     """DAPO's dynamic sampling: keep the groups whose rewards differ, sample more prompts (from ``more_rows``)
     until ``len(rows)`` groups are kept or ``max_sampling_rounds`` rounds ran, then warn. Every process runs
     the same number of rounds (the rounds hold collectives); a process that is already full ignores the
-    extra groups. Advantages are those of each round (group-local for ``group``/``rloo``; a round's batch
-    for ``batch`` and REINFORCE++). If no group at all has reward variance, the step trains on nothing: the
-    rows are kept with every label ignored."""
+    extra groups, and all keep as many groups as the process that found fewest (same micro-batches).
+    Advantages are those of each round (group-local for ``group``/``rloo``; a round's batch for ``batch``
+    and REINFORCE++). If no group has reward variance, the step trains on nothing: the rows are kept with
+    every label ignored. The micro-batch size must divide the kept completions (it does for the default 0)."""
     G, wanted = cfg.num_generations, len(rows)
     kept, kept_groups, rounds, metrics, last = [], 0, 0, {}, None
     while True:
@@ -411,12 +412,18 @@ def dynamic_sample(sample_once, rows, generator, more_rows, pad_id: int, cfg: GR
         if missing <= 0 or rounds >= cfg.max_sampling_rounds:
             break
         rows = more_rows() if more_rows is not None else rows
-    metrics = dict(metrics, sampling_rounds=float(rounds),
-                   kept_groups=_global_mean(float(kept_groups), 1.0, state) * state.world_size)
     if missing > 0:
         warnings.warn(f"dynamic_sampling: after max_sampling_rounds={cfg.max_sampling_rounds} rounds only "
                       f"{kept_groups} of {wanted} groups on this process have rewards that differ; training on "
                       "those", stacklevel=2)
+    if state.distributed:  # every process trains as many groups (the same micro-batches and collectives)
+        fewest = torch.tensor([kept_groups], dtype=torch.int64)
+        dist.all_reduce(fewest, op=dist.ReduceOp.MIN)
+        if int(fewest) < kept_groups:
+            kept, kept_groups = [concat_batches(kept, pad_id).rows(torch.arange(int(fewest) * G))] \
+                if int(fewest) else [], int(fewest)
+    metrics = dict(metrics, sampling_rounds=float(rounds),
+                   kept_groups=_global_mean(float(kept_groups), 1.0, state) * state.world_size)
     if not kept:  # nothing informative: keep the shape of a batch, train on no token
         empty = last.rows(torch.arange(G, device=last.input_ids.device))
         empty.labels = torch.full_like(empty.labels, IGNORE_INDEX)
