@@ -393,7 +393,7 @@ def dynamic_sample(sample_once, rows, generator, more_rows, pad_id: int, cfg: GR
     extra groups, and all keep as many groups as the process that found fewest (same micro-batches).
     Advantages are those of each round (group-local for ``group``/``rloo``; a round's batch for ``batch``
     and REINFORCE++). If no group has reward variance, the step trains on nothing: the rows are kept with
-    every label ignored. The micro-batch size must divide the kept completions (it does for the default 0)."""
+    every label ignored."""
     G, wanted = cfg.num_generations, len(rows)
     kept, kept_groups, rounds, metrics, last = [], 0, 0, {}, None
     while True:
