@@ -266,13 +266,16 @@ PolicyConfig policy_config(double beta, int64_t kl_kind, double clip_low, double
                       check_code(kl_kind, kKlKinds, "kl_kind")};
 }
 
-// (loss, sums[4], d_logp, d_adv): see cpu::policy_tokens. logp, old_logp and mask are [R, T];
-// advantages and scale are [R] or [R, T]; d_adv is empty unless advantages_grad.
-std::tuple<Tensor, Tensor, Tensor, Tensor> policy_tokens_cpu(const Tensor& logp, const Tensor& old_logp,
-                                                             const Tensor& adv, const Tensor& mask,
-                                                             const std::optional<Tensor>& ref_logp,
-                                                             const Tensor& scale, double beta, int64_t kl_kind,
-                                                             double clip_low, double clip_high, bool advantages_grad) {
+// (loss, sums[4], d_logp, d_adv, d_row): see cpu::policy_tokens. logp, old_logp and mask are [R, T];
+// advantages and scale are [R] or [R, T]; d_adv is empty unless advantages_grad. Issue 12's options:
+// row_log_ratio [R] (required unless level is token), token_weights [R, T], level, objective, delta
+// (inf = off), dual_clip (0 = off), kl_bias_correction.
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> policy_tokens_cpu(
+    const Tensor& logp, const Tensor& old_logp, const Tensor& adv, const Tensor& mask,
+    const std::optional<Tensor>& ref_logp, const Tensor& scale, double beta, int64_t kl_kind, double clip_low,
+    double clip_high, bool advantages_grad, const std::optional<Tensor>& row_log_ratio,
+    const std::optional<Tensor>& token_weights, int64_t level, int64_t objective, double delta, double dual_clip,
+    bool kl_bias_correction) {
   for (const Tensor* t : {&logp, &old_logp, &adv, &mask, &scale}) check_f32(*t, "policy_tokens input");
   TORCH_CHECK(logp.dim() == 2, "fastalign: logp must be [R, T], got ", logp.sizes());
   const int64_t rows = logp.size(0), len = logp.size(1);
@@ -284,14 +287,56 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> policy_tokens_cpu(const Tensor& logp,
   TORCH_CHECK(scale_per_token || (scale.dim() == 1 && scale.numel() == rows), "fastalign: scale must be [R] or [R, T]");
   TORCH_CHECK(beta <= 0.0 || (ref_logp.has_value() && ref_logp->defined()), "fastalign: ref_logp is required when beta > 0");
   const float* ref = beta > 0.0 ? optional_f32(ref_logp, logp.numel(), "ref_logp") : nullptr;
-  const PolicyConfig config = policy_config(beta, kl_kind, clip_low, clip_high);
+  PolicyConfig config = policy_config(beta, kl_kind, clip_low, clip_high);
+  config.level = check_code(level, kImportanceLevels, "importance_sampling_level");
+  config.objective = check_code(objective, kPolicyObjectives, "objective");
+  config.cispo_cap = static_cast<float>(clip_high);
+  config.delta = static_cast<float>(delta);
+  config.dual_clip = static_cast<float>(dual_clip);
+  config.kl_bias_correction = kl_bias_correction;
+  TORCH_CHECK(config.level == kLevelToken || (row_log_ratio.has_value() && row_log_ratio->defined()),
+              "fastalign: row_log_ratio [R] is required unless importance_sampling_level is token");
+  const float* row_lr =
+      config.level != kLevelToken ? optional_f32(row_log_ratio, rows, "row_log_ratio") : nullptr;
+  const float* tw = token_weights.has_value() && token_weights->defined()
+                        ? optional_f32(token_weights, logp.numel(), "token_weights")
+                        : nullptr;
   Tensor loss = scalar_f32(logp), sums = at::empty({4}, logp.options()), d_logp = at::empty_like(logp);
   Tensor d_adv = advantages_grad ? at::empty_like(adv) : at::empty({0}, adv.options());
+  Tensor d_row = at::empty({rows}, logp.options());
   cpu::policy_tokens(logp.data_ptr<float>(), old_logp.data_ptr<float>(), adv.data_ptr<float>(), adv_per_token,
                      mask.data_ptr<float>(), ref, scale.data_ptr<float>(), scale_per_token, rows, len, config,
                      loss.data_ptr<float>(), sums.data_ptr<float>(), d_logp.data_ptr<float>(),
-                     advantages_grad ? d_adv.data_ptr<float>() : nullptr);
-  return {loss, sums, d_logp, d_adv};
+                     advantages_grad ? d_adv.data_ptr<float>() : nullptr, row_lr, tw, d_row.data_ptr<float>());
+  return {loss, sums, d_logp, d_adv, d_row};
+}
+
+// ------------------------------------------------------------ off-policy corrections (issue 12)
+Tensor rollout_is_weights_cpu(const Tensor& old_logp, const Tensor& rollout_logp, const Tensor& mask, int64_t mode,
+                              double low, double high) {
+  for (const Tensor* t : {&old_logp, &rollout_logp, &mask}) check_f32(*t, "rollout_is_weights input");
+  TORCH_CHECK(old_logp.dim() == 2, "fastalign: old_logp must be [B, T], got ", old_logp.sizes());
+  check_numel(rollout_logp, old_logp.numel(), "rollout_logp");
+  check_numel(mask, old_logp.numel(), "mask");
+  Tensor out = at::empty_like(old_logp);
+  cpu::rollout_is_weights(old_logp.data_ptr<float>(), rollout_logp.data_ptr<float>(), mask.data_ptr<float>(),
+                          old_logp.size(0), old_logp.size(1), check_code(mode, kRolloutIsModes, "mode"),
+                          static_cast<float>(low), static_cast<float>(high), out.data_ptr<float>());
+  return out;
+}
+
+Tensor off_policy_mask_cpu(const Tensor& logp, const Tensor& sampling_logp, const Tensor& adv, const Tensor& mask,
+                           double threshold) {
+  for (const Tensor* t : {&logp, &sampling_logp, &adv, &mask}) check_f32(*t, "off_policy_mask input");
+  TORCH_CHECK(logp.dim() == 2, "fastalign: logp must be [B, T], got ", logp.sizes());
+  check_numel(sampling_logp, logp.numel(), "sampling_logp");
+  check_numel(mask, logp.numel(), "mask");
+  check_numel(adv, logp.size(0), "advantages");
+  Tensor out = at::empty({logp.size(0)}, logp.options());
+  cpu::off_policy_mask(logp.data_ptr<float>(), sampling_logp.data_ptr<float>(), adv.data_ptr<float>(),
+                       mask.data_ptr<float>(), logp.size(0), logp.size(1), static_cast<float>(threshold),
+                       out.data_ptr<float>());
+  return out;
 }
 
 void check_value_inputs(const Tensor& values, const Tensor& old_values, const Tensor& returns, const Tensor& mask) {
@@ -468,8 +513,11 @@ TORCH_LIBRARY(fastalign, m) {
   m.def("sequence_logprobs_bwd(Tensor grad, Tensor mask, bool average) -> Tensor");
   m.def(
       "policy_tokens(Tensor logp, Tensor old_logp, Tensor advantages, Tensor mask, Tensor? ref_logp, Tensor scale, "
-      "float beta, int kl_kind, float clip_low, float clip_high, bool advantages_grad) "
-      "-> (Tensor, Tensor, Tensor, Tensor)");
+      "float beta, int kl_kind, float clip_low, float clip_high, bool advantages_grad, Tensor? row_log_ratio, "
+      "Tensor? token_weights, int level, int objective, float delta, float dual_clip, bool kl_bias_correction) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("rollout_is_weights(Tensor old_logp, Tensor rollout_logp, Tensor mask, int mode, float low, float high) -> Tensor");
+  m.def("off_policy_mask(Tensor logp, Tensor sampling_logp, Tensor advantages, Tensor mask, float threshold) -> Tensor");
   m.def("value_loss_fwd(Tensor values, Tensor old_values, Tensor returns, Tensor mask, float clip) -> (Tensor, Tensor)");
   m.def(
       "value_loss_bwd(Tensor grad_loss, Tensor values, Tensor old_values, Tensor returns, Tensor mask, float clip) "
@@ -508,6 +556,8 @@ TORCH_LIBRARY_IMPL(fastalign, CPU, m) {
   m.impl("sequence_logprobs_fwd", &fastalign::sequence_logprobs_fwd_cpu);
   m.impl("sequence_logprobs_bwd", &fastalign::sequence_logprobs_bwd_cpu);
   m.impl("policy_tokens", &fastalign::policy_tokens_cpu);
+  m.impl("rollout_is_weights", &fastalign::rollout_is_weights_cpu);
+  m.impl("off_policy_mask", &fastalign::off_policy_mask_cpu);
   m.impl("value_loss_fwd", &fastalign::value_loss_fwd_cpu);
   m.impl("value_loss_bwd", &fastalign::value_loss_bwd_cpu);
   m.impl("dpo_fwd", &fastalign::dpo_fwd_cpu);

@@ -384,8 +384,9 @@ def test_reward_errors_name_the_prompt():
     (dict(num_generations=1), "'num_generations' must be >= 2, got 1"),
     (dict(temperature=0.0), "'temperature' must be > 0"),
     (dict(epsilon=1.0), "'epsilon' must be in \\[0, 1\\), got 1.0"),
-    (dict(loss_type="ppo"), "'loss_type' must be one of \\['grpo', 'bnpo', 'dr_grpo', 'dapo'\\], got 'ppo'"),
-    (dict(advantage="gae"), "'advantage' must be one of \\['group', 'batch', 'none', 'rloo'\\], got 'gae'"),
+    (dict(loss_type="ppo"), "'loss_type' must be one of \\['grpo', 'bnpo', 'dr_grpo', 'dapo', 'cispo'\\], got 'ppo'"),
+    (dict(advantage="gae"), "'advantage' must be one of \\['group', 'batch', 'none', 'rloo', 'reinforce_pp', "
+                            "'reinforce_pp_baseline'\\], got 'gae'"),
     (dict(rewards=""), "'rewards' must name at least one reward source"),
     (dict(reward_weights="1,2"), "'reward_weights' must have one weight per reward \\(1\\), got 2"),
     (dict(reward_weights="x"), "'reward_weights' must hold finite numbers, got 'x'"),

@@ -369,7 +369,8 @@ def test_fake_tensors_trace_the_policy_token_pass():
     real = [x.float().contiguous() for x in (logp, old, adv, mask, ref, torch.ones(3))]
     with FakeTensorMode() as mode:
         lp, old_f, adv_f, mask_f, ref_f, scale = (mode.from_tensor(x) for x in real)
-        loss, sums, d_logp, d_adv = ops.policy.cpu.policy_tokens_native(
+        loss, sums, d_logp, d_adv, d_row = ops.policy.cpu.policy_tokens_native(
             lp, old_f, adv_f, mask_f, ref_f, scale, beta=0.1, kl_kind="k3", clip_low=0.2, clip_high=0.2,
-            need_adv_grad=True)
+            need_adv_grad=True, row_log_ratio=scale, level="sequence")
     assert loss.shape == () and sums.shape == (4,) and d_logp.shape == (3, 8) and d_adv.shape == (3,)
+    assert d_row.shape == (3,)

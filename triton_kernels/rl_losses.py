@@ -23,6 +23,8 @@ import triton
 import triton.language as tl
 
 from fastalign.ops.kl.spec import KlKind
+from fastalign.ops.offpolicy.spec import RolloutIsMode
+from fastalign.ops.policy.spec import ImportanceLevel, PolicyObjective
 from fastalign.ops.preference.spec import DpoLossType
 
 from .launch import on_tensor_device
@@ -35,6 +37,15 @@ DPO_SIGMOID = tl.constexpr(DpoLossType.sigmoid.value)
 DPO_HINGE = tl.constexpr(DpoLossType.hinge.value)
 DPO_IPO = tl.constexpr(DpoLossType.ipo.value)
 DPO_ROBUST = tl.constexpr(DpoLossType.robust.value)
+LEVEL_TOKEN = tl.constexpr(ImportanceLevel.token.value)
+LEVEL_SEQUENCE = tl.constexpr(ImportanceLevel.sequence.value)
+LEVEL_SEQUENCE_TOKEN = tl.constexpr(ImportanceLevel.sequence_token.value)
+OBJECTIVE_CLIP = tl.constexpr(PolicyObjective.clip.value)
+OBJECTIVE_CISPO = tl.constexpr(PolicyObjective.cispo.value)
+ROLLOUT_TOKEN_TRUNCATE = tl.constexpr(RolloutIsMode.token_truncate.value)
+ROLLOUT_TOKEN_MASK = tl.constexpr(RolloutIsMode.token_mask.value)
+ROLLOUT_SEQUENCE_TRUNCATE = tl.constexpr(RolloutIsMode.sequence_truncate.value)
+ROLLOUT_SEQUENCE_MASK = tl.constexpr(RolloutIsMode.sequence_mask.value)
 
 
 # ----------------------------------------------------------------------------------- scalar math
@@ -155,18 +166,80 @@ def kl_penalty_backward(grad: torch.Tensor, logp: torch.Tensor, ref_logp: torch.
 
 # ----------------------------------------------------------------------------------- policy_loss
 @triton.jit
+def _policy_ext_terms(lp, log_ratio, adv, row_lr, tw, ratio_low, ratio_high, cispo_cap, delta, dual_clip,
+                      LEVEL: tl.constexpr, OBJECTIVE: tl.constexpr, HAS_DELTA: tl.constexpr,
+                      HAS_DUAL: tl.constexpr):
+    """Issue 12's surrogate of a block (spec: ``fastalign.ops.policy.spec.policy_token_terms``).
+
+    Returns ``(ratio, pg, g_w, g_logp, g_adv, low, high)``: the weighted surrogate ``tw·pg`` and its
+    derivatives w.r.t. the weight, logp (directly, CISPO) and the advantage, all times ``tw``.
+    """
+    if LEVEL == LEVEL_TOKEN:
+        ratio = tl.exp(log_ratio)
+    else:
+        ratio = tl.exp(row_lr)
+    if OBJECTIVE == OBJECTIVE_CISPO:
+        q = tl.minimum(ratio, cispo_cap)  # detached
+        pg = -q * adv * lp
+        g_w = ratio * 0.0
+        g_logp = -q * adv
+        g_adv = -q * lp
+        low = ratio < 0.0  # never
+        high = (ratio > cispo_cap) & (adv > 0.0)
+    elif OBJECTIVE == OBJECTIVE_CLIP:
+        if HAS_DELTA:
+            r1 = tl.where(ratio > delta, delta, ratio)
+            d_r1 = tl.where(ratio <= delta, 1.0, 0.0)  # torch.clamp(max=delta) passes on x <= delta
+        else:
+            r1 = ratio
+            d_r1 = ratio * 0.0 + 1.0
+        clipped = tl.minimum(tl.maximum(ratio, ratio_low), ratio_high)
+        a = r1 * adv
+        b = clipped * adv
+        pg = -tl.minimum(a, b)
+        wa = tl.where(a < b, 1.0, tl.where(a == b, 0.5, 0.0))
+        wb = 1.0 - wa
+        inside = (ratio >= ratio_low) & (ratio <= ratio_high)
+        g_w = -(wa * d_r1 + tl.where(inside, wb, 0.0)) * adv
+        g_adv = -(wa * r1 + wb * clipped)
+        g_logp = ratio * 0.0
+        if HAS_DUAL:  # for A < 0: min(pg, -c A), torch.minimum's split on a tie
+            bound = -dual_clip * adv
+            wd = tl.where(pg < bound, 1.0, tl.where(pg == bound, 0.5, 0.0))
+            neg = adv < 0.0
+            pg = tl.where(neg, tl.minimum(pg, bound), pg)
+            g_w = tl.where(neg, wd * g_w, g_w)
+            g_adv = tl.where(neg, wd * g_adv - (1.0 - wd) * dual_clip, g_adv)
+        low = (r1 < ratio_low) & (adv < 0.0)
+        high = (r1 > ratio_high) & (adv > 0.0)
+    else:  # no other objective: NaN
+        pg = ratio * float("nan")
+        g_w = pg
+        g_logp = pg
+        g_adv = pg
+        low = ratio < 0.0
+        high = low
+    return ratio, tw * pg, tw * g_w, tw * g_logp, tw * g_adv, low, high
+
+
+@triton.jit
 def _policy_tokens_kernel(
     logp_ptr, old_ptr, ref_ptr, adv_ptr, mask_ptr, scale_ptr, partial_ptr, grad_logp_ptr, grad_adv_ptr,
+    row_lr_ptr, tw_ptr,
     T, n_programs,
-    ratio_low, ratio_high, beta,
+    ratio_low, ratio_high, beta, cispo_cap, delta, dual_clip,
     ADV_PER_TOKEN: tl.constexpr, SCALE_PER_TOKEN: tl.constexpr, HAS_KL: tl.constexpr, KL_KIND: tl.constexpr,
-    NEED_ADV_GRAD: tl.constexpr, BLOCK_T: tl.constexpr,
+    NEED_ADV_GRAD: tl.constexpr, BLOCK_T: tl.constexpr, EXT: tl.constexpr = False, LEVEL: tl.constexpr = 0,
+    OBJECTIVE: tl.constexpr = 0, HAS_TW: tl.constexpr = False, HAS_DELTA: tl.constexpr = False,
+    HAS_DUAL: tl.constexpr = False, KL_BIAS: tl.constexpr = False,
 ):
     """One block of one row: the scaled loss, metric sums and d logp (and d advantages) at once.
 
     Inputs are row-major contiguous [R, T] (advantages and scale [R] or [R, T]). Per-program partial
-    sums go to ``partial[k, program]`` (k: loss, low, high, kl, log-ratio², d adv), which the launcher
-    adds: deterministic, no atomics. With w = scale · mask, d logp = w · d term / d logp.
+    sums go to ``partial[k, program]`` (k: loss, low, high, kl, log-ratio², d adv, d row_log_ratio),
+    which the launcher adds: deterministic, no atomics. With w = scale · mask, d logp = w · d term /
+    d logp. ``EXT`` turns on issue 12's options (levels, CISPO, δ, dual clip, KL bias correction,
+    token weights, see :func:`_policy_ext_terms`); without it the plain body compiles unchanged.
     """
     row = tl.program_id(0).to(tl.int64)
     blk = tl.program_id(1)
@@ -187,29 +260,62 @@ def _policy_tokens_kernel(
     else:
         scale = zeros + tl.load(scale_ptr + row).to(tl.float32)
     log_ratio = lp - old
-    ratio = tl.exp(log_ratio)
-    clipped = tl.minimum(tl.maximum(ratio, ratio_low), ratio_high)
-    unclipped_term = ratio * adv
-    clipped_term = clipped * adv
-    term = -tl.minimum(unclipped_term, clipped_term)
-    # torch.minimum: the smaller operand takes the gradient, a tie splits it in halves; torch.clamp
-    # passes the gradient on the closed interval only.
-    w_unclipped = tl.where(unclipped_term < clipped_term, 1.0, tl.where(unclipped_term == clipped_term, 0.5, 0.0))
-    w_clipped = 1.0 - w_unclipped
-    in_range = (ratio >= ratio_low) & (ratio <= ratio_high)
-    d_lp = -(adv * ratio) * (w_unclipped + tl.where(in_range, w_clipped, 0.0))
-    kl = zeros
-    if HAS_KL:
-        ref = tl.load(ref_ptr + offs, mask=valid, other=0.0).to(tl.float32)
-        kl = _kl_value(ref - lp, KL_KIND)
-        term = term + beta * kl
-        d_lp += beta * _kl_grad_logp(ref - lp, KL_KIND)
+    d_row = zeros
+    if EXT:
+        if LEVEL == LEVEL_TOKEN:
+            row_lr = zeros
+        else:
+            row_lr = zeros + tl.load(row_lr_ptr + row).to(tl.float32)
+        if HAS_TW:
+            tw = tl.load(tw_ptr + offs, mask=valid, other=0.0).to(tl.float32)
+        else:
+            tw = zeros + 1.0
+        ratio, term, g_w, d_lp, d_adv_tok, low, high = _policy_ext_terms(
+            lp, log_ratio, adv, row_lr, tw, ratio_low, ratio_high, cispo_cap, delta, dual_clip, LEVEL, OBJECTIVE,
+            HAS_DELTA, HAS_DUAL)
+        kl = zeros
+        if HAS_KL:
+            ref = tl.load(ref_ptr + offs, mask=valid, other=0.0).to(tl.float32)
+            kl_raw = _kl_value(ref - lp, KL_KIND)
+            d_kl = _kl_grad_logp(ref - lp, KL_KIND)
+            if KL_BIAS:
+                kl = kl_raw * ratio
+                d_lp += beta * d_kl * ratio
+                g_w += beta * kl_raw
+            else:
+                kl = kl_raw
+                d_lp += beta * d_kl
+            term = term + beta * kl
+        if LEVEL == LEVEL_SEQUENCE:
+            d_row = g_w * ratio
+        else:
+            d_lp += g_w * ratio
+    else:
+        ratio = tl.exp(log_ratio)
+        clipped = tl.minimum(tl.maximum(ratio, ratio_low), ratio_high)
+        unclipped_term = ratio * adv
+        clipped_term = clipped * adv
+        term = -tl.minimum(unclipped_term, clipped_term)
+        # torch.minimum: the smaller operand takes the gradient, a tie splits it in halves; torch.clamp
+        # passes the gradient on the closed interval only.
+        w_unclipped = tl.where(unclipped_term < clipped_term, 1.0,
+                               tl.where(unclipped_term == clipped_term, 0.5, 0.0))
+        w_clipped = 1.0 - w_unclipped
+        in_range = (ratio >= ratio_low) & (ratio <= ratio_high)
+        d_lp = -(adv * ratio) * (w_unclipped + tl.where(in_range, w_clipped, 0.0))
+        d_adv_tok = -(w_unclipped * ratio + w_clipped * clipped)
+        kl = zeros
+        if HAS_KL:
+            ref = tl.load(ref_ptr + offs, mask=valid, other=0.0).to(tl.float32)
+            kl = _kl_value(ref - lp, KL_KIND)
+            term = term + beta * kl
+            d_lp += beta * _kl_grad_logp(ref - lp, KL_KIND)
+        low = (ratio < ratio_low) & (adv < 0.0)
+        high = (ratio > ratio_high) & (adv > 0.0)
     # Masked-out positions contribute exactly 0 even when they hold inf/NaN padding.
     keep = (m != 0.0) & valid
     w = scale * m
-    low = (ratio < ratio_low) & (adv < 0.0)
-    high = (ratio > ratio_high) & (adv > 0.0)
-    d_adv = tl.where(keep, -w * (w_unclipped * ratio + w_clipped * clipped), 0.0)
+    d_adv = tl.where(keep, w * d_adv_tok, 0.0)
     tl.store(grad_logp_ptr + offs, tl.where(keep, w * d_lp, 0.0), mask=valid)
     slot = partial_ptr + row * tl.num_programs(1) + blk
     tl.store(slot, tl.sum(tl.where(keep, w * term, 0.0), axis=0))
@@ -218,6 +324,7 @@ def _policy_tokens_kernel(
     tl.store(slot + 3 * n_programs, tl.sum(tl.where(keep, kl * m, 0.0), axis=0))
     tl.store(slot + 4 * n_programs, tl.sum(tl.where(keep, log_ratio * log_ratio * m, 0.0), axis=0))
     tl.store(slot + 5 * n_programs, tl.sum(d_adv, axis=0))
+    tl.store(slot + 6 * n_programs, tl.sum(tl.where(keep, w * d_row, 0.0), axis=0))
     if NEED_ADV_GRAD:
         if ADV_PER_TOKEN:
             tl.store(grad_adv_ptr + offs, d_adv, mask=valid)
@@ -225,36 +332,137 @@ def _policy_tokens_kernel(
 
 @on_tensor_device
 def policy_tokens(logp, old_logp, advantages, mask, ref_logp, scale, *, beta, kl_kind, clip_low, clip_high,
-                  need_adv_grad):
+                  need_adv_grad, row_log_ratio=None, token_weights=None, level="token", objective="clip", delta=None,
+                  dual_clip=None, kl_bias_correction=False):
     """The policy loss's token pass (the contract of ``fastalign.ops.policy.spec.policy_tokens``).
 
-    fp32 contiguous inputs: logp, old_logp, mask [R, T]; advantages and scale [R] or [R, T].
-    Returns ``(loss, sums [4], d_logp [R, T], d_adv or None)``.
+    fp32 contiguous inputs: logp, old_logp, mask [R, T]; advantages and scale [R] or [R, T];
+    row_log_ratio [R] (unless level is token) and token_weights [R, T] or None.
+    Returns ``(loss, sums [4], d_logp [R, T], d_adv or None, d_row [R])``.
     """
     R, T = logp.shape
     device = logp.device
     block_t = _block(T, 1024)
     nb = triton.cdiv(T, block_t) if T else 0
     n_programs = R * nb
-    partials = torch.zeros((6, max(n_programs, 1)), dtype=torch.float32, device=device)
+    partials = torch.zeros((7, max(n_programs, 1)), dtype=torch.float32, device=device)
     grad_logp = torch.zeros((R, T), dtype=torch.float32, device=device)
     adv_per_token = advantages.dim() == 2
     grad_adv = torch.zeros((R, T), dtype=torch.float32, device=device) if need_adv_grad and adv_per_token else None
     has_kl = beta > 0.0
+    level_code = ImportanceLevel.code(level, "importance_sampling_level")
+    objective_code = PolicyObjective.code(objective, "objective")
+    ext = (level_code != ImportanceLevel.token or objective_code != PolicyObjective.clip or delta is not None
+           or dual_clip is not None or bool(kl_bias_correction) or token_weights is not None)
+    if level_code != ImportanceLevel.token and row_log_ratio is None:
+        raise ValueError(f"row_log_ratio [R] is required at importance_sampling_level={level!r}, got None")
     if n_programs:
         _policy_tokens_kernel[(R, nb)](
             logp, old_logp, ref_logp if has_kl else logp, advantages, mask, scale, partials, grad_logp,
             grad_adv if grad_adv is not None else grad_logp,
+            row_log_ratio if row_log_ratio is not None else logp,
+            token_weights if token_weights is not None else logp,
             T, n_programs,
-            1.0 - clip_low, 1.0 + clip_high, beta,
+            1.0 - clip_low, 1.0 + clip_high, beta, clip_high, float("inf") if delta is None else float(delta),
+            0.0 if dual_clip is None else float(dual_clip),
             ADV_PER_TOKEN=adv_per_token, SCALE_PER_TOKEN=scale.dim() == 2, HAS_KL=has_kl,
             KL_KIND=KlKind.code(kl_kind, "kl_kind"), NEED_ADV_GRAD=need_adv_grad, BLOCK_T=block_t,
+            EXT=ext, LEVEL=level_code, OBJECTIVE=objective_code, HAS_TW=token_weights is not None,
+            HAS_DELTA=delta is not None, HAS_DUAL=dual_clip is not None, KL_BIAS=bool(kl_bias_correction),
         )
     loss = partials[0].sum()
     sums = partials[1:5].sum(1)
     if need_adv_grad and not adv_per_token:
         grad_adv = partials[5, :n_programs].view(R, nb).sum(1) if n_programs else torch.zeros(R, device=device)
-    return loss, sums, grad_logp, grad_adv
+    d_row = partials[6, :n_programs].view(R, nb).sum(1) if n_programs else torch.zeros(R, device=device)
+    return loss, sums, grad_logp, grad_adv, d_row
+
+
+# ------------------------------------------------------------ off-policy corrections (issue 12)
+@triton.jit
+def _rollout_weight(log_rho, low, high, MODE: tl.constexpr):
+    rho = tl.exp(log_rho)
+    if (MODE == ROLLOUT_TOKEN_TRUNCATE) or (MODE == ROLLOUT_SEQUENCE_TRUNCATE):
+        out = tl.minimum(tl.maximum(rho, low), high)
+    elif (MODE == ROLLOUT_TOKEN_MASK) or (MODE == ROLLOUT_SEQUENCE_MASK):
+        out = tl.where((rho < low) | (rho > high), 0.0, rho)
+    else:  # no other mode: NaN
+        out = rho * float("nan")
+    return out
+
+
+@triton.jit
+def _rollout_is_kernel(old_ptr, rollout_ptr, mask_ptr, out_ptr, T, low, high, MODE: tl.constexpr,
+                       BLOCK_T: tl.constexpr):
+    """One row: its importance weights (sequence modes: a first sweep sums the row's log-ratios)."""
+    row = tl.program_id(0).to(tl.int64)
+    total = tl.zeros([BLOCK_T], tl.float32)
+    if (MODE == ROLLOUT_SEQUENCE_TRUNCATE) or (MODE == ROLLOUT_SEQUENCE_MASK):
+        for start in range(0, T, BLOCK_T):
+            cols = start + tl.arange(0, BLOCK_T)
+            valid = cols < T
+            o = tl.load(old_ptr + row * T + cols, mask=valid, other=0.0)
+            r = tl.load(rollout_ptr + row * T + cols, mask=valid, other=0.0)
+            m = tl.load(mask_ptr + row * T + cols, mask=valid, other=0.0)
+            d = (o - r) * m
+            total += tl.where(d != d, 0.0, d)  # an unscored (NaN) token counts as log-ratio 0
+        weight = _rollout_weight(tl.sum(total, axis=0), low, high, MODE)
+    for start in range(0, T, BLOCK_T):
+        cols = start + tl.arange(0, BLOCK_T)
+        valid = cols < T
+        if (MODE == ROLLOUT_SEQUENCE_TRUNCATE) or (MODE == ROLLOUT_SEQUENCE_MASK):
+            w = tl.zeros([BLOCK_T], tl.float32) + weight
+        else:
+            o = tl.load(old_ptr + row * T + cols, mask=valid, other=0.0)
+            r = tl.load(rollout_ptr + row * T + cols, mask=valid, other=0.0)
+            m = tl.load(mask_ptr + row * T + cols, mask=valid, other=0.0)
+            d = (o - r) * m
+            w = _rollout_weight(tl.where(d != d, 0.0, d), low, high, MODE)
+        tl.store(out_ptr + row * T + cols, w, mask=valid)
+
+
+@triton.jit
+def _off_policy_mask_kernel(logp_ptr, sampling_ptr, adv_ptr, mask_ptr, out_ptr, T, threshold, BLOCK_T: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    total = tl.zeros([BLOCK_T], tl.float32)
+    count = tl.zeros([BLOCK_T], tl.float32)
+    for start in range(0, T, BLOCK_T):
+        cols = start + tl.arange(0, BLOCK_T)
+        valid = cols < T
+        lp = tl.load(logp_ptr + row * T + cols, mask=valid, other=0.0)
+        sp = tl.load(sampling_ptr + row * T + cols, mask=valid, other=0.0)
+        m = tl.load(mask_ptr + row * T + cols, mask=valid, other=0.0)
+        d = sp - lp
+        total += tl.where(d != d, 0.0, d) * m
+        count += m
+    mean = tl.sum(total, axis=0) / tl.maximum(tl.sum(count, axis=0), 1.0)
+    adv = tl.load(adv_ptr + row)
+    keep = (adv >= 0.0) | (mean <= threshold)
+    tl.store(out_ptr + row, tl.where(keep, 1.0, 0.0))
+
+
+def rollout_is_weights(old_logp, rollout_logp, mask, *, mode, low, high):
+    """``[B, T]`` float32 rollout importance weights (spec: ``fastalign.ops.offpolicy.spec.rollout_is_weights``)."""
+    old, rollout = old_logp.float().contiguous(), rollout_logp.float().contiguous()
+    m = mask.to(torch.float32).contiguous()
+    B, T = old.shape
+    out = torch.empty((B, T), dtype=torch.float32, device=old.device)
+    if B and T:
+        _rollout_is_kernel[(B,)](old, rollout, m, out, T, float("-inf") if low is None else low,
+                                 float("inf") if high is None else high, MODE=RolloutIsMode.code(mode, "mode"),
+                                 BLOCK_T=_block(T, 1024))
+    return out
+
+
+def off_policy_mask(logp, sampling_logp, advantages, mask, *, threshold):
+    """``[B, 1]`` float32 keep-mask (spec: ``fastalign.ops.offpolicy.spec.off_policy_mask``)."""
+    lp, sp = logp.float().contiguous(), sampling_logp.float().contiguous()
+    adv, m = advantages.float().contiguous(), mask.to(torch.float32).contiguous()
+    B, T = lp.shape
+    out = torch.ones((B,), dtype=torch.float32, device=lp.device)
+    if B and T:
+        _off_policy_mask_kernel[(B,)](lp, sp, adv, m, out, T, float(threshold), BLOCK_T=_block(T, 1024))
+    return out[:, None]
 
 
 # ----------------------------------------------------------------------------------- dpo / simpo

@@ -130,11 +130,29 @@ FA_HD float kl_grad_logp(float d, int kind) {
 // (and they drop a NaN x, where torch.clamp keeps it; this keeps it too).
 FA_HD float clamp_range(float x, float lo, float hi) { return x < lo ? lo : (x > hi ? hi : x); }
 
+// Codes as declared in fastalign/ops/policy/spec.py (ImportanceLevel, PolicyObjective); tests/test_kinds.py
+// checks they agree.
+enum ImportanceLevel : int { kLevelToken = 0, kLevelSequence = 1, kLevelSequenceToken = 2 };
+constexpr int kImportanceLevels = 3;
+enum PolicyObjective : int { kObjectiveClip = 0, kObjectiveCispo = 1 };
+constexpr int kPolicyObjectives = 2;
+
 struct PolicyConfig {
   float ratio_low;   // 1 - clip_low
   float ratio_high;  // 1 + clip_high
   float beta;        // KL weight; 0 disables the KL term (ref_logp unused)
   int kl_kind;
+  // This year's objectives (issue 12); the defaults reproduce the plain clipped loss.
+  int level = kLevelToken;          // ImportanceLevel: the weight from the token or from the row's mean log-ratio
+  int objective = kObjectiveClip;   // PolicyObjective
+  float cispo_cap = 0.0f;           // CISPO's absolute cap on the weight (clip_high)
+  float delta = INFINITY;           // two-sided clip: the unclipped branch uses min(w, delta)
+  float dual_clip = 0.0f;           // dual clip c > 1 for A < 0; 0 = off
+  bool kl_bias_correction = false;  // KL term times the weight (TRL's use_bias_correction_kl)
+  bool extended() const {
+    return level != kLevelToken || objective != kObjectiveClip || delta != INFINITY || dual_clip > 0.0f ||
+           kl_bias_correction;
+  }
 };
 
 // One token of the clipped policy loss: its value, its derivatives and its metric indicators, from
@@ -144,6 +162,7 @@ struct PolicyTokenTerms {
   float loss;       // -min(r A, clip(r) A) + beta kl
   float d_logp;     // d loss / d logp
   float d_adv;      // d loss / d A
+  float d_row;      // d loss / d row_log_ratio (level == sequence only; else 0)
   float low;        // 1 where r < 1 - clip_low and A < 0 (TRL's is_low_clipped)
   float high;       // 1 where r > 1 + clip_high and A > 0
   float kl;         // 0 when beta == 0
@@ -168,6 +187,7 @@ FA_HD PolicyTokenTerms policy_token_terms(float logp, float old_logp, float adv,
   const float inside = ((ratio >= c.ratio_low) & (ratio <= c.ratio_high)) ? 1.0f : 0.0f;
   t.d_logp = -(wa + wb * inside) * adv * ratio;
   t.d_adv = -(wa * ratio + wb * clipped);
+  t.d_row = 0.0f;
   t.kl = 0.0f;
   if (c.beta > 0.0f) {
     const int kind = KlKind >= 0 ? KlKind : c.kl_kind;
@@ -179,6 +199,97 @@ FA_HD PolicyTokenTerms policy_token_terms(float logp, float old_logp, float adv,
   t.low = ((ratio < c.ratio_low) & (adv < 0.0f)) ? 1.0f : 0.0f;
   t.high = ((ratio > c.ratio_high) & (adv > 0.0f)) ? 1.0f : 0.0f;
   return t;
+}
+
+// ----------------------------------------------------------------- this year's objectives (issue 12)
+// The same token with every option of c (GSPO levels, CISPO, two-sided and dual clip, KL bias
+// correction) and a detached token weight tw multiplying the surrogate before the KL term
+// (fastalign/ops/policy/spec.py, policy_token_terms, is the spec). row_lr is the row's mean
+// log-ratio (levels sequence and sequence_token). The weight's derivative g_w = d term / d w goes to
+// logp (token, sequence_token: dw/dlogp = w) or to row_lr (sequence: dw/drow_lr = w). Kept apart
+// from policy_token_terms so the plain loop keeps its fast, vectorized body.
+template <int KlKind = -1>
+FA_HD PolicyTokenTerms policy_token_terms_ext(float logp, float old_logp, float adv, float ref_logp, float row_lr,
+                                              float tw, const PolicyConfig& c) {
+  PolicyTokenTerms t;
+  t.log_ratio = logp - old_logp;
+  const float ratio = exp_any(c.level == kLevelToken ? t.log_ratio : row_lr);
+  float pg, g_w, g_logp, g_adv;
+  if (c.objective == kObjectiveCispo) {
+    const float q = ratio < c.cispo_cap ? ratio : c.cispo_cap;  // detached
+    pg = -q * adv * logp;
+    g_w = 0.0f;
+    g_logp = -q * adv;
+    g_adv = -q * logp;
+    t.low = 0.0f;
+    t.high = ((ratio > c.cispo_cap) & (adv > 0.0f)) ? 1.0f : 0.0f;
+  } else if (c.objective == kObjectiveClip) {
+    const float r1 = ratio > c.delta ? c.delta : ratio;
+    const float d_r1 = ratio <= c.delta ? 1.0f : 0.0f;  // torch.clamp(max=delta) passes on x <= delta
+    const float clipped = clamp_range(ratio, c.ratio_low, c.ratio_high);
+    const float a = r1 * adv, b = clipped * adv;
+    pg = -(a < b ? a : b);
+    const float wa = a < b ? 1.0f : (a > b ? 0.0f : 0.5f);
+    const float wb = 1.0f - wa;
+    const float inside = ((ratio >= c.ratio_low) & (ratio <= c.ratio_high)) ? 1.0f : 0.0f;
+    g_w = -(wa * d_r1 + wb * inside) * adv;
+    g_adv = -(wa * r1 + wb * clipped);
+    g_logp = 0.0f;
+    if ((c.dual_clip > 0.0f) & (adv < 0.0f)) {  // min(pg, -c A), torch.minimum's split on a tie
+      const float bound = -c.dual_clip * adv;
+      const float wd = pg < bound ? 1.0f : (pg > bound ? 0.0f : 0.5f);
+      pg = pg < bound ? pg : bound;
+      g_w *= wd;
+      g_adv = wd * g_adv - (1.0f - wd) * c.dual_clip;
+    }
+    t.low = ((r1 < c.ratio_low) & (adv < 0.0f)) ? 1.0f : 0.0f;
+    t.high = ((r1 > c.ratio_high) & (adv > 0.0f)) ? 1.0f : 0.0f;
+  } else {  // unknown code: the launchers reject it first
+    pg = g_w = g_logp = g_adv = NAN;
+    t.low = t.high = NAN;
+  }
+  t.loss = tw * pg;
+  g_w *= tw;
+  g_logp *= tw;
+  t.d_adv = tw * g_adv;
+  t.kl = 0.0f;
+  if (c.beta > 0.0f) {
+    const int kind = KlKind >= 0 ? KlKind : c.kl_kind;
+    const float kl = kl_value(ref_logp - logp, kind), d_kl = kl_grad_logp(ref_logp - logp, kind);
+    t.kl = c.kl_bias_correction ? kl * ratio : kl;
+    t.loss += c.beta * t.kl;
+    g_logp += c.beta * (c.kl_bias_correction ? d_kl * ratio : d_kl);
+    if (c.kl_bias_correction) g_w += c.beta * kl;
+  }
+  const bool to_row = c.level == kLevelSequence;
+  t.d_logp = g_logp + (to_row ? 0.0f : g_w * ratio);
+  t.d_row = to_row ? g_w * ratio : 0.0f;
+  return t;
+}
+
+// ----------------------------------------------------- off-policy corrections (issue 12)
+// Codes as declared in fastalign/ops/offpolicy/spec.py (RolloutIsMode); tests/test_kinds.py checks them.
+enum RolloutIsMode : int {
+  kRolloutTokenTruncate = 0,
+  kRolloutTokenMask = 1,
+  kRolloutSequenceTruncate = 2,
+  kRolloutSequenceMask = 3
+};
+constexpr int kRolloutIsModes = 4;
+
+// The rollout importance weight from rho = exp(log_rho): truncated to [low, high] or zeroed outside it.
+FA_HD float rollout_is_weight(float log_rho, int mode, float low, float high) {
+  const float rho = exp_any(log_rho);
+  switch (mode) {
+    case kRolloutTokenTruncate:
+    case kRolloutSequenceTruncate:
+      return clamp_range(rho, low, high);
+    case kRolloutTokenMask:
+    case kRolloutSequenceMask:
+      return ((rho < low) | (rho > high)) ? 0.0f : rho;
+    default:  // unknown code: the launchers reject it first
+      return NAN;
+  }
 }
 
 // ------------------------------------------------------------------------------------ value loss

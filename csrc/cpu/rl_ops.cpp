@@ -212,32 +212,125 @@ FA_ROW_CLONES void policy_row(const float* logp, const float* old_logp, const fl
   out[5] = s_dadv;
 }
 
+// ---------------------------------------------------------------- this year's objectives (issue 12)
+// The row loop with every option of PolicyConfig (policy_token_terms_ext) and the optional token
+// weights; out[6] is the row's d loss / d row_log_ratio. Taken only when an option is on, so the
+// plain loop above keeps its body.
+template <int Kind, bool AdvPerToken, bool ScalePerToken>
+FA_ROW_CLONES void policy_row_ext(const float* logp, const float* old_logp, const float* adv, const float* mask,
+                                  const float* ref, const float* scale, const float* token_weights, float row_lr,
+                                  int64_t len, const PolicyConfig& c, float* d_logp, float* d_adv_token, double* out) {
+  const float row_adv = adv[0], row_scale = scale[0];
+  const bool has_tw = token_weights != nullptr;
+  const float* tw = has_tw ? token_weights : mask;  // loads stay unconditional; the select drops them
+  float s_loss = 0.0f, s_low = 0.0f, s_high = 0.0f, s_kl = 0.0f, s_lr2 = 0.0f, s_dadv = 0.0f, s_drow = 0.0f;
+#pragma omp simd reduction(+ : s_loss, s_low, s_high, s_kl, s_lr2, s_dadv, s_drow)
+  for (int64_t t = 0; t < len; ++t) {
+    const float m = mask[t];
+    const bool on = m != 0.0f;
+    const float w = (ScalePerToken ? scale[t] : row_scale) * m;
+    const PolicyTokenTerms tok = policy_token_terms_ext<Kind>(logp[t], old_logp[t], AdvPerToken ? adv[t] : row_adv,
+                                                              ref[t], row_lr, has_tw ? tw[t] : 1.0f, c);
+    s_loss += on ? w * tok.loss : 0.0f;
+    s_low += on ? m * tok.low : 0.0f;
+    s_high += on ? m * tok.high : 0.0f;
+    s_kl += on ? m * tok.kl : 0.0f;
+    s_lr2 += on ? m * tok.log_ratio * tok.log_ratio : 0.0f;
+    s_dadv += on ? w * tok.d_adv : 0.0f;
+    s_drow += on ? w * tok.d_row : 0.0f;
+    d_logp[t] = on ? w * tok.d_logp : 0.0f;
+    if (AdvPerToken && d_adv_token != nullptr) d_adv_token[t] = on ? w * tok.d_adv : 0.0f;
+  }
+  out[0] = s_loss;
+  out[1] = s_low;
+  out[2] = s_high;
+  out[3] = s_kl;
+  out[4] = s_lr2;
+  out[5] = s_dadv;
+  out[6] = s_drow;
+}
+
 }  // namespace
 
 void policy_tokens(const float* logp, const float* old_logp, const float* adv, bool adv_per_token, const float* mask,
                    const float* ref_logp, const float* scale, bool scale_per_token, int64_t rows, int64_t len,
-                   const PolicyConfig& c, float* loss, float* sums, float* d_logp, float* d_adv) {
-  constexpr int K = 6;
+                   const PolicyConfig& c, float* loss, float* sums, float* d_logp, float* d_adv,
+                   const float* row_log_ratio, const float* token_weights, float* d_row) {
+  constexpr int K = 7;
   std::vector<double> per_row(static_cast<size_t>(std::max<int64_t>(rows, 1)) * K, 0.0);
   const float* ref = ref_logp ? ref_logp : logp;  // read but unused when beta == 0: keeps loads unconditional
+  const bool ext = c.extended() || token_weights != nullptr;
   with_policy_variant(c.kl_kind, adv_per_token, scale_per_token, [&](auto kind, auto adv_tok, auto scale_tok) {
     constexpr int Kind = decltype(kind)::value;
     constexpr bool AdvTok = decltype(adv_tok)::value, ScaleTok = decltype(scale_tok)::value;
 #pragma omp parallel for schedule(static) if (rows * len > kParallelMin)
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t o = r * len;
-      policy_row<Kind, AdvTok, ScaleTok>(logp + o, old_logp + o, AdvTok ? adv + o : adv + r, mask + o, ref + o,
-                                         ScaleTok ? scale + o : scale + r, len, c, d_logp + o,
-                                         AdvTok && d_adv ? d_adv + o : nullptr, per_row.data() + r * K);
+      if (ext) {
+        policy_row_ext<Kind, AdvTok, ScaleTok>(logp + o, old_logp + o, AdvTok ? adv + o : adv + r, mask + o, ref + o,
+                                               ScaleTok ? scale + o : scale + r,
+                                               token_weights ? token_weights + o : nullptr,
+                                               row_log_ratio ? row_log_ratio[r] : 0.0f, len, c, d_logp + o,
+                                               AdvTok && d_adv ? d_adv + o : nullptr, per_row.data() + r * K);
+      } else {
+        policy_row<Kind, AdvTok, ScaleTok>(logp + o, old_logp + o, AdvTok ? adv + o : adv + r, mask + o, ref + o,
+                                           ScaleTok ? scale + o : scale + r, len, c, d_logp + o,
+                                           AdvTok && d_adv ? d_adv + o : nullptr, per_row.data() + r * K);
+        per_row[r * K + 6] = 0.0;
+      }
     }
   });
-  double total[K - 1] = {0, 0, 0, 0, 0};
+  double total[5] = {0, 0, 0, 0, 0};
   for (int64_t r = 0; r < rows; ++r) {
-    for (int k = 0; k < K - 1; ++k) total[k] += per_row[r * K + k];
+    for (int k = 0; k < 5; ++k) total[k] += per_row[r * K + k];
     if (!adv_per_token && d_adv != nullptr) d_adv[r] = static_cast<float>(per_row[r * K + 5]);
+    if (d_row != nullptr) d_row[r] = static_cast<float>(per_row[r * K + 6]);
   }
   *loss = static_cast<float>(total[0]);
-  for (int k = 0; k < K - 2; ++k) sums[k] = static_cast<float>(total[k + 1]);
+  for (int k = 0; k < 4; ++k) sums[k] = static_cast<float>(total[k + 1]);
+}
+
+// ------------------------------------------------------------ off-policy corrections (issue 12)
+void rollout_is_weights(const float* old_logp, const float* rollout_logp, const float* mask, int64_t rows, int64_t len,
+                        int mode, float low, float high, float* out) {
+  const bool per_sequence = mode == kRolloutSequenceTruncate || mode == kRolloutSequenceMask;
+#pragma omp parallel for schedule(static) if (rows * len > kParallelMin)
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* o = old_logp + r * len;
+    const float* s = rollout_logp + r * len;
+    const float* m = mask + r * len;
+    float* w = out + r * len;
+    if (per_sequence) {
+      double sum = 0.0;  // the row's log of the product of ratios
+      for (int64_t t = 0; t < len; ++t) {
+        const float d = (o[t] - s[t]) * m[t];
+        sum += d != d ? 0.0f : d;  // NaN (an unscored token) counts as log-ratio 0, as TRL
+      }
+      const float weight = rollout_is_weight(static_cast<float>(sum), mode, low, high);
+      for (int64_t t = 0; t < len; ++t) w[t] = weight;
+    } else {
+      for (int64_t t = 0; t < len; ++t) {
+        const float d = (o[t] - s[t]) * m[t];
+        w[t] = rollout_is_weight(d != d ? 0.0f : d, mode, low, high);
+      }
+    }
+  }
+}
+
+void off_policy_mask(const float* logp, const float* sampling_logp, const float* adv, const float* mask, int64_t rows,
+                     int64_t len, float threshold, float* out) {
+#pragma omp parallel for schedule(static) if (rows * len > kParallelMin)
+  for (int64_t r = 0; r < rows; ++r) {
+    double sum = 0.0, count = 0.0;
+    for (int64_t t = 0; t < len; ++t) {
+      const float d = sampling_logp[r * len + t] - logp[r * len + t];
+      const float m = mask[r * len + t];
+      sum += (d != d ? 0.0f : d) * m;
+      count += m;
+    }
+    const float mean = static_cast<float>(sum) / static_cast<float>(count > 1.0 ? count : 1.0);
+    out[r] = (adv[r] >= 0.0f) | (mean <= threshold) ? 1.0f : 0.0f;
+  }
 }
 
 // ---------------------------------------------------------------------------------------- value loss

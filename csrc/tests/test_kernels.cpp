@@ -322,13 +322,59 @@ void test_policy_tokens() {
       float loss;
       Vec sums(4), d_lp(B * T), d_adv(B);
       cpu::policy_tokens(lp.data(), old.data(), adv.data(), false, m.data(), ref.data(), scale.data(),
-                         scale_per_token, B, T, c, &loss, sums.data(), d_lp.data(), d_adv.data());
+                         scale_per_token, B, T, c, &loss, sums.data(), d_lp.data(), d_adv.data(), nullptr, nullptr,
+                         nullptr);
       const double want = policy_double(to_double(lp), old, adv, w, ref, B, T, 0.2, 0.28, 0.1, kl_kind);
       check(std::fabs(loss - want) <= 1e-5 * std::max(1.0, std::fabs(want)), "policy tokens loss", loss, want);
       auto f = [&](const DVec& x) { return policy_double(x, old, adv, w, ref, B, T, 0.2, 0.28, 0.1, kl_kind); };
       check_close(d_lp, numeric_grad(f, to_double(lp)), 1e-4, "policy tokens d logp");
     }
   }
+}
+
+// Issue 12's options at the token level (two-sided clip delta, dual clip c, KL bias correction, token
+// weights tw): the same loss in double, differentiated numerically.
+double policy_ext_double(const DVec& lp, const Vec& old, const Vec& adv, const Vec& w, const Vec& ref, const Vec& tw,
+                         int64_t B, int64_t T, double clip_low, double clip_high, double beta, double delta,
+                         double dual) {
+  double total = 0;
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t t = 0; t < T; ++t) {
+      const int64_t i = b * T + t;
+      const double ratio = std::exp(lp[i] - old[i]);
+      const double clipped = std::min(std::max(ratio, 1 - clip_low), 1 + clip_high);
+      double pt = -std::min(std::min(ratio, delta) * adv[b], clipped * adv[b]);
+      if (adv[b] < 0) pt = std::min(pt, -dual * adv[b]);
+      pt *= tw[i];
+      const double d = ref[i] - lp[i];
+      pt += beta * (std::exp(d) - d - 1) * ratio;
+      total += pt * w[i];
+    }
+  }
+  return total;
+}
+
+void test_policy_tokens_ext() {
+  const int64_t B = 5, T = 9;
+  Vec lp = randn(B * T, 0.5f, -1.0f), old = randn(B * T, 0.5f, -1.0f), adv = randn(B);
+  Vec ref = randn(B * T, 0.5f, -1.0f), m = mask_with_holes(B, T), tw = randn(B * T, 0.3f, 0.5f);
+  Vec scale = randn(B, 0.1f, 0.3f), w(B * T);
+  for (int64_t i = 0; i < B * T; ++i) w[i] = m[i] * scale[i / T];
+  PolicyConfig c{0.8f, 1.28f, 0.1f, kKlK3};
+  c.delta = 1.6f;
+  c.dual_clip = 1.4f;
+  c.kl_bias_correction = true;
+  float loss;
+  Vec sums(4), d_lp(B * T), d_adv(B), d_row(B);
+  cpu::policy_tokens(lp.data(), old.data(), adv.data(), false, m.data(), ref.data(), scale.data(), false, B, T, c,
+                     &loss, sums.data(), d_lp.data(), d_adv.data(), nullptr, tw.data(), d_row.data());
+  auto f = [&](const DVec& x) {
+    return policy_ext_double(x, old, adv, w, ref, tw, B, T, 0.2, 0.28, 0.1, 1.6, 1.4);
+  };
+  const double want = f(to_double(lp));
+  check(std::fabs(loss - want) <= 1e-5 * std::max(1.0, std::fabs(want)), "policy tokens ext loss", loss, want);
+  check_close(d_lp, numeric_grad(f, to_double(lp)), 1e-4, "policy tokens ext d logp");
+  for (int64_t r = 0; r < B; ++r) check(d_row[r] == 0.0f, "policy tokens ext d_row at level token", d_row[r], 0);
 }
 
 void test_value_loss() {
@@ -470,6 +516,7 @@ int main() {
   test_gae();
   test_whiten();
   test_policy_tokens();
+  test_policy_tokens_ext();
   test_value_loss();
   test_dpo_simpo_bt();
   test_kl_and_sequence_sums();

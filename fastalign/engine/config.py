@@ -256,14 +256,45 @@ class GRPOConfig(TrainConfig):
     stop_strings: list = knob([], "strings that end a completion (besides EOS); comma-separated")
     generation_backend: str = choice("auto", ("auto", "hf", "vllm"),
                                      "auto: vLLM when installed and a GPU is present, else transformers generate")
-    advantage: str = choice("group", ("group", "batch", "none", "rloo"),
+    advantage: str = choice("group", ("group", "batch", "none", "rloo", "reinforce_pp", "reinforce_pp_baseline"),
                             "group: (r - group mean) / group std; batch: / std of the whole batch; none: no "
-                            "division (Dr. GRPO); rloo: r - mean of the other G-1")
-    loss_type: str = choice("dapo", POLICY_LOSS_TYPES, "token aggregation of the policy loss")
+                            "division (Dr. GRPO); rloo: r - mean of the other G-1; reinforce_pp(_baseline): "
+                            "REINFORCE++ per-token returns (minus the group mean), whitened over the batch")
+    loss_type: str = choice("dapo", POLICY_LOSS_TYPES,
+                            "token aggregation of the policy loss; cispo: CISPO's objective (epsilon_high is its "
+                            "absolute weight cap, e.g. 5), aggregated like dapo")
     epsilon: float = knob(0.2, "ratio clip ε_low", minimum=0)
     epsilon_high: float = knob(0.0, "ratio clip ε_high (0 = epsilon; DAPO uses 0.28)", minimum=0)
     beta: float = knob(0.0, "k3 KL weight against the reference (0 = no reference model is loaded)", minimum=0)
     num_iterations: int = knob(1, "optimizer steps per rollout (>1 reuses it with its stored log-probs)", minimum=1)
+    # This year's objectives (issue 12), TRL's names where TRL has one.
+    importance_sampling_level: str = choice("token", ("token", "sequence", "sequence_token"),
+                                            "importance weight per token, per sequence (GSPO; its paper uses "
+                                            "epsilon 3e-4, epsilon_high 4e-4, loss_type grpo) or GSPO-token")
+    delta: float = knob(0.0, "two-sided clip: cap of the unclipped ratio, > 1 + epsilon_high (0 = off; "
+                             "INTELLECT-2 uses 4)", minimum=0)
+    ratio_clip_c: float = knob(0.0, "dual clip: a token with A < 0 loses at most -c A, c > 1 (0 = off)", minimum=0)
+    use_bias_correction_kl: bool = knob(True, "multiply the k3 KL term by the importance weight (TRL's default; "
+                                              "only matters when beta > 0)")
+    off_policy_mask_threshold: float = knob(-1.0, "drop a sequence with A < 0 whose mean (sampling - policy) "
+                                                  "log-prob exceeds this (DeepSeek-V3.2; < 0 = off)")
+    top_entropy_quantile: float = knob(1.0, "fraction of valid tokens, by entropy over all processes, that get "
+                                            "policy gradient (0.2 = '80/20'; 1 = all)", minimum=0, maximum=1)
+    entropy_coef: float = knob(0.0, "entropy bonus: loss -= coef x mean entropy of the trained tokens", minimum=0)
+    rollout_is_correction: str = choice("none", ("none", "token_truncate", "token_mask", "sequence_truncate",
+                                                 "sequence_mask"),
+                                        "sampler/trainer mismatch weights exp(old - sampler log-prob) (TRL's "
+                                        "vllm_importance_sampling_mode; TRL's default is sequence_mask)")
+    rollout_is_low: float = knob(0.0, "lower bound of the rollout weight (0 = none)", minimum=0)
+    rollout_is_high: float = knob(3.0, "upper bound of the rollout weight (TRL: vllm_importance_sampling_clip_max)",
+                                  minimum=0)
+    dynamic_sampling: bool = knob(False, "DAPO: drop groups whose rewards are all equal and sample more prompts "
+                                         "until the batch is full")
+    max_sampling_rounds: int = knob(3, "dynamic sampling: most sampling rounds per rollout", minimum=1)
+    overlong_buffer: int = knob(0, "DAPO soft overlong punishment: the last L_c tokens before max_new_tokens "
+                                   "(0 = off)", minimum=0)
+    overlong_penalty: float = knob(1.0, "overlong punishment at max_new_tokens (scales (L_max - L_c - |y|) / L_c)",
+                                   minimum=0)
     share_prompt_forward: bool = knob(True, "the training forward runs each distinct prompt once for its G samples "
                                             "(off, or under gradient checkpointing: prompt + completion per row)")
     reference: str = choice("frozen_copy", ("frozen_copy", "adapter", "shared_trunk"),
@@ -297,6 +328,25 @@ class GRPOConfig(TrainConfig):
         if self.beta > 0 and self.reference == "shared_trunk" and self.temperature != 1.0:
             raise ValueError(f"config key 'temperature' must be 1 with reference 'shared_trunk' (its log-probs are "
                              f"read at temperature 1), got {self.temperature!r}")
+        high = self.epsilon_high or self.epsilon
+        if self.delta and not self.delta > 1 + high:
+            raise ValueError(f"config key 'delta' must be > 1 + epsilon_high = {1 + high} (or 0 = off), "
+                             f"got {self.delta!r}")
+        if self.ratio_clip_c and not self.ratio_clip_c > 1:
+            raise ValueError(f"config key 'ratio_clip_c' must be > 1 (or 0 = off), got {self.ratio_clip_c!r}")
+        if self.loss_type == "cispo" and not self.epsilon_high:
+            raise ValueError("config key 'epsilon_high' must be set for loss_type cispo (the absolute cap on the "
+                             "importance weight, e.g. 5.0), got 0")
+        if self.loss_type == "cispo" and (self.delta or self.ratio_clip_c):
+            raise ValueError("config keys 'delta' and 'ratio_clip_c' apply to the clipped objective, not to "
+                             f"loss_type cispo; got delta={self.delta}, ratio_clip_c={self.ratio_clip_c}")
+        if not 0 < self.top_entropy_quantile <= 1:
+            raise ValueError(f"config key 'top_entropy_quantile' must be in (0, 1], got {self.top_entropy_quantile!r}")
+        if self.rollout_is_correction != "none" and self.rollout_is_low > self.rollout_is_high:
+            raise ValueError(f"config key 'rollout_is_low' must be <= rollout_is_high ({self.rollout_is_high}), "
+                             f"got {self.rollout_is_low!r}")
+        if self.advantage == "reinforce_pp_baseline" and self.num_generations < 2:
+            raise ValueError("config key 'advantage' reinforce_pp_baseline needs num_generations >= 2")
         if self.fsdp:
             raise ValueError("config key 'fsdp' is not supported by grpo (the fused loss reads the LM head outside "
                              "the forward; use DDP), got True")

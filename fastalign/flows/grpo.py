@@ -17,6 +17,13 @@ with the rollout as the old log-probs (recomputed by the policy when vLLM sample
 count are global); gradient accumulation (``micro_batch_size``); checkpoints and exact resume through
 the engine trainer (the pending rollout and the sampling RNG are part of the checkpoint).
 
+This year's objectives (TRL 1.16's names): ``importance_sampling_level`` (GSPO, GSPO-token), ``loss_type:
+cispo``, ``delta``, ``ratio_clip_c``, ``use_bias_correction_kl`` (on by default, as TRL, when ``beta > 0``),
+``top_entropy_quantile`` and ``entropy_coef`` go to the fused loss; ``rollout_is_correction`` and
+``off_policy_mask_threshold`` become per-token loss weights at rollout time (sampler vs. recomputed policy
+log-probs); ``advantage: reinforce_pp | reinforce_pp_baseline``; DAPO's ``dynamic_sampling`` (at most
+``max_sampling_rounds``) and ``overlong_buffer``/``overlong_penalty``. Recipes: ``configs/grpo_{gspo,dapo,cispo}.yaml``.
+
 Assumptions: ``max_steps`` counts optimizer steps (``ceil(max_steps / num_iterations)`` rollouts);
 ``bnpo`` is the token mean of each micro-batch averaged over micro-batches and processes (TRL's
 local-batch meaning), the other loss types are world-size invariant; with ``num_iterations = 1`` the
@@ -31,6 +38,7 @@ Run: ``fastalign grpo --config configs/grpo.yaml --init_from runs/sft/model [--k
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass, fields
 
 import torch
@@ -40,7 +48,7 @@ from fastalign import ops
 from fastalign.data import loading
 from fastalign.engine import evaluation
 from fastalign.engine.config import GRPOConfig
-from fastalign.engine.distributed import DistState, shutdown, unwrap, wrap_model
+from fastalign.engine.distributed import DistState, all_reduce_sum, shutdown, unwrap, wrap_model
 from fastalign.engine.generation import SampledCompletions, decode, gathered_for_generation, make_sampler
 from fastalign.engine.optim import build_optimizer, build_scheduler
 from fastalign.engine.rollouts import encode_prompts, global_means, max_new_tokens, verifier_means, verifier_rewards
@@ -73,6 +81,61 @@ def compute_advantages(rewards, group_size, kind, state: DistState | None = None
     return ops.group_advantages(rewards, group_size, scale=kind)
 
 
+# ------------------------------------------------------------------ this year's objectives (issue 12)
+def overlong_penalty(lengths, max_tokens: int, buffer: int, penalty: float):
+    """DAPO's soft overlong punishment of completions of ``lengths``: 0 up to ``max_tokens − buffer``, then
+    ``penalty · ((max_tokens − buffer) − |y|) / buffer`` down to ``−penalty`` at ``max_tokens`` and beyond."""
+    start = max_tokens - buffer
+    over = (start - lengths.float()) / buffer
+    return penalty * torch.where(lengths <= start, torch.zeros_like(over), over.clamp(min=-1.0))
+
+
+def zero_variance_groups(rewards, group_size: int):
+    """``[groups]`` bool: the groups whose rewards are all equal (no advantage, no policy gradient)."""
+    grouped = rewards.view(-1, group_size)
+    return (grouped == grouped[:, :1]).all(1)
+
+
+def reinforce_pp_token_advantages(rewards, batch, kind: str, group_size: int):
+    """REINFORCE++ (``reinforce_pp``) or REINFORCE++-baseline advantages ``[n, W-1]`` at the shifted labels."""
+    mask = batch.labels[:, 1:] != IGNORE_INDEX
+    return ops.reinforce_pp_advantages(rewards.to(mask.device).float(), mask,
+                                       group_size=group_size if kind == "reinforce_pp_baseline" else None)
+
+
+def correction_weights(batch, sampling_logps, cfg: GRPOConfig):
+    """Detached per-token weights of the loss: rollout importance correction × off-policy sequence mask
+    (None when both are off). Both compare the sampler's log-probs with the policy's at rollout time (TRL
+    evaluates the off-policy mask at each optimizer step: the same for ``num_iterations = 1``)."""
+    mask = batch.labels[:, 1:] != IGNORE_INDEX
+    weights = None
+    if cfg.rollout_is_correction != "none":
+        weights = ops.rollout_is_weights(batch.old_logps, sampling_logps, mask, mode=cfg.rollout_is_correction,
+                                         low=cfg.rollout_is_low or None, high=cfg.rollout_is_high)
+    if cfg.off_policy_mask_threshold >= 0 and batch.advantages.dim() == 1:
+        keep = ops.off_policy_mask(batch.old_logps, sampling_logps, batch.advantages, mask,
+                                   threshold=cfg.off_policy_mask_threshold).expand(mask.shape)
+        weights = keep if weights is None else weights * keep
+    return weights
+
+
+def concat_batches(batches, pad_id: int) -> GRPOBatch:
+    """Rows of several rollouts in one right-padded batch (dynamic sampling's rounds)."""
+    width = max(b.input_ids.shape[1] for b in batches)
+
+    def cat(name, fill, per_token):
+        parts = [getattr(b, name) for b in batches]
+        if any(p is None for p in parts):
+            return None
+        w = width - 1 if per_token else width
+        return torch.cat([torch.nn.functional.pad(p, (0, w - p.shape[1]), value=fill) if p.dim() == 2 else p
+                          for p in parts])
+
+    return GRPOBatch(cat("input_ids", pad_id, False), cat("attention_mask", 0, False),
+                     cat("labels", IGNORE_INDEX, False), cat("advantages", 0.0, True), cat("old_logps", 0.0, True),
+                     cat("ref_logps", 0.0, True), cat("token_weights", 0.0, True))
+
+
 # ---------------------------------------------------------------------------------- training batch
 @dataclass
 class GRPOBatch:
@@ -82,20 +145,23 @@ class GRPOBatch:
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     labels: torch.Tensor
-    advantages: torch.Tensor  # [n]
+    advantages: torch.Tensor  # [n], or [n, W-1] per token (REINFORCE++)
     old_logps: torch.Tensor | None = None
     ref_logps: torch.Tensor | None = None
+    token_weights: torch.Tensor | None = None  # [n, W-1] detached loss weights (rollout correction, masks)
 
     def to(self, device):
         move = lambda t: None if t is None else t.to(device)
         return GRPOBatch(*(move(getattr(self, f)) for f in ("input_ids", "attention_mask", "labels", "advantages",
-                                                            "old_logps", "ref_logps")))
+                                                            "old_logps", "ref_logps", "token_weights")))
 
     def rows(self, idx) -> GRPOBatch:
         width = int(self.attention_mask[idx].sum(1).max())  # right padding: trailing pads change nothing
         cut = lambda t, w: None if t is None else t[idx, :w]
+        adv = self.advantages[idx] if self.advantages.dim() == 1 else cut(self.advantages, width - 1)
         return GRPOBatch(self.input_ids[idx, :width], self.attention_mask[idx, :width], self.labels[idx, :width],
-                         self.advantages[idx], cut(self.old_logps, width - 1), cut(self.ref_logps, width - 1))
+                         adv, cut(self.old_logps, width - 1), cut(self.ref_logps, width - 1),
+                         cut(self.token_weights, width - 1))
 
     def num_completion_tokens(self) -> int:
         return int((self.labels[:, 1:] != IGNORE_INDEX).sum())
@@ -162,23 +228,32 @@ def grpo_loss_fn(loss_module: FusedLinearGRPOLoss, cfg: GRPOConfig):
     # Gradient checkpointing recomputes layers without a KV cache, so the shared-prompt forward is off there.
     share_prompts = cfg.share_prompt_forward and not cfg.gradient_checkpointing
 
+    token_sums = loss_type in ("dapo", "cispo")
+
     def loss_fn(model, batch: GRPOBatch):
-        labels, old, ref = batch.labels[:, 1:], batch.old_logps, batch.ref_logps
+        labels, old, ref, tw = batch.labels[:, 1:], batch.old_logps, batch.ref_logps, batch.token_weights
+        adv = batch.advantages if batch.advantages.dim() == 2 else None  # per token (REINFORCE++)
         if share_prompts:
             plen = prompt_lengths(batch)
             hidden, _ = model(batch.input_ids, batch.attention_mask, prompt_lengths=plen)
-            labels, old, ref = completion_aligned(plen, hidden.shape[1], labels, old, ref)
+            labels, old, ref, tw, adv = completion_aligned(plen, hidden.shape[1], labels, old, ref, tw, adv)
         else:
             hidden, _ = model(batch.input_ids, batch.attention_mask)
             hidden = hidden[:, :-1]
         head = lm_head(unwrap(model).lm)
-        loss, metrics = loss_module(hidden, head.weight, labels, advantages=batch.advantages, old_logps=old,
-                                    ref_logps=ref, bias=head.bias, num_items=1, num_sequences=1)
+        rows = batch.input_ids.shape[0]
+        # Sums for the trainer's one division by the step's units: num_items / num_sequences of 1, and the entropy
+        # bonus scaled the same way (a token sum for dapo/cispo, rows × the token mean for grpo/dr_grpo).
+        entropy_items = 1 if token_sums else (batch.num_completion_tokens() / rows
+                                              if loss_type in ("grpo", "dr_grpo") else None)
+        loss, metrics = loss_module(hidden, head.weight, labels, advantages=batch.advantages if adv is None else adv,
+                                    old_logps=old, ref_logps=ref, bias=head.bias, token_weights=tw,
+                                    num_items=1, num_sequences=1, entropy_num_items=entropy_items)
         n = weight_fn(batch)
         return loss, {k: v.detach() * n for k, v in metrics.items()}
 
     def weight_fn(batch: GRPOBatch):
-        if loss_type == "dapo":
+        if token_sums:
             return batch.num_completion_tokens()
         return batch.input_ids.shape[0] if loss_type in ("grpo", "dr_grpo") else 1
 
@@ -209,7 +284,8 @@ class RolloutStream:
     def next(self):
         if self.pending is None or self.uses_left == 0:
             t0 = time.time()
-            self.pending, self.metrics = self.sample_fn(self.prompts.next()[0], self.generator)
+            more_rows = lambda: self.prompts.next()[0]  # noqa: E731  (dynamic sampling asks for more prompts)
+            self.pending, self.metrics = self.sample_fn(more_rows(), self.generator, more_rows=more_rows)
             self.metrics["rollout_s"] = time.time() - t0
             self.uses_left = self.num_iterations
         self.uses_left -= 1
@@ -234,7 +310,7 @@ def make_rollout(policy, sampler, rewards, reference, tokenizer, cfg: GRPOConfig
     new_tokens = max_new_tokens(cfg)
     recompute_old = cfg.num_iterations > 1 and not hasattr(sampler, "model")  # vLLM log-probs are the engine's
 
-    def sample(rows, generator):
+    def sample_once(rows, generator):
         policy_module = unwrap(policy)
         prompt_ids = encode_prompts(tokenizer, rows, max_length=cfg.max_length, new_tokens=new_tokens)
         with gathered_for_generation(policy):
@@ -246,13 +322,26 @@ def make_rollout(policy, sampler, rewards, reference, tokenizer, cfg: GRPOConfig
         texts = decode(tokenizer, completion_ids)
         sample_rows = [rows[i] for i in rollout.prompt_index.tolist()]
         total, parts = rewards.score(sample_rows, texts, completion_ids)
-        advantages = compute_advantages(total, cfg.num_generations, cfg.advantage, state)
+        lengths = rollout.completion_mask.sum(1).float()
+        if cfg.overlong_buffer:
+            parts = dict(parts, overlong=overlong_penalty(lengths, new_tokens, cfg.overlong_buffer,
+                                                          cfg.overlong_penalty))
+            total = total + parts["overlong"].to(total.device)
 
         ids, attn, labels = rollout.training_batch(tokenizer.pad_token_id)
-        batch = GRPOBatch(ids, attn, labels, advantages).to(state.device)
-        if cfg.num_iterations > 1:
-            batch.old_logps = (policy_logps(policy_module, batch, cfg.temperature) if recompute_old else
-                               token_aligned(rollout, rollout.logprobs, labels).to(state.device))
+        batch = GRPOBatch(ids, attn, labels, total).to(state.device)
+        if cfg.advantage.startswith("reinforce_pp"):
+            batch.advantages = reinforce_pp_token_advantages(total, batch, cfg.advantage, cfg.num_generations)
+        else:
+            batch.advantages = compute_advantages(total, cfg.num_generations, cfg.advantage, state).to(state.device)
+        corrected = cfg.rollout_is_correction != "none" or cfg.off_policy_mask_threshold >= 0
+        if cfg.num_iterations > 1 or corrected:
+            sampling = token_aligned(rollout, rollout.logprobs, labels).to(state.device)
+            # The correction compares the sampler's log-probs with the policy's own, so those are recomputed.
+            batch.old_logps = policy_logps(policy_module, batch, cfg.temperature) if recompute_old or corrected \
+                else sampling
+            if corrected:
+                batch.token_weights = correction_weights(batch, sampling, cfg)
         if reference is not None:
             batch.ref_logps = reference_logps(reference, policy_module.lm, batch, cfg.temperature)
 
@@ -265,9 +354,59 @@ def make_rollout(policy, sampler, rewards, reference, tokenizer, cfg: GRPOConfig
             counts.update({f"reward/{k}": len(v) for k, v in parts.items()})
         metrics = global_means(sums, counts, state)
         metrics.update(verifier_means(sample_rows, verifier_rewards(sample_rows, texts), state))
-        return batch, metrics
+        return batch, metrics, total
+
+    def sample(rows, generator, more_rows=None):
+        if not cfg.dynamic_sampling:
+            return sample_once(rows, generator)[:2]
+        return dynamic_sample(sample_once, rows, generator, more_rows, tokenizer.pad_token_id, cfg, state)
 
     return sample
+
+
+def dynamic_sample(sample_once, rows, generator, more_rows, pad_id: int, cfg: GRPOConfig, state: DistState):
+    """DAPO's dynamic sampling: keep the groups whose rewards differ, sample more prompts (from ``more_rows``)
+    until ``len(rows)`` groups are kept or ``max_sampling_rounds`` rounds ran, then warn. Every process runs
+    the same number of rounds (the rounds hold collectives); a process that is already full ignores the
+    extra groups, and all keep as many groups as the process that found fewest (same micro-batches).
+    Advantages are those of each round (group-local for ``group``/``rloo``; a round's batch for ``batch``
+    and REINFORCE++). If no group has reward variance, the step trains on nothing: the rows are kept with
+    every label ignored."""
+    G, wanted = cfg.num_generations, len(rows)
+    kept, kept_groups, rounds, metrics, last = [], 0, 0, {}, None
+    while True:
+        batch, round_metrics, total = sample_once(rows, generator)
+        rounds += 1
+        metrics = metrics or round_metrics
+        last = batch
+        informative = (~zero_variance_groups(total, G)).nonzero().flatten().tolist()
+        room = wanted - kept_groups
+        take = informative[:room]
+        if take:
+            idx = torch.tensor([g * G + j for g in take for j in range(G)], device=batch.input_ids.device)
+            kept.append(batch.rows(idx))
+            kept_groups += len(take)
+        missing = all_reduce_sum(float(wanted - kept_groups), state)
+        if missing <= 0 or rounds >= cfg.max_sampling_rounds:
+            break
+        rows = more_rows() if more_rows is not None else rows
+    if missing > 0:
+        warnings.warn(f"dynamic_sampling: after max_sampling_rounds={cfg.max_sampling_rounds} rounds only "
+                      f"{kept_groups} of {wanted} groups on this process have rewards that differ; training on "
+                      "those", stacklevel=2)
+    if state.distributed:  # every process trains as many groups (the same micro-batches and collectives)
+        fewest = torch.tensor([kept_groups], dtype=torch.int64)
+        dist.all_reduce(fewest, op=dist.ReduceOp.MIN)
+        if int(fewest) < kept_groups:
+            kept, kept_groups = [concat_batches(kept, pad_id).rows(torch.arange(int(fewest) * G))] \
+                if int(fewest) else [], int(fewest)
+    metrics = dict(metrics, sampling_rounds=float(rounds),
+                   kept_groups=all_reduce_sum(float(kept_groups), state))
+    if not kept:  # nothing informative: keep the shape of a batch, train on no token
+        empty = last.rows(torch.arange(G, device=last.input_ids.device))
+        empty.labels = torch.full_like(empty.labels, IGNORE_INDEX)
+        kept = [empty]
+    return concat_batches(kept, pad_id), metrics
 
 
 # --------------------------------------------------------------------------------------------- flow
@@ -308,9 +447,13 @@ def run(cfg: GRPOConfig) -> dict:
                            generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + 7919 * state.rank))
 
     # --- loss and loop --------------------------------------------------------------------------
-    loss_module = FusedLinearGRPOLoss(beta=cfg.beta, loss_type=cfg.loss_type, epsilon_low=cfg.epsilon,
-                                      epsilon_high=cfg.epsilon_high or None, temperature=cfg.temperature,
-                                      max_completion_length=max_new_tokens(cfg))
+    loss_module = FusedLinearGRPOLoss(
+        beta=cfg.beta, loss_type=cfg.loss_type, epsilon_low=cfg.epsilon, epsilon_high=cfg.epsilon_high or None,
+        temperature=cfg.temperature, max_completion_length=max_new_tokens(cfg), entropy_coef=cfg.entropy_coef,
+        importance_sampling_level=cfg.importance_sampling_level, delta=cfg.delta or None,
+        ratio_clip_c=cfg.ratio_clip_c or None, kl_bias_correction=bool(cfg.use_bias_correction_kl and cfg.beta > 0),
+        top_entropy_quantile=cfg.top_entropy_quantile,
+        entropy_group=dist.group.WORLD if state.distributed else None)
     loss_fn, weight_fn = grpo_loss_fn(loss_module, cfg)
     optimizer = build_optimizer(unwrap(policy).parameters(), cfg)
     scheduler = build_scheduler(optimizer, cfg)

@@ -29,23 +29,24 @@ class FusedLinearPPOLoss(FusedLinearGRPOLoss):
     default_loss_type = "bnpo"
 
     def forward(self, hidden, weight, labels, *, advantages, mask=None, old_logps=None, bias=None, ref_hidden=None,
-                ref_weight=None, ref_bias=None, ref_logps=None, num_items=None, num_sequences=None):
+                ref_weight=None, ref_bias=None, ref_logps=None, num_items=None, num_sequences=None, token_weights=None):
         _check_token_advantages(advantages, labels)
         return super().forward(hidden, weight, labels, advantages=advantages, mask=mask, old_logps=old_logps,
                                bias=bias, ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias,
-                               ref_logps=ref_logps, num_items=num_items, num_sequences=num_sequences)
+                               ref_logps=ref_logps, num_items=num_items, num_sequences=num_sequences,
+                               token_weights=token_weights)
 
 
 def fused_linear_ppo_loss(hidden, weight, labels, *, advantages, mask=None, old_logps=None, bias=None,
                           ref_hidden=None, ref_weight=None, ref_bias=None, ref_logps=None, num_items=None, beta=0.0,
                           kl_kind="k3", epsilon_low=0.2, epsilon_high=None, loss_type="bnpo",
                           max_completion_length=None, temperature=1.0, entropy_coef=0.0, ignore_index=-100,
-                          chunk_size=None, mem_budget=None):
-    """Functional form of :class:`FusedLinearPPOLoss` (per-token ``advantages [B, T]``)."""
+                          chunk_size=None, mem_budget=None, **options):
+    """Functional form of :class:`FusedLinearPPOLoss` (per-token ``advantages [B, T]``; ``options`` as GRPO's)."""
     _check_token_advantages(advantages, labels)
     return clipped_policy_loss(
         hidden, weight, labels, advantages=advantages, mask=mask, old_logps=old_logps, bias=bias,
         ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias, ref_logps=ref_logps, num_items=num_items,
         beta=beta, kl_kind=kl_kind, epsilon_low=epsilon_low, epsilon_high=epsilon_high, loss_type=loss_type,
         max_completion_length=max_completion_length, temperature=temperature, entropy_coef=entropy_coef,
-        ignore_index=ignore_index, chunk_size=chunk_size, mem_budget=mem_budget)
+        ignore_index=ignore_index, chunk_size=chunk_size, mem_budget=mem_budget, **options)

@@ -1,4 +1,4 @@
-"""Advantage estimators: GRPO group normalization, RLOO, GAE, and masked whitening."""
+"""Advantage estimators: GRPO group normalization, RLOO, GAE, masked whitening and REINFORCE++."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ from . import cpu  # noqa: F401  (registers the compiled backends)
 from . import spec as ref
 from .spec import AdvantageScale
 
-__all__ = ["group_advantages", "rloo_advantages", "gae", "whiten"]  # fastalign.ops re-exports these
+# fastalign.ops re-exports these
+__all__ = ["group_advantages", "rloo_advantages", "gae", "whiten", "reinforce_pp_advantages"]
 
 SCALES = AdvantageScale.names()
 
@@ -75,6 +76,34 @@ def whiten(x, mask, *, shift_mean=True, eps=1e-8):
         raise ValueError("mask must select at least one position, got an all-zero mask")
     _, impl = dispatch.select("whiten", x.device)
     return impl(x, mask, shift_mean=bool(shift_mean), eps=float(eps))
+
+
+def reinforce_pp_advantages(rewards, mask, *, group_size=None, kl=None, kl_coef=0.0):
+    """REINFORCE++ advantages ``[B, T]`` (issue 12): the sequence reward at its last valid token, minus
+    ``kl_coef·kl`` per token, summed to go (γ = 1) and whitened over the valid tokens of the batch
+    with the unbiased variance. With ``group_size`` (the G samples of a prompt contiguous),
+    REINFORCE++-baseline: ``r − group mean`` instead of ``r``. Zeros at masked positions.
+
+    Built from dispatched ops: the reward-to-go is :func:`gae` with zero values and ``γ = λ = 1``,
+    the whitening :func:`whiten`, so it runs on their native backends.
+    """
+    v.float_tensor("rewards", rewards, dim=1)
+    v.mask_tensor("mask", mask, (rewards.shape[0],) + tuple(mask.shape[1:]), rewards)
+    if mask.dim() != 2:
+        raise ValueError(f"mask must be [B, T], got shape {tuple(mask.shape)}")
+    if group_size is not None:
+        _check_groups(rewards, group_size, 1)
+    v.positive("kl_coef", kl_coef, allow_zero=True)
+    if kl is not None:
+        v.float_tensor("kl", kl)
+        v.same_shape("kl", kl, mask.shape, ref="mask")
+        v.same_device("kl", kl, rewards, "rewards")
+    elif kl_coef:
+        raise ValueError(f"kl must be given when kl_coef > 0 (got kl_coef={kl_coef}), got None")
+    token = ref.reinforce_pp_token_rewards(rewards.detach(), mask, group_size=group_size, kl=kl, kl_coef=kl_coef)
+    m = mask.to(torch.float32)
+    returns, _ = gae(token, torch.zeros_like(token), m, gamma=1.0, lam=1.0)
+    return whiten(returns, m)
 
 
 dispatch.register("group_advantages", "torch")(ref.group_advantages)

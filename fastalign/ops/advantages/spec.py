@@ -6,7 +6,8 @@ import torch
 
 from ..kinds import Kind
 
-__all__ = ["group_advantages", "rloo_advantages", "gae", "whiten"]  # gathered by fastalign.ops.reference
+# gathered by fastalign.ops.reference
+__all__ = ["group_advantages", "rloo_advantages", "gae", "whiten", "reinforce_pp_advantages"]
 
 
 class AdvantageScale(Kind):
@@ -86,3 +87,28 @@ def whiten(x, mask, *, shift_mean=True, eps=1e-8):
     if not shift_mean:
         out = out + mean
     return out * m
+
+
+# ------------------------------------------------------------------ REINFORCE++ (issue 12)
+def reinforce_pp_token_rewards(rewards, mask, *, group_size=None, kl=None, kl_coef=0.0):
+    """Per-token rewards: ``−kl_coef·kl`` on every valid token, plus the sequence reward (minus its
+    group's mean with ``group_size``) at the row's last valid token; 0 at masked positions."""
+    m = mask.to(torch.float32)
+    r = rewards.float()
+    if group_size is not None:
+        r = r - r.view(-1, group_size).mean(1).repeat_interleave(group_size)
+    token = torch.zeros_like(m) if kl is None or kl_coef == 0.0 else -kl_coef * kl.detach().float() * m
+    positions = torch.arange(m.shape[1], device=m.device).expand_as(m)
+    last = torch.where(m != 0, positions, torch.full_like(positions, -1)).max(1).values
+    has = last >= 0
+    token[has, last[has]] += r[has]
+    return token * m
+
+
+def reinforce_pp_advantages(rewards, mask, *, group_size=None, kl=None, kl_coef=0.0):
+    """REINFORCE++: reward-to-go (γ = 1) of :func:`reinforce_pp_token_rewards`, whitened over the valid
+    tokens of the batch (unbiased variance, :func:`whiten`); REINFORCE++-baseline with ``group_size``."""
+    m = mask.to(torch.float32)
+    token = reinforce_pp_token_rewards(rewards, mask, group_size=group_size, kl=kl, kl_coef=kl_coef)
+    returns = token.flip(1).cumsum(1).flip(1) * m
+    return whiten(returns, m)

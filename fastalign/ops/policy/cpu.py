@@ -9,15 +9,19 @@ from ..kl.spec import KlKind
 from ..native import f32 as _f32
 from ..native import grad as _grad
 from ..native import weights as _weights
+from .spec import ImportanceLevel, PolicyObjective
 
 
 def policy_tokens_native(logp, old_logp, advantages, mask, ref_logp, scale, *, beta, kl_kind, clip_low, clip_high,
-                         need_adv_grad):
+                         need_adv_grad, row_log_ratio=None, token_weights=None, level="token", objective="clip",
+                         delta=None, dual_clip=None, kl_bias_correction=False):
     """The token pass of :func:`fastalign.ops.policy.token_pass` in one vectorized C++ loop."""
-    loss, sums, d_logp, d_adv = torch.ops.fastalign.policy_tokens(
+    loss, sums, d_logp, d_adv, d_row = torch.ops.fastalign.policy_tokens(
         logp, old_logp, advantages, mask, ref_logp, scale, beta, KlKind.code(kl_kind, "kl_kind"), clip_low, clip_high,
-        need_adv_grad)
-    return loss, sums, d_logp, d_adv if need_adv_grad else None
+        need_adv_grad, row_log_ratio, token_weights, ImportanceLevel.code(level, "importance_sampling_level"),
+        PolicyObjective.code(objective, "objective"), float("inf") if delta is None else float(delta),
+        0.0 if dual_clip is None else float(dual_clip), bool(kl_bias_correction))
+    return loss, sums, d_logp, d_adv if need_adv_grad else None, d_row
 
 
 class _ValueLoss(torch.autograd.Function):
@@ -50,8 +54,10 @@ def _register_fakes() -> None:
         return x.new_empty((), dtype=torch.float32)
 
     @fake("fastalign::policy_tokens")
-    def _(logp, old_logp, adv, mask, ref_logp, scale, beta, kl_kind, clip_low, clip_high, adv_grad):
-        return scalar(logp), logp.new_empty(4), like(logp), (like(adv) if adv_grad else adv.new_empty(0))
+    def _(logp, old_logp, adv, mask, ref_logp, scale, beta, kl_kind, clip_low, clip_high, adv_grad, row_log_ratio,
+          token_weights, level, objective, delta, dual_clip, kl_bias_correction):
+        return (scalar(logp), logp.new_empty(4), like(logp), (like(adv) if adv_grad else adv.new_empty(0)),
+                logp.new_empty(logp.shape[0]))
 
     fake("fastalign::value_loss_fwd")(lambda values, old, ret, mask, clip: (scalar(values), values.new_empty(2)))
     fake("fastalign::value_loss_bwd")(lambda grad, values, old, ret, mask, clip: like(values))

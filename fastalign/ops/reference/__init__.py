@@ -11,6 +11,8 @@ from ..kl import spec as _kl
 from ..kl.spec import *  # noqa: F403
 from ..logprobs import spec as _logprobs
 from ..logprobs.spec import *  # noqa: F403
+from ..offpolicy import spec as _offpolicy
+from ..offpolicy.spec import *  # noqa: F403
 from ..policy import spec as _policy
 from ..policy.spec import *  # noqa: F403
 from ..preference import spec as _preference
@@ -18,4 +20,5 @@ from ..preference.spec import *  # noqa: F403
 from ..steering import spec as _steering
 from ..steering.spec import *  # noqa: F403
 
-__all__ = [name for spec in (_logprobs, _kl, _advantages, _policy, _preference, _steering) for name in spec.__all__]
+__all__ = [name for spec in (_logprobs, _kl, _advantages, _policy, _preference, _steering,
+                                          _offpolicy) for name in spec.__all__]
