@@ -22,12 +22,14 @@ from fastalign.ops import dispatch
 from fastalign.ops.advantages.spec import AdvantageScale
 from fastalign.ops.kinds import Kind
 from fastalign.ops.kl.spec import KlKind
-from fastalign.ops.policy.spec import PolicyLossType
+from fastalign.ops.offpolicy.spec import RolloutIsMode
+from fastalign.ops.policy.spec import ImportanceLevel, PolicyLossType, PolicyObjective
 from fastalign.ops.preference.spec import DpoLossType
 
 ROOT = Path(__file__).resolve().parents[1]
 # Python enum -> the prefix of its C++ enumerators (kKlK3, kDpoIpo, kScaleGroup).
-MIRRORED_IN_CPP = {KlKind: "Kl", DpoLossType: "Dpo", AdvantageScale: "Scale"}
+MIRRORED_IN_CPP = {KlKind: "Kl", DpoLossType: "Dpo", AdvantageScale: "Scale", ImportanceLevel: "Level",
+                   PolicyObjective: "Objective", RolloutIsMode: "Rollout"}
 # Kinds no kernel switches on (the aggregation of the policy loss is a per-row scale computed in Python).
 PYTHON_ONLY = {PolicyLossType}
 
@@ -124,9 +126,9 @@ def test_public_ops_name_the_bad_kind():
     logp = -torch.rand(2, 5)
     with pytest.raises(ValueError, match="kind must be one of 'k1', 'k2', 'k3', 'abs', got 'k4'"):
         ops.kl_penalty(logp, logp, kind="k4")
-    with pytest.raises(ValueError, match="loss_type must be one of 'grpo', 'bnpo', 'dr_grpo', 'dapo', got 'ppo'"):
+    with pytest.raises(ValueError, match="loss_type must be one of 'grpo', 'bnpo', 'dr_grpo', 'dapo', .*got 'ppo'"):
         ops.policy_loss(logp, logp, torch.ones(2), torch.ones(2, 5), loss_type="ppo")
-    with pytest.raises(ValueError, match="loss_type must be one of grpo, bnpo, dr_grpo, dapo, got 'x'"):
+    with pytest.raises(ValueError, match="loss_type must be one of grpo, bnpo, dr_grpo, dapo, .*got 'x'"):
         ops.policy.spec.row_scale(torch.ones(2), "x")
 
 
@@ -145,7 +147,10 @@ def test_native_kernels_reject_an_unknown_code():
     lp = logp.view(2, 4)
     with pytest.raises(RuntimeError, match=r"kl_kind must be a code in \[0, 4\), got 9"):
         torch.ops.fastalign.policy_tokens(lp, lp, torch.ones(2), torch.ones(2, 4), lp, torch.ones(2), 0.1, 9, 0.2,
-                                          0.2, False)
+                                          0.2, False, None, None, 0, 0, 0.0, 0.0, False)
+    with pytest.raises(RuntimeError, match=r"must be a code in \[0, 3\), got 5"):
+        torch.ops.fastalign.policy_tokens(lp, lp, torch.ones(2), torch.ones(2, 4), lp, torch.ones(2), 0.1, 2, 0.2,
+                                          0.2, False, None, None, 5, 0, 0.0, 0.0, False)
 
 
 @pytest.mark.skipif("triton" not in _backends("kl_penalty"), reason="triton is not available here")
