@@ -13,8 +13,13 @@ that silently does nothing fails. GRPO and RLOO sample their completions, from m
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import subprocess
+import sys
 import tempfile
+import textwrap
 
 import pytest
 import torch
@@ -234,6 +239,11 @@ def test_bf16_autocast_parity(tiny_dir, spy, kind):
     check_parity(kind, tiny_dir, spy, tol=BF16_TOL, bf16=True)
 
 
+@pytest.mark.parametrize("kind", ["sft", "grpo"])
+def test_gradient_accumulation_parity(tiny_dir, spy, kind):
+    check_parity(kind, tiny_dir, spy, gradient_accumulation_steps=2)
+
+
 def test_peft_lora_parity(tiny_dir, spy):
     pytest.importorskip("peft")
     check_parity("dpo", tiny_dir, spy, peft=True)
@@ -291,3 +301,49 @@ def test_function_matches_trl_function_directly_with_gradients():
         assert torch.equal(a, b) if a.dtype == torch.bool else torch.allclose(a, b, rtol=1e-5, atol=1e-5)
     for a, b in zip(*grads):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+DDP_WORKER = textwrap.dedent('''
+    import json, os, sys, tempfile
+    import datasets, torch, trl
+    import fastalign.integrations.trl as fa_trl
+    from fastalign.models.tiny import build_tokenizer
+
+    out, path, patched, batch = sys.argv[1], sys.argv[2], sys.argv[3] == "1", int(sys.argv[4])
+    torch.set_num_threads(1)
+    datasets.disable_progress_bars()
+    if patched:
+        fa_trl.patch()
+    prompts = PROMPTS * 2
+    answers = [str(eval(p[:-1])) for p in prompts]
+    ds = datasets.Dataset.from_dict({"prompt": prompts, "chosen": answers, "rejected": [a + "1" for a in answers]})
+    distributed = "WORLD_SIZE" in os.environ
+    args = trl.DPOConfig(output_dir=tempfile.mkdtemp(), max_steps=3, logging_steps=1, report_to="none",
+                         save_strategy="no", bf16=False, use_cpu=True, seed=0, learning_rate=1e-2, disable_tqdm=True,
+                         activation_checkpointing=False, per_device_train_batch_size=batch,
+                         ddp_backend="gloo" if distributed else None)
+    trainer = trl.DPOTrainer(model=path, args=args, train_dataset=ds, processing_class=build_tokenizer())
+    trainer.train()
+    if trainer.accelerator.is_main_process:
+        logs = [{k: v for k, v in h.items() if isinstance(v, float)} for h in trainer.state.log_history
+                if "loss" in h]
+        json.dump({"logs": logs, "world": trainer.accelerator.num_processes}, open(out, "w"))
+''').replace("PROMPTS", repr(PROMPTS))
+
+
+def test_two_gloo_processes_patched_equal_one_process_of_trl(tiny_dir, tmp_path):
+    """DDP: 2 gloo processes x 2 pairs, patched, give TRL's unpatched 1 process x 4 pairs (3 DPO steps)."""
+    from conftest import run_two_processes
+
+    worker = tmp_path / "worker.py"
+    worker.write_text(DDP_WORKER)
+    run_two_processes(worker, tmp_path / "two.json", tiny_dir, 1, 2)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("WORLD_SIZE", None)
+    proc = subprocess.run([sys.executable, str(worker), str(tmp_path / "one.json"), tiny_dir, "0", "4"],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
+    assert (one["world"], two["world"]) == (1, 2)
+    assert len(one["logs"]) == len(two["logs"]) == 3
+    assert_same_logs(one["logs"], two["logs"], TOL, "DDP patched vs one process TRL")
