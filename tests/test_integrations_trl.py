@@ -273,6 +273,16 @@ def test_version_outside_tested_range_raises_with_the_range():
     fa_trl.check_version("1.16.0")
 
 
+def test_the_extras_pin_the_tested_range():
+    """CI installs the dev extra: it must pin the TRL range patch() accepts, and so must the trl extra."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
+    pins = re.findall(r'"trl([<>=!~][^"]*)"', text)
+    assert pins and all(p == fa_trl.SUPPORTED[3:] for p in pins), (pins, fa_trl.SUPPORTED)
+
+
 def test_options_fastalign_cannot_honour_raise_naming_them():
     h, w, y = torch.randn(4, 8), torch.randn(11, 8), torch.randint(0, 11, (4,))
     with pytest.raises(ValueError, match="outputs.*'logits'"):
