@@ -357,3 +357,14 @@ def test_two_gloo_processes_patched_equal_one_process_of_trl(tiny_dir, tmp_path)
     assert (one["world"], two["world"]) == (1, 2)
     assert len(one["logs"]) == len(two["logs"]) == 3
     assert_same_logs(one["logs"], two["logs"], TOL, "DDP patched vs one process TRL")
+
+
+def test_all_masked_microbatch_gives_a_differentiable_zero():
+    """TRL compacts away ignored positions; a microbatch with none left must still backpropagate (zeros)."""
+    h, w = torch.randn(0, 8, requires_grad=True), torch.randn(11, 8, requires_grad=True)
+    out = fa_trl.FusedLogProbFunction.apply(h, w, None, torch.zeros(0, dtype=torch.long), 1.0, 32768, None, 1.0,
+                                            fa_trl.OUTPUTS)
+    assert out[0].requires_grad and out[1].requires_grad
+    mask = torch.zeros(2, 3, dtype=torch.bool)
+    (out[0].new_zeros(mask.shape).masked_scatter(mask, out[0]).sum()).backward()
+    assert w.grad is not None and float(w.grad.abs().sum()) == 0.0
