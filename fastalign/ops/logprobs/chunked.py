@@ -184,6 +184,80 @@ TORCH_ROWS = LogprobRows("torch", _rows_forward_torch, _rows_backward_torch_)
 dispatch.register("_logprob_rows", "torch")(TORCH_ROWS)
 
 
+# ------------------------------------------------------- extra outputs and logit transforms (TRL's head)
+# Kept apart from the row math: every backend's chunk loop gets them from these torch ops on the
+# chunk's float32 logits, right after its GEMM, so cpu, torch and triton rows all share one definition.
+EXTRAS = ("log_sum_p2", "mean_logit", "is_top1")
+
+
+@dataclass(frozen=True)
+class LogitTransform:
+    """``z -> softcap * tanh(logit_scale * z / softcap)`` (no tanh when ``softcap`` is None), before the
+    temperature, as TRL's ``ChunkedLogProbFunction`` and the models it reads them from define it."""
+
+    scale: float = 1.0
+    softcap: float | None = None
+
+    @property
+    def identity(self) -> bool:
+        return self.scale == 1.0 and self.softcap is None
+
+
+IDENTITY = LogitTransform()
+
+
+def transform_logits_(z: Tensor, tf: LogitTransform) -> None:
+    """Apply ``tf`` in place to float32 logits ``z``."""
+    if tf.scale != 1.0:
+        z.mul_(tf.scale)
+    if tf.softcap is not None:
+        z.div_(tf.softcap).tanh_().mul_(tf.softcap)
+
+
+def transform_grad_factor(z: Tensor, tf: LogitTransform) -> Tensor | None:
+    """d(softcap)/d(input) per element, ``1 - tanh^2``, read from the transformed logits before the row
+    backward overwrites them; None without softcap (the scale alone needs no buffer)."""
+    if tf.softcap is None:
+        return None
+    t = z / tf.softcap
+    return t.mul_(t).neg_().add_(1.0)
+
+
+def transform_grad_(g: Tensor, factor: Tensor | None, tf: LogitTransform) -> None:
+    """Turn d(loss)/d(transformed logits) ``g`` into d(loss)/d(GEMM output), in place."""
+    if factor is not None:
+        g.mul_(factor)
+    if tf.scale != 1.0:
+        g.mul_(tf.scale)
+
+
+def row_extras(z: Tensor, labels: Tensor, temperature: float, names: tuple[str, ...]) -> list[Tensor]:
+    """The requested non-differentiable extras of each row of (transformed) float32 logits ``z [n, V]``,
+    in the order of ``names``, computed on ``x = z / temperature`` by row blocks:
+
+    * ``log_sum_p2``: ``log sum_v p_v^2`` = ``logsumexp(2x) - 2 logsumexp(x)`` (fp32);
+    * ``mean_logit``: the mean of ``x`` over the vocabulary (fp32);
+    * ``is_top1``: the label is the first maximum of ``x`` (``argmax`` semantics: a tie with an earlier
+      token does not count), bool.
+    """
+    n = z.shape[0]
+    out = [torch.empty(n, dtype=torch.bool if k == "is_top1" else torch.float32, device=z.device) for k in names]
+    block = max(1, _TORCH_BLOCK_ELEMS // max(1, z.shape[1]))
+    inv_t = 1.0 / temperature
+    for r0 in range(0, n, block):
+        r1 = min(n, r0 + block)
+        x = z[r0:r1] * inv_t if temperature != 1.0 else z[r0:r1]
+        for k, o in zip(names, out):
+            if k == "mean_logit":
+                o[r0:r1] = x.mean(-1)
+            elif k == "is_top1":
+                o[r0:r1] = x.argmax(-1) == labels[r0:r1]
+            else:  # log_sum_p2, relative to the row max like the row passes
+                d = x - x.amax(-1, keepdim=True)
+                o[r0:r1] = torch.logsumexp(2.0 * d, -1) - 2.0 * torch.logsumexp(d, -1)
+    return out
+
+
 # ------------------------------------------------------------------------------- chunk planning
 @dataclass
 class _Chunk:
@@ -399,10 +473,13 @@ class _TokenLogprobs(torch.autograd.Function):
     """Chunked forward; the backward reuses the kept chunks' logits and recomputes the others."""
 
     @staticmethod
-    def forward(ctx, hidden2d, weight, bias, labels1d, temperature, ignore_index, chunk_size, budget, rows):
+    def forward(ctx, hidden2d, weight, bias, labels1d, temperature, ignore_index, chunk_size, budget, rows,
+                tf=IDENTITY, extras=()):
         n, vocab = hidden2d.shape[0], weight.shape[0]
         logp = torch.zeros(n, dtype=torch.float32, device=hidden2d.device)
         entropy = torch.zeros_like(logp)
+        extra_out = [torch.zeros(n, dtype=torch.bool if k == "is_top1" else torch.float32, device=hidden2d.device)
+                     for k in extras]
         # All valid rows' logits within the budget: one chunk, kept. Else quarter-budget chunks, partly kept.
         chunks, n_valid = _plan(labels1d, ignore_index, chunk_size, vocab, budget, split=True)
         rows_max = max((c.b - c.a for c in chunks), default=1)
@@ -416,22 +493,27 @@ class _TokenLogprobs(torch.autograd.Function):
             if ws is None:
                 ws = _workspace(chunks, vocab, hidden2d.device)
             z = _chunk_logits(_f32(_gather_rows(hidden2d, c.rows)), w32, b32, ws)
+            if not tf.identity:
+                transform_logits_(z, tf)
             lp, ent, rel_lse = rows.forward(z, labels, temperature, ignore_index)
             logp[c.rows] = lp
             entropy[c.rows] = ent
+            for dst, src in zip(extra_out, row_extras(z, labels, temperature, extras) if extras else ()):
+                dst[c.rows] = src
             stats.append((labels, rel_lse, ent))
             if k >= len(chunks) - n_keep:  # the last chunks are kept: the buffer now belongs to them
                 kept[k], ws = ws, None
         del ws, z
         ctx.save_for_backward(hidden2d, weight, bias)
         ctx.chunks, ctx.kept, ctx.stats, ctx.all_rows = chunks, kept, stats, n_valid == n
-        ctx.temperature, ctx.ignore_index, ctx.rows = temperature, ignore_index, rows
+        ctx.temperature, ctx.ignore_index, ctx.rows, ctx.tf = temperature, ignore_index, rows, tf
         ctx.set_materialize_grads(False)
-        return logp, entropy
+        ctx.mark_non_differentiable(*extra_out)
+        return (logp, entropy, *extra_out)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, g_logp, g_entropy):
+    def backward(ctx, g_logp, g_entropy, *_extras):  # the extras are non-differentiable
         hidden2d, weight, bias = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         vocab = weight.shape[0]
@@ -458,9 +540,14 @@ class _TokenLogprobs(torch.autograd.Function):
                     if ws is None:
                         ws = _workspace(chunks, vocab, dev)
                     z = _chunk_logits(h32, w32, b32, ws)
+                    if not ctx.tf.identity:
+                        transform_logits_(z, ctx.tf)
+                factor = transform_grad_factor(z, ctx.tf)
                 gl = torch.zeros_like(rel_lse) if g_logp is None else _gather_rows(g_logp, c.rows).contiguous()
                 ge = None if g_entropy is None else _gather_rows(g_entropy, c.rows).contiguous()
                 ctx.rows.backward_(z, labels, rel_lse, ent, gl, ge, ctx.temperature, ctx.ignore_index)
+                if not ctx.tf.identity:
+                    transform_grad_(z, factor, ctx.tf)
                 grads.add(z, h32, w32, c.rows)
             del ws, z
         ctx.kept, ctx.stats = {}, []
@@ -469,20 +556,24 @@ class _TokenLogprobs(torch.autograd.Function):
             grad_weight = grad_weight.to(weight.dtype)
         if grad_bias is not None and bias.dtype != torch.float32:
             grad_bias = grad_bias.to(bias.dtype)
-        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None, None, None
 
 
 def token_logprobs_chunked(hidden, weight, labels, *, rows: LogprobRows, bias=None, temperature=1.0,
                            ignore_index=-100, return_entropy=False, chunk_size=None, mem_budget=None,
-                           grad_filter_eps=0.0):
+                           grad_filter_eps=0.0, softcap=None, logit_scale=1.0, extras=()):
     """:func:`fastalign.ops.token_logprobs` by token chunks (inputs already validated there) with the row
     passes ``rows`` of one backend. ``grad_filter_eps`` is a GPU-only approximation and is ignored here
-    (exact gradients).
+    (exact gradients). With ``extras`` (names from :data:`EXTRAS`) returns ``(logp, entropy, {name: tensor})``.
     """
     lead = hidden.shape[:-1]
     hidden2d = hidden.reshape(-1, hidden.shape[-1])
     labels1d = labels.reshape(-1)
-    logp, entropy = _TokenLogprobs.apply(hidden2d, weight, bias, labels1d, float(temperature), ignore_index,
-                                         chunk_size, _budget(mem_budget), rows)
+    tf = LogitTransform(float(logit_scale), None if softcap is None else float(softcap))
+    logp, entropy, *extra_out = _TokenLogprobs.apply(hidden2d, weight, bias, labels1d, float(temperature),
+                                                     ignore_index, chunk_size, _budget(mem_budget), rows, tf,
+                                                     tuple(extras))
     logp = logp.reshape(lead)
+    if extras:
+        return logp, entropy.reshape(lead), {k: x.reshape(lead) for k, x in zip(extras, extra_out)}
     return (logp, entropy.reshape(lead)) if return_entropy else logp

@@ -131,7 +131,12 @@ class _TokenLogprobs(torch.autograd.Function):
 
 
 def token_logprobs_triton(hidden, weight, labels, *, bias, temperature, ignore_index, return_entropy, chunk_size,
-                          mem_budget, grad_filter_eps):
+                          mem_budget, grad_filter_eps, **head):
+    if head:  # softcap / logit_scale / extras: the chunk loop (cuBLAS GEMMs) with the Triton row kernels
+        return chunked.token_logprobs_chunked(hidden, weight, labels, rows=TRITON_ROWS, bias=bias,
+                                              temperature=temperature, ignore_index=ignore_index,
+                                              return_entropy=return_entropy, chunk_size=chunk_size,
+                                              mem_budget=mem_budget, **head)
     lead = labels.shape
     dtype = _compute_dtype(hidden, weight)
     # The kernels read both operands in one dtype with unit stride along H.
