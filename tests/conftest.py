@@ -74,6 +74,11 @@ def kl64(logp, ref, kind):
     raise AssertionError(f"no float64 formula for KL kind {kind!r}: add it to tests/conftest.py")
 
 
+# The loss types of the clipped surrogate; cispo is another objective (an absolute weight cap), tested against
+# TRL's formula in tests/test_policy_objectives.py.
+CLIPPED_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+
+
 def aggregate64(x, mask, loss_type, max_len=None, num_items=None):
     """The policy loss's aggregation of per-token terms ``x [B, T]`` under ``mask`` (float64)."""
     m = mask.double()
@@ -85,7 +90,7 @@ def aggregate64(x, mask, loss_type, max_len=None, num_items=None):
         return x.sum() / m.sum().clamp(min=1)
     if loss_type == "dr_grpo":
         return x.sum() / (batch * (length if max_len is None else max_len))
-    if loss_type == "dapo":
+    if loss_type in ("dapo", "cispo"):
         count = m.sum() if num_items is None else torch.tensor(float(num_items), dtype=torch.float64)
         return x.sum() / count.clamp(min=1)
     raise AssertionError(f"no float64 formula for loss type {loss_type!r}: add it to tests/conftest.py")

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import CLIPPED_LOSS_TYPES
 
 from fastalign import ops
 from fastalign.ops import dispatch
 from fastalign.ops.kl import KL_KINDS
-from fastalign.ops.policy import LOSS_TYPES
 from fastalign.ops.preference import DPO_LOSS_TYPES
 
 pytestmark = pytest.mark.skipif(not dispatch.backends()["cpu"].available or
@@ -269,7 +269,7 @@ def policy_inputs(b, t, per_token_adv, dtype=torch.float32, equal_old=False):
     return [x.to(dtype) for x in (logp, old, adv)] + [holes(b, t, empty_rows=True)], ref.to(dtype)
 
 
-@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+@pytest.mark.parametrize("loss_type", CLIPPED_LOSS_TYPES)
 @pytest.mark.parametrize("per_token_adv", [False, True])
 @pytest.mark.parametrize("beta,kl_kind", [(0.0, "k3"), (0.04, "k3"), (0.1, "k1"), (0.1, "k2"), (0.1, "abs")])
 @pytest.mark.parametrize("shape", [(1, 1), (3, 5), (8, 130)])

@@ -10,11 +10,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import aggregate64, kl64
+from conftest import CLIPPED_LOSS_TYPES, aggregate64, kl64
 
 from fastalign import ops
 from fastalign.ops.kl import KL_KINDS
-from fastalign.ops.policy import LOSS_TYPES
 from fastalign.ops.preference import DPO_LOSS_TYPES
 
 pytestmark = [
@@ -64,7 +63,7 @@ def policy_inputs(B, T, dtype, per_token=False):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+@pytest.mark.parametrize("loss_type", CLIPPED_LOSS_TYPES)
 @pytest.mark.parametrize("B,T,per_token", [(64, 4096, False), (7, 3001, True), (1, 1, False)])
 def test_policy_loss(B, T, per_token, loss_type, dtype):
     lp, old, ref, adv, mask = policy_inputs(B, T, dtype, per_token)
