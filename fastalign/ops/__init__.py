@@ -14,13 +14,13 @@ from .dispatch import backend, backends, registered_ops
 from .kl import kl_penalty
 from .logprobs import logprobs_from_logits, sequence_logprobs, token_logprobs
 from .policy import policy_loss, value_loss
-from .preference import bradley_terry_loss, dpo_loss, simpo_loss
+from .preference import bradley_terry_loss, cpo_loss, d2o_loss, dpo_loss, kto_loss, orpo_loss, simpo_loss
 from .steering import steer_logits
 
 __all__ = [
     "token_logprobs", "logprobs_from_logits", "sequence_logprobs", "kl_penalty",
     "group_advantages", "rloo_advantages", "gae", "whiten", "policy_loss", "value_loss",
-    "dpo_loss", "simpo_loss", "bradley_terry_loss",
+    "dpo_loss", "simpo_loss", "bradley_terry_loss", "d2o_loss", "kto_loss", "orpo_loss", "cpo_loss",
     "steer_logits",
     "backend", "backends", "registered_ops", "reference",
 ]

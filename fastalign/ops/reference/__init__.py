@@ -9,12 +9,12 @@ from ..advantages.spec import gae, group_advantages, rloo_advantages, whiten
 from ..kl.spec import kl_penalty
 from ..logprobs.spec import logprobs_from_logits, sequence_logprobs, token_logprobs
 from ..policy.spec import policy_loss, value_loss
-from ..preference.spec import bradley_terry_loss, dpo_loss, simpo_loss
+from ..preference.spec import bradley_terry_loss, cpo_loss, d2o_loss, dpo_loss, kto_loss, orpo_loss, simpo_loss
 from ..steering.spec import steer_logits
 
 __all__ = [
     "token_logprobs", "logprobs_from_logits", "sequence_logprobs", "kl_penalty",
     "group_advantages", "rloo_advantages", "gae", "whiten", "policy_loss", "value_loss",
-    "dpo_loss", "simpo_loss", "bradley_terry_loss",
+    "dpo_loss", "simpo_loss", "bradley_terry_loss", "d2o_loss", "kto_loss", "orpo_loss", "cpo_loss",
     "steer_logits",
 ]
