@@ -71,6 +71,10 @@ def _add_bench_command(sub) -> None:
 
 FLOW_HELP = {"sft": "supervised fine-tuning", "reward": "reward model (Bradley-Terry)",
              "dpo": "DPO (sigmoid | hinge | ipo | robust)", "simpo": "SimPO (reference-free)",
+             "d2o": "D²O: human negatives only, K reference samples as the positive (objective: d2o | ga)",
+             "kto": "KTO: unpaired desirable/undesirable completions",
+             "orpo": "ORPO (odds ratio + NLL, reference-free)",
+             "cpo": "CPO (contrastive + NLL, reference-free)",
              "ppo": "PPO, classic RLHF (policy, reference, reward and value models)",
              "grpo": "GRPO (G samples per prompt, group-relative advantages, verifier/model/function rewards)",
              "icl": "in-context alignment: --mode instruct | forgetting | steer | picle | reflect | all"}
@@ -82,7 +86,8 @@ def _flow_config_classes() -> dict:
 
     return {"sft": cfgmod.SFTConfig, "reward": cfgmod.RewardConfig, "dpo": cfgmod.DPOConfig,
             "simpo": cfgmod.SimPOConfig, "ppo": cfgmod.PPOConfig, "grpo": cfgmod.GRPOConfig,
-            "icl": cfgmod.ICLConfig}
+            "icl": cfgmod.ICLConfig, "d2o": cfgmod.D2OConfig, "kto": cfgmod.KTOConfig, "orpo": cfgmod.ORPOConfig,
+            "cpo": cfgmod.CPOConfig}
 
 
 def _cmd_flow(args: argparse.Namespace) -> int:
