@@ -24,13 +24,27 @@ import yaml
 
 from fastalign.data import loading, tasks
 from fastalign.engine import evaluation
-from fastalign.engine.config import DPOConfig, GRPOConfig, PPOConfig, RewardConfig, SFTConfig, SimPOConfig, load_config
+from fastalign.engine.config import (
+    D2OConfig,
+    DPOConfig,
+    GRPOConfig,
+    KTOConfig,
+    ORPOConfig,
+    PPOConfig,
+    RewardConfig,
+    SFTConfig,
+    SimPOConfig,
+    load_config,
+)
 from fastalign.engine.generation import decode, generate
 from fastalign.engine.runs import write_json
 from fastalign.models.loading import load_causal_lm, load_tokenizer
 
 STAGES = {"sft": SFTConfig, "reward": RewardConfig, "dpo": DPOConfig, "simpo": SimPOConfig, "grpo": GRPOConfig,
           "ppo": PPOConfig}
+# Issue 13's rows, from the SFT model on the pronoun task: D²O on the negatives alone (and its gradient-ascent
+# baseline, the same flow with objective=ga), KTO on the pairs split into halves, ORPO on the pairs.
+STAGES.update({"d2o": D2OConfig, "d2o_ga": D2OConfig, "kto": KTOConfig, "orpo": ORPOConfig})
 ICL = "icl"  # not a training stage: its overrides are ICLConfig keys for fastalign.flows.icl.pipeline_rows
 # Sized for ~2-3 minutes on two CPU cores; QUICK is a smoke test of the same path.
 DEFAULTS = {
@@ -54,6 +68,14 @@ DEFAULTS.update({
     "ppo": dict(dataset="pronoun+arith", num_examples=1000, max_steps=30, batch_size=64, mini_batch_size=32,
                 ppo_epochs=2, lr=5e-5, kl_coef=0.1, kl_target=2.0, kl_horizon=640),
 })
+DEFAULTS.update({
+    "d2o": dict(dataset="pronoun", num_examples=1000, max_steps=30, batch_size=16, num_samples=11, lr=1e-4, beta=0.1,
+                alpha=0.1, warmup_steps=5),
+    "d2o_ga": dict(dataset="pronoun", num_examples=1000, max_steps=30, batch_size=16, objective="ga", lr=1e-4,
+                   warmup_steps=5),
+    "kto": dict(dataset="pronoun", num_examples=1000, max_steps=30, batch_size=32, lr=1e-4, beta=0.1, warmup_steps=5),
+    "orpo": dict(dataset="pronoun", num_examples=1000, max_steps=30, batch_size=32, lr=1e-4, beta=0.1, warmup_steps=5),
+})
 # Sized for ~90 s on 2 cores (PICLe's LoRA tuning is the long part); 100 held-out prompts per task.
 ICL_DEFAULTS = dict(picle_steps=10, picle_pool_size=24)
 ICL_EVAL_PROMPTS = 100
@@ -64,6 +86,10 @@ QUICK = {
     "simpo": dict(num_examples=64, max_steps=2, batch_size=8),
     "grpo": dict(num_examples=16, max_steps=2, batch_size=4, num_generations=4),
     "ppo": dict(num_examples=16, max_steps=2, batch_size=8, mini_batch_size=4, ppo_epochs=1),
+    "d2o": dict(num_examples=16, max_steps=2, batch_size=4, num_samples=2),
+    "d2o_ga": dict(num_examples=16, max_steps=2, batch_size=4),
+    "kto": dict(num_examples=32, max_steps=2, batch_size=8),
+    "orpo": dict(num_examples=64, max_steps=2, batch_size=8),
 }
 ICL_QUICK = dict(picle_steps=2, picle_pool_size=8, picle_num_statements=8, reflect_rounds=1, reflect_generated=2,
                  reflect_mutations=2, reflect_keep=2, reflect_probes=4, alphas=["0", "2"])
@@ -140,7 +166,7 @@ def run_pipeline(*, name="pipeline", output_dir="runs", quick=False, seed=0, thr
     import torch
 
     from fastalign import rewards
-    from fastalign.flows import dpo, grpo, icl, ppo, reward, sft, simpo
+    from fastalign.flows import d2o, dpo, grpo, icl, kto, orpo, ppo, reward, sft, simpo
 
     if threads:
         torch.set_num_threads(threads)
@@ -175,7 +201,8 @@ def run_pipeline(*, name="pipeline", output_dir="runs", quick=False, seed=0, thr
     timings["measure"] = time.time() - t
 
     # --- preference and online RL stages, each from the SFT model ---------------------------------------
-    for stage, flow in (("dpo", dpo), ("simpo", simpo), ("grpo", grpo), ("ppo", ppo)):
+    for stage, flow in (("dpo", dpo), ("simpo", simpo), ("d2o", d2o), ("d2o_ga", d2o), ("kto", kto), ("orpo", orpo),
+                        ("grpo", grpo), ("ppo", ppo)):
         configs[stage].init_from = sft_dir
         t = time.time()
         flow.run(configs[stage])
