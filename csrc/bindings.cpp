@@ -416,6 +416,98 @@ Tensor simpo_bwd_cpu(const Tensor& grad, const Tensor& chosen, const Tensor& rej
   return d_chosen;
 }
 
+// ---- D2O, KTO, ORPO, CPO (issue 13): float32 [B] (D2O's samples [B, K]) in, fp32 out.
+std::tuple<Tensor, Tensor, Tensor> d2o_fwd_cpu(const Tensor& ps, const Tensor& rs, const Tensor& pn, const Tensor& rn,
+                                               double beta, double alpha) {
+  check_f32(ps, "policy_sample_logps");
+  check_f32(rs, "ref_sample_logps");
+  TORCH_CHECK(ps.dim() == 2 && rs.sizes() == ps.sizes(), "fastalign: sample log-probs must both be [B, K], got ",
+              ps.sizes(), " and ", rs.sizes());
+  const int64_t n = ps.size(0), k = ps.size(1);
+  check_pairs({&pn, &rn});
+  check_numel(pn, n, "negative log-probs");
+  Tensor losses = at::empty_like(pn), sample = at::empty_like(pn), negative = at::empty_like(pn);
+  cpu::d2o_forward(ps.data_ptr<float>(), rs.data_ptr<float>(), pn.data_ptr<float>(), rn.data_ptr<float>(), n, k,
+                   static_cast<float>(beta), static_cast<float>(alpha), losses.data_ptr<float>(),
+                   sample.data_ptr<float>(), negative.data_ptr<float>());
+  return {losses, sample, negative};
+}
+
+std::tuple<Tensor, Tensor> d2o_bwd_cpu(const Tensor& grad, const Tensor& sample_rewards,
+                                       const Tensor& negative_rewards, int64_t k, double beta, double alpha) {
+  check_pairs({&grad, &sample_rewards, &negative_rewards});
+  TORCH_CHECK(k >= 1, "fastalign: d2o K must be >= 1, got ", k);
+  const int64_t n = grad.numel();
+  Tensor d_samples = at::empty({n, k}, grad.options()), d_negative = at::empty_like(grad);
+  cpu::d2o_backward(grad.data_ptr<float>(), sample_rewards.data_ptr<float>(), negative_rewards.data_ptr<float>(), n,
+                    k, static_cast<float>(beta), static_cast<float>(alpha), d_samples.data_ptr<float>(),
+                    d_negative.data_ptr<float>());
+  return {d_samples, d_negative};
+}
+
+float kl_ref_value(const Tensor& kl_ref) {
+  check_f32(kl_ref, "kl_ref");
+  check_numel(kl_ref, 1, "kl_ref");
+  return kl_ref.data_ptr<float>()[0];
+}
+
+std::tuple<Tensor, Tensor> kto_fwd_cpu(const Tensor& policy, const Tensor& ref, const Tensor& desirable,
+                                       const Tensor& kl_ref, double beta, double desirable_weight,
+                                       double undesirable_weight) {
+  check_pairs({&policy, &ref, &desirable});
+  Tensor losses = at::empty_like(policy), rewards = at::empty_like(policy);
+  cpu::kto_forward(policy.data_ptr<float>(), ref.data_ptr<float>(), desirable.data_ptr<float>(), kl_ref_value(kl_ref),
+                   policy.numel(), static_cast<float>(beta), static_cast<float>(desirable_weight),
+                   static_cast<float>(undesirable_weight), losses.data_ptr<float>(), rewards.data_ptr<float>());
+  return {losses, rewards};
+}
+
+Tensor kto_bwd_cpu(const Tensor& grad, const Tensor& policy, const Tensor& ref, const Tensor& desirable,
+                   const Tensor& kl_ref, double beta, double desirable_weight, double undesirable_weight) {
+  check_pairs({&grad, &policy, &ref, &desirable});
+  Tensor d_policy = at::empty_like(policy);
+  cpu::kto_backward(grad.data_ptr<float>(), policy.data_ptr<float>(), ref.data_ptr<float>(),
+                    desirable.data_ptr<float>(), kl_ref_value(kl_ref), policy.numel(), static_cast<float>(beta),
+                    static_cast<float>(desirable_weight), static_cast<float>(undesirable_weight),
+                    d_policy.data_ptr<float>());
+  return d_policy;
+}
+
+std::tuple<Tensor, Tensor> orpo_fwd_cpu(const Tensor& chosen, const Tensor& rejected, double beta) {
+  check_pairs({&chosen, &rejected});
+  Tensor losses = at::empty_like(chosen), log_odds = at::empty_like(chosen);
+  cpu::orpo_forward(chosen.data_ptr<float>(), rejected.data_ptr<float>(), chosen.numel(), static_cast<float>(beta),
+                    losses.data_ptr<float>(), log_odds.data_ptr<float>());
+  return {losses, log_odds};
+}
+
+std::tuple<Tensor, Tensor> orpo_bwd_cpu(const Tensor& grad, const Tensor& chosen, const Tensor& rejected,
+                                        double beta) {
+  check_pairs({&grad, &chosen, &rejected});
+  Tensor d_chosen = at::empty_like(chosen), d_rejected = at::empty_like(chosen);
+  cpu::orpo_backward(grad.data_ptr<float>(), chosen.data_ptr<float>(), rejected.data_ptr<float>(), chosen.numel(),
+                     static_cast<float>(beta), d_chosen.data_ptr<float>(), d_rejected.data_ptr<float>());
+  return {d_chosen, d_rejected};
+}
+
+Tensor cpo_fwd_cpu(const Tensor& chosen, const Tensor& rejected, double beta, double label_smoothing) {
+  check_pairs({&chosen, &rejected});
+  Tensor losses = at::empty_like(chosen);
+  cpu::cpo_forward(chosen.data_ptr<float>(), rejected.data_ptr<float>(), chosen.numel(), static_cast<float>(beta),
+                   static_cast<float>(label_smoothing), losses.data_ptr<float>());
+  return losses;
+}
+
+Tensor cpo_bwd_cpu(const Tensor& grad, const Tensor& chosen, const Tensor& rejected, double beta,
+                   double label_smoothing) {
+  check_pairs({&grad, &chosen, &rejected});
+  Tensor d_chosen = at::empty_like(chosen);
+  cpu::cpo_backward(grad.data_ptr<float>(), chosen.data_ptr<float>(), rejected.data_ptr<float>(), chosen.numel(),
+                    static_cast<float>(beta), static_cast<float>(label_smoothing), d_chosen.data_ptr<float>());
+  return d_chosen;
+}
+// ---- end D2O, KTO, ORPO, CPO
+
 std::tuple<Tensor, Tensor> bradley_terry_fwd_cpu(const Tensor& chosen, const Tensor& rejected,
                                                  const std::optional<Tensor>& margin, double margin_scalar,
                                                  double center_coef) {
@@ -536,6 +628,19 @@ TORCH_LIBRARY(fastalign, m) {
   m.def(
       "bradley_terry_bwd(Tensor grad_loss, Tensor chosen, Tensor rejected, Tensor? margin, float margin_scalar, "
       "float center_coef) -> (Tensor, Tensor)");
+  // D2O, KTO, ORPO, CPO (issue 13; fastalign/ops/preference/cpu.py).
+  m.def("d2o_fwd(Tensor policy_samples, Tensor ref_samples, Tensor policy_negative, Tensor ref_negative, float beta, "
+        "float alpha) -> (Tensor, Tensor, Tensor)");
+  m.def("d2o_bwd(Tensor grad, Tensor sample_rewards, Tensor negative_rewards, int k, float beta, float alpha) "
+        "-> (Tensor, Tensor)");
+  m.def("kto_fwd(Tensor policy, Tensor ref, Tensor desirable, Tensor kl_ref, float beta, float desirable_weight, "
+        "float undesirable_weight) -> (Tensor, Tensor)");
+  m.def("kto_bwd(Tensor grad, Tensor policy, Tensor ref, Tensor desirable, Tensor kl_ref, float beta, "
+        "float desirable_weight, float undesirable_weight) -> Tensor");
+  m.def("orpo_fwd(Tensor chosen, Tensor rejected, float beta) -> (Tensor, Tensor)");
+  m.def("orpo_bwd(Tensor grad, Tensor chosen, Tensor rejected, float beta) -> (Tensor, Tensor)");
+  m.def("cpo_fwd(Tensor chosen, Tensor rejected, float beta, float label_smoothing) -> Tensor");
+  m.def("cpo_bwd(Tensor grad, Tensor chosen, Tensor rejected, float beta, float label_smoothing) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(fastalign, CPU, m) {
@@ -566,6 +671,14 @@ TORCH_LIBRARY_IMPL(fastalign, CPU, m) {
   m.impl("simpo_bwd", &fastalign::simpo_bwd_cpu);
   m.impl("bradley_terry_fwd", &fastalign::bradley_terry_fwd_cpu);
   m.impl("bradley_terry_bwd", &fastalign::bradley_terry_bwd_cpu);
+  m.impl("d2o_fwd", &fastalign::d2o_fwd_cpu);
+  m.impl("d2o_bwd", &fastalign::d2o_bwd_cpu);
+  m.impl("kto_fwd", &fastalign::kto_fwd_cpu);
+  m.impl("kto_bwd", &fastalign::kto_bwd_cpu);
+  m.impl("orpo_fwd", &fastalign::orpo_fwd_cpu);
+  m.impl("orpo_bwd", &fastalign::orpo_bwd_cpu);
+  m.impl("cpo_fwd", &fastalign::cpo_fwd_cpu);
+  m.impl("cpo_bwd", &fastalign::cpo_bwd_cpu);
 }
 
 // The Python module: importing fastalign._C runs the registrations above.

@@ -13,7 +13,8 @@ def test_quick_pipeline_writes_table_and_report(tmp_path, capsys):
     root = tmp_path / "p"
     results = json.loads((root / "results.json").read_text())
     icl_rows = [f"icl: {m}" for m in ("base", "instruct", "steer", "picle", "reflect")]
-    assert list(results["rows"]) == ["untrained", "sft", "reward model", "dpo", "simpo", "grpo", "ppo", *icl_rows]
+    assert list(results["rows"]) == ["untrained", "sft", "reward model", "dpo", "simpo", "d2o", "d2o_ga", "kto", "orpo",
+                                     "grpo", "ppo", *icl_rows]
     for stage in ("untrained", "sft", "dpo", "simpo", "grpo", "ppo"):
         row = results["rows"][stage]
         assert 0 <= row["arith/exact_match"] <= 1 and 0 <= row["pronoun/neutral_rate"] <= 1
@@ -44,6 +45,6 @@ def test_table_marks_missing_values():
 
 def test_pipeline_rejects_unknown_stage(tmp_path, capsys):
     bad = tmp_path / "p.yaml"
-    bad.write_text("kto: {max_steps: 3}\n")
+    bad.write_text("no_such_stage: {max_steps: 3}\n")
     assert cli.main(["pipeline", "--config", str(bad), "--output_dir", str(tmp_path)]) == 1
-    assert "kto" in capsys.readouterr().err
+    assert "no_such_stage" in capsys.readouterr().err

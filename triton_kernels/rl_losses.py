@@ -711,3 +711,197 @@ def bradley_terry_backward(grad_loss, chosen, rejected, margin, *, margin_value,
         MARGIN_PER_PAIR=per_pair, HAS_CENTER=center_coef != 0.0, NEED_C=need_chosen, NEED_R=need_rejected,
         NEED_MARGIN=need_margin, BLOCK=block)
     return grad_c, grad_r, grad_m
+
+
+# ------------------------------------------------------------------ d2o / kto / orpo (issue 13)
+# CPO is SimPO with γ = 0 and summed log-probs: fastalign/ops/preference/triton.py reuses the SimPO
+# kernels for it.
+@triton.jit
+def _expm1(x):
+    """e^x − 1 with full relative precision near 0 (Taylor for |x| < 0.5), e^x − 1 elsewhere."""
+    p = 1.0 / 362880.0
+    p = p * x + 1.0 / 40320.0
+    p = p * x + 1.0 / 5040.0
+    p = p * x + 1.0 / 720.0
+    p = p * x + 1.0 / 120.0
+    p = p * x + 1.0 / 24.0
+    p = p * x + 1.0 / 6.0
+    p = p * x + 0.5
+    p = p * x + 1.0
+    return tl.where(tl.abs(x) < 0.5, p * x, tl.exp(x) - 1.0)
+
+
+@triton.jit
+def _d2o_fwd_kernel(ps_ptr, rs_ptr, pn_ptr, rn_ptr, loss_ptr, sample_reward_ptr, negative_reward_ptr, n, k,
+                    s_ps0, s_ps1, s_rs0, s_rs1, s_pn, s_rn, beta, alpha, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    valid = offs < n
+    total = tl.zeros([BLOCK], tl.float32)
+    for j in range(0, k):
+        total += (tl.load(ps_ptr + offs * s_ps0 + j * s_ps1, mask=valid, other=0.0).to(tl.float32)
+                  - tl.load(rs_ptr + offs * s_rs0 + j * s_rs1, mask=valid, other=0.0).to(tl.float32))
+    sample = beta * (total / k)
+    negative = alpha * (tl.load(pn_ptr + offs * s_pn, mask=valid, other=0.0).to(tl.float32)
+                        - tl.load(rn_ptr + offs * s_rn, mask=valid, other=0.0).to(tl.float32))
+    tl.store(loss_ptr + offs, -_log_sigmoid(sample - negative), mask=valid)
+    tl.store(sample_reward_ptr + offs, sample, mask=valid)
+    tl.store(negative_reward_ptr + offs, negative, mask=valid)
+
+
+@triton.jit
+def _d2o_bwd_kernel(grad_ptr, sample_reward_ptr, negative_reward_ptr, grad_samples_ptr, grad_negative_ptr, n, k,
+                    s_grad, s_gs0, s_gs1, beta, alpha, NEED_SAMPLES: tl.constexpr, NEED_NEGATIVE: tl.constexpr,
+                    BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    valid = offs < n
+    g = tl.load(grad_ptr + offs * s_grad, mask=valid, other=0.0).to(tl.float32)
+    sample = tl.load(sample_reward_ptr + offs, mask=valid, other=0.0)
+    negative = tl.load(negative_reward_ptr + offs, mask=valid, other=0.0)
+    slope = -g * _sigmoid(negative - sample)  # d loss / d (sample − negative)
+    if NEED_SAMPLES:
+        per_sample = (slope * beta / k).to(grad_samples_ptr.dtype.element_ty)
+        for j in range(0, k):
+            tl.store(grad_samples_ptr + offs * s_gs0 + j * s_gs1, per_sample, mask=valid)
+    if NEED_NEGATIVE:
+        tl.store(grad_negative_ptr + offs, (-slope * alpha).to(grad_negative_ptr.dtype.element_ty), mask=valid)
+
+
+def d2o_forward(ps, rs, pn, rn, *, beta, alpha):
+    """(losses, sample_rewards, negative_rewards), all fp32 [B]; samples ``[B, K]``."""
+    n, k = ps.shape
+    losses, sample_rewards, negative_rewards = (torch.empty(n, dtype=torch.float32, device=ps.device)
+                                                for _ in range(3))
+    if n:
+        block = _pair_block(n)
+        _d2o_fwd_kernel[(triton.cdiv(n, block),)](
+            ps, rs, pn, rn, losses, sample_rewards, negative_rewards, n, k, ps.stride(0), ps.stride(1),
+            rs.stride(0), rs.stride(1), pn.stride(0), rn.stride(0), beta, alpha, BLOCK=block)
+    return losses, sample_rewards, negative_rewards
+
+
+def d2o_backward(grad, sample_rewards, negative_rewards, *, k, beta, alpha, samples_dtype, negative_dtype,
+                 need_samples, need_negative):
+    n = sample_rewards.shape[0]
+    grad_samples = (torch.empty((n, k), dtype=samples_dtype, device=grad.device) if need_samples else None)
+    grad_negative = torch.empty(n, dtype=negative_dtype, device=grad.device) if need_negative else None
+    if n and (need_samples or need_negative):
+        block = _pair_block(n)
+        gs = grad_samples if need_samples else grad.view(-1, 1)
+        _d2o_bwd_kernel[(triton.cdiv(n, block),)](
+            grad, sample_rewards, negative_rewards, gs, grad_negative if need_negative else grad, n, k,
+            grad.stride(0), gs.stride(0), gs.stride(1), beta, alpha,
+            NEED_SAMPLES=need_samples, NEED_NEGATIVE=need_negative, BLOCK=block)
+    return grad_samples, grad_negative
+
+
+@triton.jit
+def _kto_fwd_kernel(p_ptr, r_ptr, desirable_ptr, kl_ptr, loss_ptr, reward_ptr, n, s_p, s_r, s_d,
+                    beta, desirable_weight, undesirable_weight, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    valid = offs < n
+    r = (tl.load(p_ptr + offs * s_p, mask=valid, other=0.0).to(tl.float32)
+         - tl.load(r_ptr + offs * s_r, mask=valid, other=0.0).to(tl.float32))
+    desirable = tl.load(desirable_ptr + offs * s_d, mask=valid, other=0) != 0
+    x = beta * (r - tl.load(kl_ptr).to(tl.float32))
+    loss = tl.where(desirable, desirable_weight * _sigmoid(-x), undesirable_weight * _sigmoid(x))  # 1 − σ(±x)
+    tl.store(loss_ptr + offs, loss, mask=valid)
+    tl.store(reward_ptr + offs, beta * r, mask=valid)
+
+
+@triton.jit
+def _kto_bwd_kernel(grad_ptr, p_ptr, r_ptr, desirable_ptr, kl_ptr, grad_p_ptr, n, s_grad, s_p, s_r, s_d,
+                    beta, desirable_weight, undesirable_weight, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    valid = offs < n
+    g = tl.load(grad_ptr + offs * s_grad, mask=valid, other=0.0).to(tl.float32)
+    r = (tl.load(p_ptr + offs * s_p, mask=valid, other=0.0).to(tl.float32)
+         - tl.load(r_ptr + offs * s_r, mask=valid, other=0.0).to(tl.float32))
+    desirable = tl.load(desirable_ptr + offs * s_d, mask=valid, other=0) != 0
+    x = beta * (r - tl.load(kl_ptr).to(tl.float32))
+    w = tl.where(desirable, -desirable_weight, undesirable_weight)
+    d = g * w * beta * _sigmoid(x) * _sigmoid(-x)
+    tl.store(grad_p_ptr + offs, d.to(grad_p_ptr.dtype.element_ty), mask=valid)
+
+
+def kto_forward(policy, ref, desirable, kl_ref, *, beta, desirable_weight, undesirable_weight):
+    """(losses, rewards) fp32 [B]; ``kl_ref`` a 0-d tensor read on the device (no host sync)."""
+    n = policy.shape[0]
+    losses, rewards = (torch.empty(n, dtype=torch.float32, device=policy.device) for _ in range(2))
+    if n:
+        d = as_loadable(desirable)
+        block = _pair_block(n)
+        _kto_fwd_kernel[(triton.cdiv(n, block),)](
+            policy, ref, d, kl_ref, losses, rewards, n, policy.stride(0), ref.stride(0), d.stride(0),
+            beta, desirable_weight, undesirable_weight, BLOCK=block)
+    return losses, rewards
+
+
+def kto_backward(grad, policy, ref, desirable, kl_ref, *, beta, desirable_weight, undesirable_weight):
+    n = policy.shape[0]
+    grad_policy = torch.empty(n, dtype=policy.dtype, device=policy.device)
+    if n:
+        d = as_loadable(desirable)
+        block = _pair_block(n)
+        _kto_bwd_kernel[(triton.cdiv(n, block),)](
+            grad, policy, ref, d, kl_ref, grad_policy, n, grad.stride(0), policy.stride(0), ref.stride(0),
+            d.stride(0), beta, desirable_weight, undesirable_weight, BLOCK=block)
+    return grad_policy
+
+
+@triton.jit
+def _orpo_log_odds(w, l_):
+    """(log_odds, d/dw, d/dl): log(1 − e^ℓ) = log(−expm1(ℓ)), its derivative −1/expm1(ℓ)... with signs."""
+    ew, el = _expm1(w), _expm1(l_)
+    log_odds = (w - l_) - (tl.log(-ew) - tl.log(-el))
+    return log_odds, -1.0 / ew, 1.0 / el
+
+
+@triton.jit
+def _orpo_fwd_kernel(c_ptr, r_ptr, loss_ptr, log_odds_ptr, n, s_c, s_r, beta, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    valid = offs < n
+    w = tl.load(c_ptr + offs * s_c, mask=valid, other=-1.0).to(tl.float32)
+    l_ = tl.load(r_ptr + offs * s_r, mask=valid, other=-1.0).to(tl.float32)
+    log_odds, _, _ = _orpo_log_odds(w, l_)
+    tl.store(loss_ptr + offs, -beta * _log_sigmoid(log_odds), mask=valid)
+    tl.store(log_odds_ptr + offs, log_odds, mask=valid)
+
+
+@triton.jit
+def _orpo_bwd_kernel(grad_ptr, c_ptr, r_ptr, grad_c_ptr, grad_r_ptr, n, s_grad, s_c, s_r, beta,
+                     NEED_CHOSEN: tl.constexpr, NEED_REJECTED: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    valid = offs < n
+    g = tl.load(grad_ptr + offs * s_grad, mask=valid, other=0.0).to(tl.float32)
+    w = tl.load(c_ptr + offs * s_c, mask=valid, other=-1.0).to(tl.float32)
+    l_ = tl.load(r_ptr + offs * s_r, mask=valid, other=-1.0).to(tl.float32)
+    log_odds, dw, dl = _orpo_log_odds(w, l_)
+    slope = -g * beta * _sigmoid(-log_odds)
+    if NEED_CHOSEN:
+        tl.store(grad_c_ptr + offs, (slope * dw).to(grad_c_ptr.dtype.element_ty), mask=valid)
+    if NEED_REJECTED:
+        tl.store(grad_r_ptr + offs, (slope * dl).to(grad_r_ptr.dtype.element_ty), mask=valid)
+
+
+def orpo_forward(chosen, rejected, *, beta):
+    """(losses, log_odds) fp32 [B] from length-averaged log-probs."""
+    n = chosen.shape[0]
+    losses, log_odds = (torch.empty(n, dtype=torch.float32, device=chosen.device) for _ in range(2))
+    if n:
+        block = _pair_block(n)
+        _orpo_fwd_kernel[(triton.cdiv(n, block),)](chosen, rejected, losses, log_odds, n, chosen.stride(0),
+                                                   rejected.stride(0), beta, BLOCK=block)
+    return losses, log_odds
+
+
+def orpo_backward(grad, chosen, rejected, *, beta, need_chosen, need_rejected):
+    n = chosen.shape[0]
+    grad_chosen = torch.empty(n, dtype=chosen.dtype, device=chosen.device) if need_chosen else None
+    grad_rejected = torch.empty(n, dtype=rejected.dtype, device=rejected.device) if need_rejected else None
+    if n and (need_chosen or need_rejected):
+        block = _pair_block(n)
+        _orpo_bwd_kernel[(triton.cdiv(n, block),)](
+            grad, chosen, rejected, grad_chosen if need_chosen else grad, grad_rejected if need_rejected else grad,
+            n, grad.stride(0), chosen.stride(0), rejected.stride(0), beta,
+            NEED_CHOSEN=need_chosen, NEED_REJECTED=need_rejected, BLOCK=block)
+    return grad_chosen, grad_rejected

@@ -95,6 +95,26 @@ void bradley_terry_forward(const float* chosen, const float* rejected, const flo
 void bradley_terry_backward(const float* grad_loss, const float* chosen, const float* rejected, const float* margin,
                             float margin_scalar, int64_t n, float center_coef, float* d_chosen, float* d_rejected);
 
+// ---- D2O, KTO, ORPO, CPO (issue 13; rl_ops.cpp). samples are [n, k] row-major; desirable is a 0/1
+// float weight per example; d2o_backward takes the forward's rewards; CPO's rejected gradient is
+// minus d_chosen.
+void d2o_forward(const float* policy_samples, const float* ref_samples, const float* policy_negative,
+                 const float* ref_negative, int64_t n, int64_t k, float beta, float alpha, float* losses,
+                 float* sample_rewards, float* negative_rewards);
+void d2o_backward(const float* grad, const float* sample_rewards, const float* negative_rewards, int64_t n, int64_t k,
+                  float beta, float alpha, float* d_samples, float* d_negative);
+void kto_forward(const float* policy, const float* ref, const float* desirable, float kl_ref, int64_t n, float beta,
+                 float desirable_weight, float undesirable_weight, float* losses, float* rewards);
+void kto_backward(const float* grad, const float* policy, const float* ref, const float* desirable, float kl_ref,
+                  int64_t n, float beta, float desirable_weight, float undesirable_weight, float* d_policy);
+void orpo_forward(const float* chosen, const float* rejected, int64_t n, float beta, float* losses, float* log_odds);
+void orpo_backward(const float* grad, const float* chosen, const float* rejected, int64_t n, float beta,
+                   float* d_chosen, float* d_rejected);
+void cpo_forward(const float* chosen, const float* rejected, int64_t n, float beta, float label_smoothing,
+                 float* losses);
+void cpo_backward(const float* grad, const float* chosen, const float* rejected, int64_t n, float beta,
+                  float label_smoothing, float* d_chosen);
+
 // ---- steer_logits (steering.cpp). Rows of value/base/negatives have unit column stride and the
 // given row strides (negatives: branch k, row i at negatives + k * neg_stride_k + i * neg_stride_b);
 // betas[num_neg]; out [batch, vocab] float32. top_p >= 1 means no mask.

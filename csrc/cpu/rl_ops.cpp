@@ -524,5 +524,104 @@ void bradley_terry_backward(const float* grad_loss, const float* chosen, const f
   }
 }
 
+// ------------------------------------------------------------------ D2O, KTO, ORPO, CPO (issue 13)
+// Per-example math of fastalign/ops/preference/spec.py (d2o_loss, kto_loss, orpo_loss, cpo_loss);
+// derivatives are the analytic ones of those formulas. No kinds: nothing to switch on.
+namespace {
+
+// log(1 - e^l) for l < 0, exact near 0 (1 - e^l would cancel).
+float log1m_exp(float l) { return logf(-expm1f(l)); }
+
+}  // namespace
+
+void d2o_forward(const float* policy_samples, const float* ref_samples, const float* policy_negative,
+                 const float* ref_negative, int64_t n, int64_t k, float beta, float alpha, float* losses,
+                 float* sample_rewards, float* negative_rewards) {
+#pragma omp parallel for schedule(static) if (n * k > kParallelMin)
+  for (int64_t i = 0; i < n; ++i) {
+    double sum = 0.0;  // K can be large: accumulate the log-ratios in double
+    for (int64_t j = 0; j < k; ++j) sum += policy_samples[i * k + j] - ref_samples[i * k + j];
+    const float sample = beta * static_cast<float>(sum / static_cast<double>(k));
+    const float negative = alpha * (policy_negative[i] - ref_negative[i]);
+    losses[i] = -log_sigmoid(sample - negative);
+    sample_rewards[i] = sample;
+    negative_rewards[i] = negative;
+  }
+}
+
+void d2o_backward(const float* grad, const float* sample_rewards, const float* negative_rewards, int64_t n, int64_t k,
+                  float beta, float alpha, float* d_samples, float* d_negative) {
+#pragma omp parallel for schedule(static) if (n * k > kParallelMin)
+  for (int64_t i = 0; i < n; ++i) {
+    const float slope = -grad[i] * sigmoid(negative_rewards[i] - sample_rewards[i]);  // d loss / d z
+    const float per_sample = slope * beta / static_cast<float>(k);
+    for (int64_t j = 0; j < k; ++j) d_samples[i * k + j] = per_sample;
+    d_negative[i] = -slope * alpha;
+  }
+}
+
+void kto_forward(const float* policy, const float* ref, const float* desirable, float kl_ref, int64_t n, float beta,
+                 float desirable_weight, float undesirable_weight, float* losses, float* rewards) {
+#pragma omp parallel for schedule(static) if (n > kParallelMin)
+  for (int64_t i = 0; i < n; ++i) {
+    const float r = policy[i] - ref[i];
+    const float x = beta * (r - kl_ref);
+    // 1 - sigmoid(x) = sigmoid(-x)
+    losses[i] = desirable[i] != 0.0f ? desirable_weight * sigmoid(-x) : undesirable_weight * sigmoid(x);
+    rewards[i] = beta * r;
+  }
+}
+
+void kto_backward(const float* grad, const float* policy, const float* ref, const float* desirable, float kl_ref,
+                  int64_t n, float beta, float desirable_weight, float undesirable_weight, float* d_policy) {
+#pragma omp parallel for schedule(static) if (n > kParallelMin)
+  for (int64_t i = 0; i < n; ++i) {
+    const float x = beta * ((policy[i] - ref[i]) - kl_ref);
+    const float s = sigmoid(x) * sigmoid(-x);  // sigma'(x)
+    const float w = desirable[i] != 0.0f ? -desirable_weight : undesirable_weight;
+    d_policy[i] = grad[i] * w * beta * s;
+  }
+}
+
+void orpo_forward(const float* chosen, const float* rejected, int64_t n, float beta, float* losses, float* log_odds) {
+#pragma omp parallel for schedule(static) if (n > kParallelMin)
+  for (int64_t i = 0; i < n; ++i) {
+    const float lo = (chosen[i] - rejected[i]) - (log1m_exp(chosen[i]) - log1m_exp(rejected[i]));
+    losses[i] = -beta * log_sigmoid(lo);
+    log_odds[i] = lo;
+  }
+}
+
+// d log_odds / d l_w = 1 / (1 - e^{l_w}) = -1 / expm1(l_w); d / d l_l = 1 / expm1(l_l).
+void orpo_backward(const float* grad, const float* chosen, const float* rejected, int64_t n, float beta,
+                   float* d_chosen, float* d_rejected) {
+#pragma omp parallel for schedule(static) if (n > kParallelMin)
+  for (int64_t i = 0; i < n; ++i) {
+    const float lo = (chosen[i] - rejected[i]) - (log1m_exp(chosen[i]) - log1m_exp(rejected[i]));
+    const float slope = -grad[i] * beta * sigmoid(-lo);  // d loss / d log_odds
+    d_chosen[i] = -slope / expm1f(chosen[i]);
+    d_rejected[i] = slope / expm1f(rejected[i]);
+  }
+}
+
+void cpo_forward(const float* chosen, const float* rejected, int64_t n, float beta, float label_smoothing,
+                 float* losses) {
+#pragma omp parallel for schedule(static) if (n > kParallelMin)
+  for (int64_t i = 0; i < n; ++i) {
+    const float x = beta * (chosen[i] - rejected[i]);
+    losses[i] = -(1.0f - label_smoothing) * log_sigmoid(x) - label_smoothing * log_sigmoid(-x);
+  }
+}
+
+void cpo_backward(const float* grad, const float* chosen, const float* rejected, int64_t n, float beta,
+                  float label_smoothing, float* d_chosen) {
+#pragma omp parallel for schedule(static) if (n > kParallelMin)
+  for (int64_t i = 0; i < n; ++i) {
+    const float x = beta * (chosen[i] - rejected[i]);
+    d_chosen[i] = grad[i] * beta * (-(1.0f - label_smoothing) * sigmoid(-x) + label_smoothing * sigmoid(x));
+  }
+}
+// ------------------------------------------------------------------ end D2O, KTO, ORPO, CPO
+
 }  // namespace cpu
 }  // namespace fastalign

@@ -7,6 +7,9 @@ conversational message lists, as in TRL):
 * SFT: ``prompt`` + ``completion``, or ``messages`` (the last assistant turn is the target)
 * preference: ``prompt`` + ``chosen`` + ``rejected``
 * prompt-only: ``prompt`` (extra columns are kept for verifiers)
+* unpaired (KTO): ``prompt`` + ``completion`` + ``label`` (true = desirable); paired rows are split
+  into a desirable and an undesirable half
+* negatives (D²O): ``prompt`` + ``rejected``
 
 A malformed row raises ``ValueError`` naming the file, the row number and the field.
 """
@@ -24,10 +27,12 @@ from fastalign.models.tiny import DEFAULT_CHAT_TEMPLATE
 from . import tasks
 
 IGNORE_INDEX = -100
-KINDS = ("sft", "preferences", "prompts")
+KINDS = ("sft", "preferences", "prompts", "unpaired", "negatives")
 REQUIRED = {"sft": (("prompt", "completion"), ("messages",)),
             "preferences": (("prompt", "chosen", "rejected"),),
-            "prompts": (("prompt",),)}
+            "prompts": (("prompt",),),
+            "unpaired": (("prompt", "completion", "label"),),
+            "negatives": (("prompt", "rejected"),)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -170,6 +175,11 @@ def validate_rows(rows, kind, source):
                              f"it has {sorted(row)}")
         for key in fields:
             value = row[key]
+            if key == "label":
+                if not isinstance(value, bool):
+                    raise ValueError(f"{source}: row {i} field 'label' must be true (desirable) or false, got "
+                                     f"{type(value).__name__}: {str(value)[:60]!r}")
+                continue
             if not (isinstance(value, str) or _is_messages(value)):
                 raise ValueError(f"{source}: row {i} field {key!r} must be a string or a list of "
                                  f"{{'role', 'content'}} messages, got {type(value).__name__}: {str(value)[:60]!r}")
@@ -182,12 +192,32 @@ def validate_rows(rows, kind, source):
 
 
 def load_rows(source: str, kind: str, *, n: int = 0, seed: int = 0, split: str = "train"):
-    """Validated rows of ``kind`` from a built-in task spec or a file / hub dataset (first ``n`` if n>0)."""
+    """Validated rows of ``kind`` from a built-in task spec or a file / hub dataset (first ``n`` if n>0).
+
+    ``unpaired`` and ``negatives`` also accept preference rows: a pair becomes a desirable and an
+    undesirable row (KTO), or its prompt and rejected answer (D²O: the chosen answer is dropped).
+    """
+    derived = kind in ("unpaired", "negatives")
     if tasks.parse_task_spec(source) is not None:
-        return tasks.task_rows(source, kind, n or 1000, seed=seed, split=split)
+        rows = tasks.task_rows(source, "preferences" if derived else kind, n or 1000, seed=seed, split=split)
+        return _from_pairs(rows, kind) if derived else rows
     rows = read_rows(source, split=split)
     rows = rows[:n] if n else rows
+    if derived and rows and all(k in rows[0] for k in REQUIRED["preferences"][0]) and "completion" not in rows[0]:
+        return _from_pairs(validate_rows(rows, "preferences", source), kind)
     return validate_rows(rows, kind, source)
+
+
+def _from_pairs(rows, kind):
+    """Preference rows as KTO's unpaired rows (each pair split in halves) or as D²O's negatives."""
+    keep = lambda r: {k: v for k, v in r.items() if k not in ("chosen", "rejected")}
+    if kind == "negatives":
+        return [dict(keep(r), rejected=r["rejected"]) for r in rows]
+    out = []
+    for r in rows:
+        out.append(dict(keep(r), completion=r["chosen"], label=True))
+        out.append(dict(keep(r), completion=r["rejected"], label=False))
+    return out
 
 
 # ----------------------------------------------------------------------------------------------

@@ -172,6 +172,68 @@ class SimPOConfig(TrainConfig):
     lr: float = knob(5e-4, "peak learning rate", minimum=0)
 
 
+# ------------------------------------------------------------------ D²O, KTO, ORPO, CPO (issue 13)
+@dataclass
+class ReferenceOptions:
+    """The shared reference-model keys of the D²O and KTO flows (``precomputed`` does not apply: their
+    reference sequences change with each batch — KTO's mismatched pairs, D²O's resampled responses)."""
+
+    init_from: str = knob("", "policy (and reference) start (e.g. an SFT run's model/ folder; default: model)")
+    reference: str = choice("frozen_copy", ("frozen_copy", "adapter", "shared_trunk"),
+                            "how the reference model is held (see fastalign.models.reference)")
+    reference_dtype: str = choice("", ("", "float32", "bfloat16"), "frozen_copy dtype (default: the policy's)")
+    reference_offload: bool = knob(False, "frozen_copy lives on CPU between uses")
+    trainable_top_layers: int = knob(1, "shared_trunk: how many top layers the policy trains", minimum=1)
+
+
+@dataclass
+class D2OConfig(ReferenceOptions, TrainConfig):
+    """D²O: human negatives only (prompt + rejected); K responses sampled from the reference policy are the
+    distributional positive. ``batch_size`` counts prompts (each with K samples + its negative)."""
+
+    dataset: str = knob("pronoun", "prompt + rejected rows: built-in task(s) (their negatives), a JSONL/Parquet "
+                                   "file or a hub id (TRL's prompt/rejected columns)")
+    objective: str = choice("d2o", ("d2o", "ga"), "d2o, or ga: gradient ascent on the negatives' log-probs "
+                                                  "(the paper's baseline, no samples)")
+    beta: float = knob(0.1, "D²O β (weight of the K samples' log-ratio)", minimum=0)
+    alpha: float = knob(0.1, "D²O α (weight of the negative's log-ratio)", minimum=0)
+    num_samples: int = knob(11, "K responses sampled per prompt from the reference policy (paper: 11)", minimum=1)
+    resample_every: int = knob(0, "steps between fresh draws of the K samples (0 = drawn once, at the start)",
+                               minimum=0)
+    max_new_tokens: int = knob(0, "sample length limit (0 = the tasks' own limit; 16 for files)", minimum=0)
+    temperature: float = knob(1.0, "sampling temperature", minimum=0)
+    top_p: float = knob(1.0, "nucleus sampling mass", minimum=0, maximum=1)
+    batch_size: int = knob(16, "prompts per step (x (K + 1) sequences)", minimum=1)
+    lr: float = knob(5e-4, "peak learning rate", minimum=0)
+
+
+@dataclass
+class KTOConfig(ReferenceOptions, TrainConfig):
+    """KTO on unpaired rows (prompt/completion/label), or paired rows split into a desirable and an
+    undesirable half. ``batch_size`` counts completions."""
+
+    beta: float = knob(0.1, "KTO β", minimum=0)
+    desirable_weight: float = knob(1.0, "λ_D", minimum=0)
+    undesirable_weight: float = knob(1.0, "λ_U", minimum=0)
+    lr: float = knob(5e-4, "peak learning rate", minimum=0)
+
+
+@dataclass
+class ORPOConfig(TrainConfig):
+    init_from: str = knob("", "policy start (e.g. an SFT run's model/ folder; default: model)")
+    beta: float = knob(0.1, "ORPO λ: weight of the odds-ratio term (TRL's beta)", minimum=0)
+    lr: float = knob(5e-4, "peak learning rate", minimum=0)
+
+
+@dataclass
+class CPOConfig(TrainConfig):
+    init_from: str = knob("", "policy start (e.g. an SFT run's model/ folder; default: model)")
+    beta: float = knob(0.1, "CPO β", minimum=0)
+    alpha: float = knob(1.0, "weight of the chosen NLL (TRL's cpo_alpha)", minimum=0)
+    label_smoothing: float = knob(0.0, minimum=0, maximum=0.49)
+    lr: float = knob(5e-4, "peak learning rate", minimum=0)
+
+
 @dataclass
 class PPOConfig(TrainConfig):
     """Classic RLHF: ``max_steps`` rollouts of ``batch_size`` prompts, each trained ``ppo_epochs`` times in

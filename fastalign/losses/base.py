@@ -8,8 +8,9 @@ LM head without ever building an ``N x V`` tensor. Both loops rest on the primit
   (the normalizers) come from the mask, so each token's gradient is known as soon as its chunk's
   log-prob is: forward and backward of a chunk happen together (3 GEMMs), the reference chunk
   (when given as hidden states) is computed in the same loop under ``no_grad`` (1 GEMM).
-* :func:`pair_loss` — DPO/SimPO: a pair's term depends only on its own two sequences and the
-  ``1/B`` mean is known up front, so a pair's token gradients are fixed once the pair's sequence
+* :func:`group_loss` (and :func:`pair_loss`, its two-sequence case) — DPO/SimPO/ORPO/CPO pairs,
+  D²O's K samples + negative, KTO's single completions: a group's term depends only on its own
+  sequences and the ``1/B`` mean is known up front, so a pair's token gradients are fixed once the pair's sequence
   log-probs are. Consecutive pairs whose logits fit the memory budget together keep those logits:
   one GEMM, the fused row pass (:func:`fastalign.ops.logprobs_from_logits`, gradient written in
   place), the pair losses, two GEMMs into one float32 weight-gradient buffer (4 GEMMs with the
@@ -33,6 +34,7 @@ from fastalign.ops.logprobs import chunked
 
 TokenLossFn = Callable[[int, int, Tensor, Tensor, "Tensor | None"], "tuple[Tensor, Tensor | None, Tensor | None]"]
 PairLossFn = Callable[[Tensor, Tensor, "Tensor | None", "Tensor | None"], Tensor]
+GroupLossFn = Callable[[Tensor, Tensor, "Tensor | None"], Tensor]
 
 
 # ------------------------------------------------------------------------------------ input checks
@@ -202,7 +204,7 @@ def token_loss(hidden, weight, labels, per_token: TokenLossFn, *, bias=None, ref
             None if ref_full is None else ref_full.reshape(shape))
 
 
-# ------------------------------------------------------------------------------ DPO/SimPO: pairs
+# ---------------------------------------------------- DPO/SimPO/ORPO/CPO pairs, D²O/KTO groups
 def _f32(x: Tensor) -> Tensor:
     return x if x.dtype == torch.float32 else x.float()
 
@@ -231,23 +233,32 @@ def _group_pairs(pair_tokens: list[int], vocab: int, chunk_size, mem_budget) -> 
     return groups, long_pairs
 
 
-def pair_loss(hidden, weight, labels, per_pair: PairLossFn, *, average, nll_coef=0.0, bias=None, ref_hidden=None,
-              ref_weight=None, ref_bias=None, ref_logps=None, ignore_index=-100, chunk_size=None, mem_budget=None):
-    """Mean over pairs of ``per_pair(chosen, rejected, ref_chosen, ref_rejected)`` plus an NLL term.
+def group_loss(hidden, weight, labels, per_group: GroupLossFn, *, rows, average, nll_rows=None, nll_coef=0.0,
+               bias=None, ref_hidden=None, ref_weight=None, ref_bias=None, ref_logps=None, ignore_index=-100,
+               chunk_size=None, mem_budget=None):
+    """Mean over groups of ``per_group(groups [P], scores [P, G], ref_scores [P, G] or None)`` plus an NLL term.
 
-    ``hidden [2B, T, H]``: the B chosen sequences, then the B rejected ones; a sequence's score is
-    the sum of its token log-probs (their mean with ``average=True``; a sequence without tokens
-    counts as length 1, as in TRL). ``per_pair`` gets ``[P]`` vectors and returns ``[P]`` losses.
-    ``nll_coef > 0`` adds ``nll_coef * (−mean log-prob of all chosen tokens)``.
-    The reference scores come from ``ref_hidden`` (same chunk loops, no gradient), from
-    ``ref_logps`` (``[2B]`` per-sequence sums or ``[2B, T]`` per-token), or are None.
+    ``groups`` are the indices (into ``rows``) of the P groups a call scores.
 
-    Returns ``(loss, info)``: info holds ``[B]`` fp32 vectors ``chosen``, ``rejected`` (scores),
-    ``chosen_sum``, ``rejected_sum``, ``ref_chosen_sum``, ``ref_rejected_sum`` (or None),
-    ``losses``, and scalars ``entropy_sum``, ``n_tokens``, ``nll``.
+    ``rows [P_total, G]`` (int64): the sequences (indices into ``hidden``'s first dim) of each group,
+    each sequence in at most one group — a DPO pair is ``(chosen, rejected)``, a D²O group its K
+    samples then the negative. Sequences in no group get no GEMM. A sequence's score is the sum of
+    its token log-probs (their mean with ``average=True``; a sequence without tokens counts as
+    length 1, as in TRL). ``nll_coef > 0`` adds ``nll_coef * (−mean log-prob of the tokens of the
+    sequences where nll_rows [S] is True)``. Reference scores come from ``ref_hidden`` (same chunk
+    loops, no gradient), from ``ref_logps`` (``[S]`` per-sequence sums or ``[S, T]`` per token),
+    or are None.
+
+    A group's term depends only on its own sequences and the ``1/P`` mean is known up front, so
+    consecutive groups whose logits fit the memory budget keep them (4 GEMMs with the reference);
+    groups too long for it are token-chunked (5 GEMMs): memory never grows with the group size.
+
+    Returns ``(loss, info)``: info holds fp32 ``[S]`` vectors ``scores``, ``sums`` and ``ref_sums``
+    (or None), ``losses [P_total]``, and scalars ``entropy_sum``, ``n_tokens`` (tokens of grouped
+    sequences), ``nll``.
     """
     s_, t_, h_ = hidden.shape
-    b = s_ // 2
+    n_groups = rows.shape[0]
     dev = hidden.device
     vocab = weight.shape[0]
     hidden2d = hidden.reshape(s_ * t_, h_)
@@ -255,12 +266,15 @@ def pair_loss(hidden, weight, labels, per_pair: PairLossFn, *, average, nll_coef
     valid = labels != ignore_index
     counts_t = valid.sum(1)
     counts = counts_t.tolist()
+    rows_list = rows.tolist()
+    rows = rows.to(dev)
     denom = counts_t.clamp(min=1).to(torch.float32) if average else torch.ones(s_, dtype=torch.float32, device=dev)
-    n_chosen_tokens = max(1, sum(counts[:b]))
+    nll_mask = (torch.zeros(s_, dtype=torch.bool, device=dev) if nll_rows is None else nll_rows.to(dev))
+    n_nll_tokens = max(1, int(counts_t[nll_mask].sum())) if nll_coef else 1
     ref2d = None if ref_hidden is None else ref_hidden.detach().reshape(s_ * t_, ref_hidden.shape[2])
     ref_w, ref_b = reference_head(weight, bias, ref_weight, ref_bias)
 
-    ref_sum = None  # [2B] reference sums when given; filled by the passes when computed
+    ref_sum = None  # [S] reference sums when given; filled by the passes when computed
     if ref_logps is not None:
         r = ref_logps.detach().float()
         ref_sum = (r * valid).sum(1) if r.dim() == 2 else r.clone()
@@ -268,16 +282,16 @@ def pair_loss(hidden, weight, labels, per_pair: PairLossFn, *, average, nll_coef
         ref_sum = torch.zeros(s_, dtype=torch.float32, device=dev)
 
     seq_sum = torch.zeros(s_, dtype=torch.float32, device=dev)
-    losses = torch.zeros(b, dtype=torch.float32, device=dev)
+    losses = torch.zeros(n_groups, dtype=torch.float32, device=dev)
     stats = {"entropy_sum": torch.zeros((), dtype=torch.float32, device=dev),
              "nll": torch.zeros((), dtype=torch.float32, device=dev)}
 
-    def positions(pairs):
-        """Flat positions of the valid tokens of ``pairs`` (chosen i, rejected i, ...) and their sequence ids."""
-        rows = torch.tensor([r for i in pairs for r in (i, b + i)], dtype=torch.int64, device=dev)
-        sub = valid.index_select(0, rows)
+    def positions(groups):
+        """Flat positions of the valid tokens of ``groups`` (their sequences in order) and their sequence ids."""
+        seq_rows = torch.tensor([r for i in groups for r in rows_list[i]], dtype=torch.int64, device=dev)
+        sub = valid.index_select(0, seq_rows)
         local_row, col = sub.nonzero(as_tuple=True)
-        seq = rows[local_row]
+        seq = seq_rows[local_row]
         return seq * t_ + col, seq
 
     def reference_pass(pos, seq, chunk):
@@ -288,26 +302,24 @@ def pair_loss(hidden, weight, labels, per_pair: PairLossFn, *, average, nll_coef
                                                 mem_budget=mem_budget)
         ref_sum.index_add_(0, seq, lp)
 
-    def loss_of(pairs_t, seq, lp):
-        """Differentiable (in ``lp``) contribution of the pairs ``pairs_t`` whose tokens are ``lp``."""
+    def loss_of(groups_t, seq, lp):
+        """Differentiable (in ``lp``) contribution of the groups ``groups_t`` whose tokens are ``lp``."""
         sums = _segment_sum(lp, seq, s_)
-        ch, rj = pairs_t, pairs_t + b
-        chosen, rejected = sums[ch] / denom[ch], sums[rj] / denom[rj]
-        ref_c = ref_r = None
-        if ref_sum is not None:
-            ref_c, ref_r = ref_sum[ch] / denom[ch], ref_sum[rj] / denom[rj]
-        pl = per_pair(chosen, rejected, ref_c, ref_r)
-        total = pl.sum() / b
+        members = rows.index_select(0, groups_t)  # [P, G]
+        scores = sums[members] / denom[members]
+        ref_scores = None if ref_sum is None else ref_sum[members] / denom[members]
+        pl = per_group(groups_t, scores, ref_scores)
+        total = pl.sum() / n_groups
         nll = None
         if nll_coef:
-            nll = -(lp * (seq < b)).sum() / n_chosen_tokens
+            nll = -(lp * nll_mask[seq]).sum() / n_nll_tokens
             total = total + nll_coef * nll
         return total, pl, nll, sums
 
-    def record(pairs_t, pl, nll, sums, ent_sum):
-        losses[pairs_t] = pl.detach()
-        rows = torch.cat([pairs_t, pairs_t + b])
-        seq_sum[rows] = sums.detach()[rows]
+    def record(groups_t, pl, nll, sums, ent_sum):
+        losses[groups_t] = pl.detach()
+        members = rows.index_select(0, groups_t).reshape(-1)
+        seq_sum[members] = sums.detach()[members]
         stats["entropy_sum"] += ent_sum
         if nll is not None:
             stats["nll"] += nll.detach()
@@ -316,8 +328,8 @@ def pair_loss(hidden, weight, labels, per_pair: PairLossFn, *, average, nll_coef
         grad = need_h or need_w or need_b
         gh = torch.zeros_like(hidden2d) if need_h else None
         gw = gb = None
-        groups, long_pairs = _group_pairs([counts[i] + counts[b + i] for i in range(b)], vocab, chunk_size,
-                                          mem_budget)
+        groups, long_groups = _group_pairs([sum(counts[r] for r in members) for members in rows_list], vocab,
+                                           chunk_size, mem_budget)
         total = torch.zeros((), dtype=torch.float32, device=dev)
 
         def add_grads(pos, g_h, g_w, g_b):
@@ -329,7 +341,7 @@ def pair_loss(hidden, weight, labels, per_pair: PairLossFn, *, average, nll_coef
             if g_b is not None:
                 gb = g_b if gb is None else gb.add_(g_b)
 
-        # Pairs that fit the budget: the group's logits are kept (one GEMM), the row pass gives its log-probs,
+        # Groups that fit the budget: the group's logits are kept (one GEMM), the row pass gives its log-probs,
         # the pair losses give d(logp), the row kernel turns the logits into their gradient in place, and two
         # GEMMs finish: 3 GEMMs + the reference, accumulating into ONE float32 weight-gradient buffer.
         head = None
@@ -373,14 +385,20 @@ def pair_loss(hidden, weight, labels, per_pair: PairLossFn, *, average, nll_coef
             total = total + part
             record(pairs_t, pl, nll, sums, ent_sum)
 
-        # Pairs too long for one chunk: token-chunked sequence log-probs first, then the gradient pass.
-        if long_pairs:
-            pos, seq = positions(long_pairs)
-            reference_pass(pos, seq, chunk_size)
-            pairs_t = torch.tensor(long_pairs, dtype=torch.int64, device=dev)
+        # Groups too long for one chunk: token-chunked sequence log-probs first, then the gradient pass.
+        if long_groups:
+            pos, seq = positions(long_groups)
+            # Stream one sequence's worth of tokens at a time (when the budget allows more): a D²O group's
+            # K samples then cost the logits of one sequence, not of K, whatever K is.
+            long_chunk = chunk_size
+            if long_chunk is None:
+                longest = max(counts[r] for g_ in long_groups for r in rows_list[g_])
+                long_chunk = max(1, min(chunked.choose_chunk_size(pos.numel(), vocab, mem_budget), longest))
+            reference_pass(pos, seq, long_chunk)
+            pairs_t = torch.tensor(long_groups, dtype=torch.int64, device=dev)
             h_sel, lab_sel = hidden2d.index_select(0, pos), labels1d.index_select(0, pos)
             lp, ent = chunked.linear_logprobs_no_grad(h_sel, weight, lab_sel, bias=bias, ignore_index=ignore_index,
-                                                      chunk_size=chunk_size, mem_budget=mem_budget)
+                                                      chunk_size=long_chunk, mem_budget=mem_budget)
             with torch.enable_grad():
                 lp_ = lp.requires_grad_(grad)
                 part, pl, nll, sums = loss_of(pairs_t, seq, lp_)
@@ -390,7 +408,7 @@ def pair_loss(hidden, weight, labels, per_pair: PairLossFn, *, average, nll_coef
             if g_tok is not None:
                 _, _, g_h, g_w, g_b = chunked.linear_logprobs_grad_in_forward(
                     h_sel, weight, lab_sel, lambda s, e, lp, ent: (g_tok[s:e], None), bias=bias,
-                    ignore_index=ignore_index, chunk_size=chunk_size, mem_budget=mem_budget,
+                    ignore_index=ignore_index, chunk_size=long_chunk, mem_budget=mem_budget,
                     need_weight_grad=need_w, need_bias_grad=need_b)
                 add_grads(pos, g_h, g_w, g_b)
         if need_w and gw is None:
@@ -400,12 +418,45 @@ def pair_loss(hidden, weight, labels, per_pair: PairLossFn, *, average, nll_coef
         return total, None if gh is None else gh.reshape(hidden.shape), gw, gb
 
     loss = attach(compute, hidden, weight, bias)
+    info = {"scores": seq_sum / denom, "sums": seq_sum, "ref_sums": ref_sum, "losses": losses,
+            "entropy_sum": stats["entropy_sum"], "n_tokens": sum(counts[r] for m in rows_list for r in m),
+            "nll": stats["nll"]}
+    return loss, info
+
+
+def pair_loss(hidden, weight, labels, per_pair: PairLossFn, *, average, nll_coef=0.0, bias=None, ref_hidden=None,
+              ref_weight=None, ref_bias=None, ref_logps=None, ignore_index=-100, chunk_size=None, mem_budget=None):
+    """Mean over pairs of ``per_pair(chosen, rejected, ref_chosen, ref_rejected)`` plus an NLL term.
+
+    ``hidden [2B, T, H]``: the B chosen sequences, then the B rejected ones (:func:`group_loss`
+    with groups ``(i, B + i)``). ``per_pair`` gets ``[P]`` vectors and returns ``[P]`` losses.
+    ``nll_coef > 0`` adds ``nll_coef * (−mean log-prob of all chosen tokens)``.
+
+    Returns ``(loss, info)``: info holds ``[B]`` fp32 vectors ``chosen``, ``rejected`` (scores),
+    ``chosen_sum``, ``rejected_sum``, ``ref_chosen_sum``, ``ref_rejected_sum`` (or None),
+    ``losses``, and scalars ``entropy_sum``, ``n_tokens``, ``nll``.
+    """
+    s_ = hidden.shape[0]
+    b = s_ // 2
+    idx = torch.arange(b, dtype=torch.int64)
+    rows = torch.stack([idx, idx + b], 1)
+
+    def per_group(_groups, scores, ref_scores):
+        if ref_scores is None:
+            return per_pair(scores[:, 0], scores[:, 1], None, None)
+        return per_pair(scores[:, 0], scores[:, 1], ref_scores[:, 0], ref_scores[:, 1])
+
+    nll_rows = torch.arange(s_) < b
+    loss, g = group_loss(hidden, weight, labels, per_group, rows=rows, average=average, nll_rows=nll_rows,
+                         nll_coef=nll_coef, bias=bias, ref_hidden=ref_hidden, ref_weight=ref_weight,
+                         ref_bias=ref_bias, ref_logps=ref_logps, ignore_index=ignore_index, chunk_size=chunk_size,
+                         mem_budget=mem_budget)
+    ref_sum = g["ref_sums"]
     info = {
-        "chosen": seq_sum[:b] / denom[:b], "rejected": seq_sum[b:] / denom[b:],
-        "chosen_sum": seq_sum[:b], "rejected_sum": seq_sum[b:],
+        "chosen": g["scores"][:b], "rejected": g["scores"][b:],
+        "chosen_sum": g["sums"][:b], "rejected_sum": g["sums"][b:],
         "ref_chosen_sum": None if ref_sum is None else ref_sum[:b],
         "ref_rejected_sum": None if ref_sum is None else ref_sum[b:],
-        "losses": losses, "entropy_sum": stats["entropy_sum"], "n_tokens": sum(counts),
-        "nll": stats["nll"],
+        "losses": g["losses"], "entropy_sum": g["entropy_sum"], "n_tokens": g["n_tokens"], "nll": g["nll"],
     }
     return loss, info

@@ -7,7 +7,8 @@ import torch.nn.functional as F
 
 from ..kinds import Kind
 
-__all__ = ["dpo_loss", "simpo_loss", "bradley_terry_loss"]  # gathered by fastalign.ops.reference
+# gathered by fastalign.ops.reference
+__all__ = ["dpo_loss", "simpo_loss", "bradley_terry_loss", "d2o_loss", "kto_loss", "orpo_loss", "cpo_loss"]
 
 
 class DpoLossType(Kind):
@@ -55,3 +56,61 @@ def bradley_terry_loss(chosen_rewards, rejected_rewards, *, margin=None, center_
     with torch.no_grad():
         metrics = {"accuracy": (rc > rr).float().mean(), "margin": (rc - rr).mean()}
     return loss, metrics
+
+
+# ---------------------------------------------------------------- D²O, KTO, ORPO, CPO (issue 13)
+# Each returns (losses [B], per-example tensors the public op turns into its metrics); the public
+# functions in ``__init__`` build the metrics the same way for every backend.
+def d2o_loss(policy_sample_logps, ref_sample_logps, policy_negative_logps, ref_negative_logps, *, beta=0.1,
+             alpha=0.1):
+    """D²O (Duan et al. 2024, Eq. 3): ``−log σ((β/K)·Σ_k s_k − α·s_neg)``, s = logπ − logπ_ref.
+
+    Returns ``(losses, sample_rewards, negative_rewards)``: ``(β/K)·Σ_k s_k`` and ``α·s_neg``, so the
+    loss is ``−log σ(sample_reward − negative_reward)`` and DPO's with K = 1, α = β.
+    """
+    samples = (policy_sample_logps.float() - ref_sample_logps.detach().float()).mean(-1)
+    negative = policy_negative_logps.float() - ref_negative_logps.detach().float()
+    sample_rewards, negative_rewards = beta * samples, alpha * negative
+    losses = -F.logsigmoid(sample_rewards - negative_rewards)
+    return losses, sample_rewards.detach(), negative_rewards.detach()
+
+
+def kto_loss(policy_logps, ref_logps, desirable, kl_ref, *, beta=0.1, desirable_weight=1.0, undesirable_weight=1.0):
+    """KTO (TRL's KTOTrainer): ``λ_D·(1 − σ(β(r − z₀)))`` if desirable else ``λ_U·(1 − σ(β(z₀ − r)))``.
+
+    ``r = logπ − logπ_ref``; ``kl_ref`` is the reference point z₀ (detached; TRL clamps it at 0
+    before it gets here). Returns ``(losses, rewards)`` with rewards ``β·r``.
+    """
+    r = policy_logps.float() - ref_logps.detach().float()
+    z0 = (kl_ref.detach().float() if isinstance(kl_ref, torch.Tensor) else torch.tensor(float(kl_ref)))
+    z0 = z0.to(r.device)
+    chosen = desirable_weight * (1.0 - torch.sigmoid(beta * (r - z0)))
+    rejected = undesirable_weight * (1.0 - torch.sigmoid(beta * (z0 - r)))
+    losses = torch.where(desirable.bool(), chosen, rejected)
+    return losses, beta * r.detach()
+
+
+def orpo_log_odds(chosen_avg_logps, rejected_avg_logps):
+    """``(ℓ_w − ℓ_l) − [log(1 − e^{ℓ_w}) − log(1 − e^{ℓ_l})]``; log(−expm1(ℓ)) is exact near ℓ = 0."""
+    w, l_ = chosen_avg_logps.float(), rejected_avg_logps.float()
+    return (w - l_) - (torch.log(-torch.expm1(w)) - torch.log(-torch.expm1(l_)))
+
+
+def orpo_loss(chosen_avg_logps, rejected_avg_logps, *, beta=0.1):
+    """ORPO's odds-ratio term ``−β·log σ(log_odds)`` from length-averaged log-probs (NLL added by the fused loss).
+
+    Returns ``(losses, log_odds)``.
+    """
+    log_odds = orpo_log_odds(chosen_avg_logps, rejected_avg_logps)
+    return -beta * F.logsigmoid(log_odds), log_odds.detach()
+
+
+def cpo_loss(chosen_logps, rejected_logps, *, beta=0.1, label_smoothing=0.0):
+    """CPO ``−(1−ε)·log σ(βΔ) − ε·log σ(−βΔ)``, Δ = logπ(y_w) − logπ(y_l) summed, no reference.
+
+    Returns ``(losses, chosen_rewards, rejected_rewards)`` with rewards ``β·logπ``.
+    """
+    c, r = chosen_logps.float(), rejected_logps.float()
+    x = beta * (c - r)
+    losses = -(1 - label_smoothing) * F.logsigmoid(x) - label_smoothing * F.logsigmoid(-x)
+    return losses, beta * c.detach(), beta * r.detach()

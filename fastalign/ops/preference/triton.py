@@ -1,4 +1,4 @@
-"""The ``triton`` backends of dpo_loss, simpo_loss and bradley_terry_loss (``fastalign.triton_kernels.rl_losses``).
+"""The ``triton`` backends of the preference ops (``fastalign.triton_kernels.rl_losses``).
 
 Triton is imported on the first call, so ``import fastalign`` works without it.
 """
@@ -106,3 +106,90 @@ def bradley_terry_loss_triton(chosen_rewards, rejected_rewards, *, margin, cente
     loss, accuracy, mean_margin = _BradleyTerryLoss.apply(chosen_rewards, rejected_rewards, margin_t, margin_value,
                                                           center_coef)
     return loss, {"accuracy": accuracy, "margin": mean_margin}
+
+
+# ---------------------------------------------------------------- D²O, KTO, ORPO, CPO (issue 13)
+class _D2oLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, ps, rs, pn, rn, beta, alpha):
+        losses, sample_rewards, negative_rewards = _kernels().d2o_forward(ps, rs, pn, rn, beta=beta, alpha=alpha)
+        ctx.save_for_backward(sample_rewards, negative_rewards)
+        ctx.options = (ps.shape[1], beta, alpha, ps.dtype, pn.dtype)
+        ctx.mark_non_differentiable(sample_rewards, negative_rewards)
+        return losses, sample_rewards, negative_rewards
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_losses, _g_samples, _g_negative):
+        need_samples, need_negative = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
+        if grad_losses is None or not (need_samples or need_negative):
+            return (None,) * 6
+        k, beta, alpha, samples_dtype, negative_dtype = ctx.options
+        grad_samples, grad_negative = _kernels().d2o_backward(
+            grad_losses, *ctx.saved_tensors, k=k, beta=beta, alpha=alpha, samples_dtype=samples_dtype,
+            negative_dtype=negative_dtype, need_samples=need_samples, need_negative=need_negative)
+        return grad_samples, None, grad_negative, None, None, None
+
+
+@dispatch.register("d2o_loss", "triton")
+def d2o_loss_triton(policy_sample_logps, ref_sample_logps, policy_negative_logps, ref_negative_logps, *, beta, alpha):
+    return _D2oLoss.apply(policy_sample_logps, ref_sample_logps.detach(), policy_negative_logps,
+                          ref_negative_logps.detach(), beta, alpha)
+
+
+class _KtoLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, policy, ref, desirable, kl_ref, beta, wd, wu):
+        losses, rewards = _kernels().kto_forward(policy, ref, desirable, kl_ref, beta=beta, desirable_weight=wd,
+                                                 undesirable_weight=wu)
+        ctx.save_for_backward(policy, ref, desirable, kl_ref)
+        ctx.options = (beta, wd, wu)
+        ctx.mark_non_differentiable(rewards)
+        return losses, rewards
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_losses, _g_rewards):
+        if grad_losses is None or not ctx.needs_input_grad[0]:
+            return (None,) * 7
+        beta, wd, wu = ctx.options
+        grad_policy = _kernels().kto_backward(grad_losses, *ctx.saved_tensors, beta=beta, desirable_weight=wd,
+                                              undesirable_weight=wu)
+        return grad_policy, None, None, None, None, None, None
+
+
+@dispatch.register("kto_loss", "triton")
+def kto_loss_triton(policy_logps, ref_logps, desirable, kl_ref, *, beta, desirable_weight, undesirable_weight):
+    return _KtoLoss.apply(policy_logps, ref_logps.detach(), desirable, kl_ref.detach(), beta, desirable_weight,
+                          undesirable_weight)
+
+
+class _OrpoLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, chosen, rejected, beta):
+        losses, log_odds = _kernels().orpo_forward(chosen, rejected, beta=beta)
+        ctx.save_for_backward(chosen, rejected)
+        ctx.beta = beta
+        ctx.mark_non_differentiable(log_odds)
+        return losses, log_odds
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_losses, _g_log_odds):
+        need_chosen, need_rejected = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if grad_losses is None or not (need_chosen or need_rejected):
+            return None, None, None
+        grad_chosen, grad_rejected = _kernels().orpo_backward(grad_losses, *ctx.saved_tensors, beta=ctx.beta,
+                                                              need_chosen=need_chosen, need_rejected=need_rejected)
+        return grad_chosen, grad_rejected, None
+
+
+@dispatch.register("orpo_loss", "triton")
+def orpo_loss_triton(chosen_avg_logps, rejected_avg_logps, *, beta):
+    return _OrpoLoss.apply(chosen_avg_logps, rejected_avg_logps, beta)
+
+
+@dispatch.register("cpo_loss", "triton")
+def cpo_loss_triton(chosen_logps, rejected_logps, *, beta, label_smoothing):
+    # CPO's per-pair formula is SimPO's with γ = 0 (on summed instead of averaged log-probs).
+    return _SimpoLoss.apply(chosen_logps, rejected_logps, beta, 0.0, label_smoothing)
