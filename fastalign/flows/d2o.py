@@ -94,7 +94,7 @@ def collate_groups(examples, index, pad_id, max_length, samples: ReferenceSample
 
 def _start_step(cfg, run_dir) -> int:
     last = ckpt.latest_checkpoint(run_dir) if cfg.resume else None
-    return int(torch.load(last / "trainer.pt", weights_only=False)["step"]) if last is not None else 0
+    return int(ckpt.read_trainer_state(last)["step"]) if last is not None else 0  # no pickle: see checkpoint.py
 
 
 def run(cfg: D2OConfig) -> dict:
