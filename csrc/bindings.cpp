@@ -266,7 +266,7 @@ PolicyConfig policy_config(double beta, int64_t kl_kind, double clip_low, double
                       check_code(kl_kind, kKlKinds, "kl_kind")};
 }
 
-// (loss, sums[4], d_logp, d_adv, d_row): see cpu::policy_tokens. logp, old_logp and mask are [R, T];
+// (loss, row_sums [R, 4], d_logp, d_adv, d_row): see cpu::policy_tokens. logp, old_logp and mask are [R, T];
 // advantages and scale are [R] or [R, T]; d_adv is empty unless advantages_grad. Issue 12's options:
 // row_log_ratio [R] (required unless level is token), token_weights [R, T], level, objective, delta
 // (inf = off), dual_clip (0 = off), kl_bias_correction.
@@ -301,7 +301,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> policy_tokens_cpu(
   const float* tw = token_weights.has_value() && token_weights->defined()
                         ? optional_f32(token_weights, logp.numel(), "token_weights")
                         : nullptr;
-  Tensor loss = scalar_f32(logp), sums = at::empty({4}, logp.options()), d_logp = at::empty_like(logp);
+  Tensor loss = scalar_f32(logp), sums = at::empty({rows, 4}, logp.options()), d_logp = at::empty_like(logp);
   Tensor d_adv = advantages_grad ? at::empty_like(adv) : at::empty({0}, adv.options());
   Tensor d_row = at::empty({rows}, logp.options());
   cpu::policy_tokens(logp.data_ptr<float>(), old_logp.data_ptr<float>(), adv.data_ptr<float>(), adv_per_token,

@@ -372,5 +372,5 @@ def test_fake_tensors_trace_the_policy_token_pass():
         loss, sums, d_logp, d_adv, d_row = ops.policy.cpu.policy_tokens_native(
             lp, old_f, adv_f, mask_f, ref_f, scale, beta=0.1, kl_kind="k3", clip_low=0.2, clip_high=0.2,
             need_adv_grad=True, row_log_ratio=scale, level="sequence")
-    assert loss.shape == () and sums.shape == (4,) and d_logp.shape == (3, 8) and d_adv.shape == (3,)
+    assert loss.shape == () and sums.shape == (3, 4) and d_logp.shape == (3, 8) and d_adv.shape == (3,)
     assert d_row.shape == (3,)

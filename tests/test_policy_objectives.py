@@ -109,6 +109,8 @@ CASES = {
     "gspo_token": dict(level="sequence_token", eps_low=0.1, eps_high=0.15, beta=0.04),
     "cispo": dict(loss_type="cispo", eps_high=1.3),
     "cispo_sequence": dict(loss_type="cispo", eps_high=1.1, level="sequence", beta=0.05, bias_kl=True),
+    # a cap below 1 clips the empty row too (its weight is exp(0)): the per-row metrics must count it
+    "cispo_sequence_low_cap": dict(loss_type="cispo", eps_high=0.9, level="sequence"),
     "delta": dict(delta=1.4, eps_high=0.28, loss_type="bnpo"),
     "dual_clip": dict(dual_clip=1.3, loss_type="dr_grpo", max_len=13),
     "bias_kl": dict(beta=0.1, bias_kl=True),

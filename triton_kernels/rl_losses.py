@@ -338,7 +338,7 @@ def policy_tokens(logp, old_logp, advantages, mask, ref_logp, scale, *, beta, kl
 
     fp32 contiguous inputs: logp, old_logp, mask [R, T]; advantages and scale [R] or [R, T];
     row_log_ratio [R] (unless level is token) and token_weights [R, T] or None.
-    Returns ``(loss, sums [4], d_logp [R, T], d_adv or None, d_row [R])``.
+    Returns ``(loss, row_sums [R, 4], d_logp [R, T], d_adv or None, d_row [R])``.
     """
     R, T = logp.shape
     device = logp.device
@@ -371,7 +371,9 @@ def policy_tokens(logp, old_logp, advantages, mask, ref_logp, scale, *, beta, kl
             HAS_DELTA=delta is not None, HAS_DUAL=dual_clip is not None, KL_BIAS=bool(kl_bias_correction),
         )
     loss = partials[0].sum()
-    sums = partials[1:5].sum(1)
+    # Per row: TRL logs per-sequence clip extremes (clip_ratio/low_min, high_max).
+    sums = (partials[1:5, :n_programs].view(4, R, nb).sum(2).t().contiguous() if n_programs
+            else torch.zeros((R, 4), dtype=torch.float32, device=device))
     if need_adv_grad and not adv_per_token:
         grad_adv = partials[5, :n_programs].view(R, nb).sum(1) if n_programs else torch.zeros(R, device=device)
     d_row = partials[6, :n_programs].view(R, nb).sum(1) if n_programs else torch.zeros(R, device=device)

@@ -54,15 +54,15 @@ void sequence_logprobs_backward(const float* grad, const float* mask, float* d_l
                                 bool average);
 
 // The clipped policy loss's token terms in one pass (fastalign/ops/policy): with w = scale * mask,
-// loss = sum w * loss_token, sums[4] = masked sums of the low-clip and high-clip indicators, the KL
-// estimator and (logp - old_logp)^2, d_logp = w * d loss_token / d logp. adv is [rows] or, with
+// loss = sum w * loss_token, row_sums [rows, 4] = each row's masked sums of the low-clip and high-clip
+// indicators, the KL estimator and (logp - old_logp)^2 (per row: TRL logs per-sequence clip extremes), d_logp = w * d loss_token / d logp. adv is [rows] or, with
 // adv_per_token, [rows, len]; scale is [rows] or, with scale_per_token, [rows, len]; ref_logp may be
 // null when c.beta == 0; d_adv (adv's shape) may be null. Issue 12's options: row_log_ratio [rows]
 // (levels sequence/sequence_token; may be null at level token), token_weights [rows, len] (may be
 // null), d_row [rows] = d loss / d row_log_ratio (may be null).
 void policy_tokens(const float* logp, const float* old_logp, const float* adv, bool adv_per_token, const float* mask,
                    const float* ref_logp, const float* scale, bool scale_per_token, int64_t rows, int64_t len,
-                   const PolicyConfig& c, float* loss, float* sums, float* d_logp, float* d_adv,
+                   const PolicyConfig& c, float* loss, float* row_sums, float* d_logp, float* d_adv,
                    const float* row_log_ratio, const float* token_weights, float* d_row);
 
 // Off-policy corrections (issue 12; fastalign/ops/offpolicy): out [rows, len] the rollout importance

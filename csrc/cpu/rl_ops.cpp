@@ -254,7 +254,7 @@ FA_ROW_CLONES void policy_row_ext(const float* logp, const float* old_logp, cons
 
 void policy_tokens(const float* logp, const float* old_logp, const float* adv, bool adv_per_token, const float* mask,
                    const float* ref_logp, const float* scale, bool scale_per_token, int64_t rows, int64_t len,
-                   const PolicyConfig& c, float* loss, float* sums, float* d_logp, float* d_adv,
+                   const PolicyConfig& c, float* loss, float* row_sums, float* d_logp, float* d_adv,
                    const float* row_log_ratio, const float* token_weights, float* d_row) {
   constexpr int K = 7;
   std::vector<double> per_row(static_cast<size_t>(std::max<int64_t>(rows, 1)) * K, 0.0);
@@ -280,14 +280,14 @@ void policy_tokens(const float* logp, const float* old_logp, const float* adv, b
       }
     }
   });
-  double total[5] = {0, 0, 0, 0, 0};
+  double total = 0.0;
   for (int64_t r = 0; r < rows; ++r) {
-    for (int k = 0; k < 5; ++k) total[k] += per_row[r * K + k];
+    total += per_row[r * K];
+    for (int k = 0; k < 4; ++k) row_sums[r * 4 + k] = static_cast<float>(per_row[r * K + 1 + k]);
     if (!adv_per_token && d_adv != nullptr) d_adv[r] = static_cast<float>(per_row[r * K + 5]);
     if (d_row != nullptr) d_row[r] = static_cast<float>(per_row[r * K + 6]);
   }
-  *loss = static_cast<float>(total[0]);
-  for (int k = 0; k < 4; ++k) sums[k] = static_cast<float>(total[k + 1]);
+  *loss = static_cast<float>(total);
 }
 
 // ------------------------------------------------------------ off-policy corrections (issue 12)

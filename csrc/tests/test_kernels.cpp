@@ -320,7 +320,7 @@ void test_policy_tokens() {
       for (int64_t i = 0; i < B * T; ++i) w[i] = m[i] * (scale_per_token ? scale[i] : scale[i / T]);
       const PolicyConfig c{0.8f, 1.28f, 0.1f, kl_kind};
       float loss;
-      Vec sums(4), d_lp(B * T), d_adv(B);
+      Vec sums(B * 4), d_lp(B * T), d_adv(B);
       cpu::policy_tokens(lp.data(), old.data(), adv.data(), false, m.data(), ref.data(), scale.data(),
                          scale_per_token, B, T, c, &loss, sums.data(), d_lp.data(), d_adv.data(), nullptr, nullptr,
                          nullptr);
@@ -365,7 +365,7 @@ void test_policy_tokens_ext() {
   c.dual_clip = 1.4f;
   c.kl_bias_correction = true;
   float loss;
-  Vec sums(4), d_lp(B * T), d_adv(B), d_row(B);
+  Vec sums(B * 4), d_lp(B * T), d_adv(B), d_row(B);
   cpu::policy_tokens(lp.data(), old.data(), adv.data(), false, m.data(), ref.data(), scale.data(), false, B, T, c,
                      &loss, sums.data(), d_lp.data(), d_adv.data(), nullptr, tw.data(), d_row.data());
   auto f = [&](const DVec& x) {

@@ -121,7 +121,7 @@ def clipped_policy_loss(hidden, weight, labels, *, advantages, mask=None, old_lo
             total, chunk_sums = policy.token_pass(lp_, old_c, adv[:, s:e], mflat[:, s:e], ref_c, scale[:, s:e],
                                                   config, token_weights=None if tw is None else tw[:, s:e])
             g_lp, = torch.autograd.grad(total, lp_)
-        sums.append(chunk_sums)
+        sums.append(chunk_sums.sum(0))  # a chunk's one flat row cuts across sequences: only its totals count
         g_ent = None
         if entropy_coef:
             total = total - (entropy.reshape(1, -1) * w_ent[:, s:e]).sum()
@@ -207,7 +207,7 @@ def _whole_rows_policy_loss(hidden, weight, labels, advantages, mf, old_logps, b
     else:
         loss = total
     with torch.no_grad():
-        metrics = policy.full_metrics(sums, mf.sum(), logp, old, advantages, mf, config)
+        metrics = policy.row_metrics(sums, mf.sum(1), advantages, config)
         metrics["entropy"] = _masked_mean(entropy, mf)
     return loss, metrics
 

@@ -18,6 +18,7 @@ from .spec import (
     clip_metrics,
     objective_of,
     policy_metrics,
+    row_clip_metrics,
     row_scale,
     sequence_log_ratio,
 )
@@ -117,7 +118,7 @@ class _TokenPass(torch.autograd.Function):
 
 def token_pass(logp, old_logp, advantages, mask, ref_logp, scale, config: PolicyConfig, *, token_weights=None,
                row_log_ratio=None):
-    """``(loss = Σ scale·mask·term, sums [4])`` by the backend of ``logp``'s device, differentiable in
+    """``(loss = Σ scale·mask·term, row_sums [R, 4])`` by the backend of ``logp``'s device, differentiable in
     ``logp`` and ``advantages`` (see :func:`fastalign.ops.policy.spec.policy_tokens` for the contract).
     ``scale`` is ``[R]`` per row or ``[R, T]`` per token (:func:`row_scale` gives it for a loss type).
     Unless ``config.level`` is ``token`` the rows must be whole sequences: ``row_log_ratio`` defaults
@@ -191,12 +192,28 @@ def policy_loss(logp, old_logp, advantages, mask, *, ref_logp=None, beta=0.0, kl
     config = PolicyConfig(float(beta), kl_kind, float(clip_low), float(clip_low if clip_high is None else clip_high),
                           importance_sampling_level, objective_of(loss_type), None if delta is None else float(delta),
                           None if ratio_clip_c is None else float(ratio_clip_c), kl_bias_correction)
-    loss, sums = token_pass(logp, old_logp, advantages, m, ref_logp, scale, config, token_weights=token_weights)
-    return loss, full_metrics(sums, counts.sum(), logp, old_logp, advantages, m, config)
+    loss, row_sums = token_pass(logp, old_logp, advantages, m, ref_logp, scale, config, token_weights=token_weights)
+    with torch.no_grad():
+        return loss, row_metrics(row_sums, counts, advantages, config)
+
+
+def row_metrics(row_sums, counts, advantages, config: PolicyConfig):
+    """Every metric of a token pass over whole sequences from its ``row_sums [R, 4]`` and ``counts [R]``
+    (no ``[B, T]`` pass: TRL's per-sequence clip extremes come from the per-row indicator counts)."""
+    metrics = {k: x for k, x in policy_metrics(row_sums.sum(0), counts.sum(), config.beta).items()
+               if not k.startswith("clip_ratio/")}
+    per_row = config.level == "sequence" and advantages.dim() == 1
+    empty_high = None
+    if per_row and config.objective == "cispo":  # an empty row's weight is exp(0) = 1
+        empty_high = (advantages.detach() > 0) & (1.0 > config.clip_high)
+    metrics.update(row_clip_metrics(row_sums[:, 0], row_sums[:, 1], counts, per_row=per_row,
+                                    objective=config.objective, empty_high=empty_high))
+    return metrics
 
 
 def full_metrics(sums, count, logp, old_logp, advantages, mask, config: PolicyConfig):
-    """The kernel's sums (``approx_kl``, ``kl``) plus the clip metrics TRL logs for this objective."""
+    """The kernel's summed ``sums [4]`` (``approx_kl``, ``kl``) plus the clip metrics TRL logs, recomputed
+    from full ``[B, T]`` rows: for token passes whose rows are not sequences (the chunk loop's flat chunks)."""
     metrics = {k: x for k, x in policy_metrics(sums, count, config.beta).items() if not k.startswith("clip_ratio/")}
     metrics.update(clip_indicator_metrics(logp, old_logp, advantages, mask, config))
     return metrics

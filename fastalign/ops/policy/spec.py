@@ -76,6 +76,32 @@ def clip_metrics(low, high, mask, *, per_row, objective="clip"):
             "clip_ratio/high_max": kept_high.max() if kept_high.numel() else nan}
 
 
+def row_clip_metrics(row_low, row_high, counts, *, per_row, objective="clip", empty_low=None, empty_high=None):
+    """:func:`clip_metrics` from each row's masked indicator counts ``[R]`` (what the token pass returns)
+    instead of ``[B, T]`` indicators. ``per_row``: a row's indicator is its count over its tokens, and a
+    row without tokens takes ``empty_low``/``empty_high`` (its indicators at ratio 1), as in ``[B, 1]``."""
+    counts = counts.to(torch.float32)
+    frac_low, frac_high = row_low / counts, row_high / counts  # NaN on empty rows
+    if per_row:
+        empty = counts == 0
+        zero = torch.zeros_like(frac_low)
+        frac_low = torch.where(empty, zero if empty_low is None else empty_low.float(), frac_low)
+        frac_high = torch.where(empty, zero if empty_high is None else empty_high.float(), frac_high)
+        n = float(max(counts.shape[0], 1))
+        low_mean, high_mean = frac_low.sum() / n, frac_high.sum() / n
+    else:
+        total = counts.sum().clamp(min=1.0)
+        low_mean, high_mean = row_low.sum() / total, row_high.sum() / total
+    if objective == "cispo":
+        return {"cispo_clip_ratio": high_mean}
+    nan = torch.tensor(float("nan"), device=counts.device)
+    kept_low, kept_high = frac_low[~frac_low.isnan()], frac_high[~frac_high.isnan()]
+    return {"clip_ratio/low_mean": low_mean, "clip_ratio/high_mean": high_mean,
+            "clip_ratio/region_mean": low_mean + high_mean,
+            "clip_ratio/low_min": kept_low.min() if kept_low.numel() else nan,
+            "clip_ratio/high_max": kept_high.max() if kept_high.numel() else nan}
+
+
 def _masked_mean(x, m):
     return (x * m).sum() / m.sum().clamp(min=1.0)
 
@@ -207,8 +233,8 @@ def policy_tokens(logp, old_logp, advantages, mask, ref_logp, scale, *, beta, kl
     ``logp``, ``old_logp``, ``mask`` ``[R, T]`` float32; ``advantages`` and ``scale`` ``[R]`` or
     ``[R, T]``; ``row_log_ratio [R]`` (the rows' mean log-ratio, needed when ``level`` is not
     ``token``) and ``token_weights [R, T]`` or None. The options are those of
-    :func:`policy_token_terms`. With ``w = scale · mask``: returns ``(loss = Σ w·term, sums [4] =
-    masked sums of (low, high, kl, log_ratio²), d_logp = w·∂term/∂logp [R, T], d_adv (advantages'
+    :func:`policy_token_terms`. With ``w = scale · mask``: returns ``(loss = Σ w·term, row_sums [R, 4]
+    = each row's masked sums of (low, high, kl, log_ratio²), d_logp = w·∂term/∂logp [R, T], d_adv (advantages'
     shape) or None, d_row [R] = ∂loss/∂row_log_ratio (zeros unless ``level == "sequence"``))``.
     """
     on = mask != 0
@@ -227,9 +253,9 @@ def policy_tokens(logp, old_logp, advantages, mask, ref_logp, scale, *, beta, kl
     grads = [torch.zeros_like(x) if g is None else g for g, x in zip(grads, wrt)]
     zero = torch.zeros_like(term)
     with torch.no_grad():
-        sums = torch.stack([torch.where(on, x, zero).sum() for x in
+        sums = torch.stack([torch.where(on, x, zero).sum(1) for x in
                             (low.float() * mask, high.float() * mask, kl.detach() * mask,
-                             log_ratio.detach().square() * mask)])
+                             log_ratio.detach().square() * mask)], dim=1)
     d_row = grads[-1] if level == "sequence" else torch.zeros(logp.shape[0], device=logp.device)
     return loss.detach(), sums, grads[0], grads[1] if need_adv_grad else None, d_row
 
