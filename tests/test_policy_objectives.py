@@ -173,8 +173,15 @@ def test_policy_loss_options(backend, case, dtype):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", ["gspo_wide", "gspo_token", "cispo", "delta", "all"])
-def test_fused_grpo_loss_options(backend, case):
-    """The fused-linear loss (chunks cutting across rows; whole-row pre-pass for GSPO) against the same truth."""
+@pytest.mark.parametrize("chunk_size", [5, 12], ids=["rows_split", "rows_whole"])
+def test_fused_grpo_loss_options(backend, case, chunk_size, monkeypatch):
+    """The fused-linear loss against the same truth: chunks cut across rows (5 < a row's 9 tokens: GSPO
+    takes the no-grad pre-pass) or hold whole rows (12: GSPO in one pass)."""
+    import fastalign.losses.grpo as grpo_module
+
+    pre_passes = []
+    real = grpo_module._whole_rows_policy_loss
+    monkeypatch.setattr(grpo_module, "_whole_rows_policy_loss", lambda *a: pre_passes.append(1) or real(*a))
     torch.manual_seed(3)
     b, t, h, vocab = 4, 9, 16, 23
     dev = TRITON_DEVICE if backend == "triton" else "cpu"
@@ -195,7 +202,7 @@ def test_fused_grpo_loss_options(backend, case):
     loss_fn = FusedLinearGRPOLoss(
         beta=c.get("beta", 0.0), loss_type=c.get("loss_type", "grpo"), epsilon_low=c.get("eps_low", 0.2),
         epsilon_high=c.get("eps_high"), importance_sampling_level=c.get("level", "token"), delta=c.get("delta"),
-        ratio_clip_c=c.get("dual_clip"), kl_bias_correction=c.get("bias_kl", False), chunk_size=5)
+        ratio_clip_c=c.get("dual_clip"), kl_bias_correction=c.get("bias_kl", False), chunk_size=chunk_size)
     hd, wd = hidden.detach().to(dev).requires_grad_(), weight.detach().to(dev).requires_grad_()
     with on_backend(backend):
         loss, metrics = loss_fn(hd, wd, labels.to(dev), advantages=adv.to(dev), old_logps=old.to(dev),
@@ -214,6 +221,7 @@ def test_fused_grpo_loss_options(backend, case):
         assert err < 1e-5, f"{what}: relative error {err:.2e}"
     for name, value in want_metrics.items():
         assert abs(float(metrics[name]) - value.item()) <= 1e-5, (name, metrics[name], value)
+    assert len(pre_passes) == (c.get("level", "token") != "token" and chunk_size == 5)
 
 
 def test_gspo_token_has_the_value_of_gspo_and_a_per_token_gradient():

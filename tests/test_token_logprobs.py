@@ -262,3 +262,31 @@ def test_torch_compile(backend):
         outs.append((loss, *(a.grad for a in args)))
     for eager, compiled in zip(*outs):
         assert rel_err(compiled, eager) < 1e-6
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3, 4, 7, 100])
+def test_whole_row_chunks_partition_the_positions_on_row_boundaries(chunk_size):
+    """``row_len`` chunks: [s, e) partition [0, N) in order, every inner boundary on a row boundary, each
+    chunk's valid tokens exactly those of its rows, empty leading/middle/trailing rows included."""
+    from fastalign.ops.logprobs import chunked
+
+    length = 4
+    labels = torch.full((7, length), -100)
+    for r, n in ((1, 3), (2, 4), (4, 1), (5, 2)):  # rows 0, 3 and 6 empty
+        labels[r, :n] = 1
+    flat = labels.reshape(-1)
+    chunks, n_valid = chunked._row_plan(flat, -100, chunk_size, 5, 1 << 20, length)
+    assert n_valid == int((flat != -100).sum())
+    assert chunks[0].start == 0 and chunks[-1].end == flat.numel()
+    for prev, nxt in zip(chunks, chunks[1:]):
+        assert prev.end == nxt.start and nxt.start % length == 0
+    seen = []
+    for c in chunks:
+        rows = torch.arange(flat.numel())[c.rows]
+        assert ((rows >= c.start) & (rows < c.end)).all() and (flat[rows] != -100).all()
+        one_row = len(set((rows // length).tolist())) == 1  # a row longer than a chunk stays whole
+        assert c.b - c.a == rows.numel() and (rows.numel() <= chunk_size or one_row)
+        seen += rows.tolist()
+    assert seen == (flat != -100).nonzero().squeeze(1).tolist()
+    fits = chunked.whole_rows_fit(labels, -100, chunk_size, 5)
+    assert fits == (chunk_size >= 4)

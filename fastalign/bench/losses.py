@@ -15,7 +15,8 @@ skips ignored positions gains most where there are many of them:
   GEMMs the loss cannot avoid (logits, d_hidden, d_weight) over exactly the tokens fastalign computes
   (the labelled ones: ``computed_tokens`` in the report), in the same chunks. ``fastalign_objectives``
   is the same loss with GSPO (``importance_sampling_level="sequence"``), the rollout correction
-  (``ops.rollout_is_weights``, sequence_mask, as token weights) and the 20 % entropy mask together.
+  (``ops.rollout_is_weights``, sequence_mask, as token weights) and the 20 % entropy mask together;
+  ``fastalign_gspo`` the same without the entropy mask (chunks of whole rows, no pre-pass).
 
 Implementations: ``fastalign`` (:mod:`fastalign.losses`), ``liger``
 (``LigerFusedLinearDPOLoss`` / ``LigerFusedLinearGRPOLoss``, ``compiled=False`` unless
@@ -58,10 +59,10 @@ QUICK = {
     "grpo_t1024_all_valid": dict(kind="grpo", rows=8, t=128, h=256, v=4096, layout="all"),
 }
 IMPLS = {"dpo": ("fastalign", "liger", "naive"),
-         "grpo": ("fastalign", "fastalign_objectives", "liger", "naive", "floor")}
+         "grpo": ("fastalign", "fastalign_objectives", "fastalign_gspo", "liger", "naive", "floor")}
 # naive holds [rows, T, V] fp32 logits: at T=4096 that is 1 GiB per copy, and it adds nothing new.
 SKIP = {"dpo_t512_all_valid": ("naive",), "dpo_t4096_all_valid": ("naive",),
-        "grpo_t1024_all_valid": ("naive", "fastalign_objectives")}
+        "grpo_t1024_all_valid": ("naive", "fastalign_objectives", "fastalign_gspo")}
 TARGETS = [  # (case, numerator, denominator, metric, max ratio); the all-valid rows have no target: reported
     ("dpo_t512", "fastalign", "liger", "seconds", 0.9),
     ("dpo_t512", "fastalign", "liger", "peak_mb", 0.6),
@@ -74,9 +75,10 @@ TARGETS = [  # (case, numerator, denominator, metric, max ratio); the all-valid 
     ("grpo_t1024_all_valid", "fastalign", "floor", "seconds", None),
     ("grpo_t1024", "fastalign", "liger", "seconds", None),
     ("grpo_t1024_all_valid", "fastalign", "liger", "seconds", None),
-    # Issue 12's target; the whole-row options need one more no-grad logits GEMM (4 instead of 3), so
-    # expect about 4/3 on GEMM-bound shapes until the pre-pass is avoided.
+    # Issue 12's target. GSPO runs in one pass (chunks of whole rows); the entropy mask needs every token's
+    # entropy before any gradient, one more no-grad logits GEMM (4 instead of 3): expect about 4/3 with it.
     ("grpo_t1024", "fastalign_objectives", "fastalign", "seconds", 1.05),
+    ("grpo_t1024", "fastalign_gspo", "fastalign", "seconds", 1.05),
 ]
 BETA = 0.1
 
@@ -116,12 +118,12 @@ def _step_fn(spec: dict, impl: str, hidden, weight, labels, extra, liger_compile
         loss_fn = FusedLinearGRPOLoss(loss_type="dapo")
         return lambda: loss_fn(hidden, weight, labels, advantages=extra["advantages"], mask=mask,
                                old_logps=extra["old_logps"])[0].backward()
-    if impl == "fastalign_objectives":
+    if impl in ("fastalign_objectives", "fastalign_gspo"):
         from fastalign import ops
         from fastalign.losses import FusedLinearGRPOLoss
 
         loss_fn = FusedLinearGRPOLoss(loss_type="dapo", importance_sampling_level="sequence",
-                                      top_entropy_quantile=0.2)
+                                      top_entropy_quantile=0.2 if impl == "fastalign_objectives" else 1.0)
         rollout = extra["old_logps"] + 0.01 * torch.randn_like(extra["old_logps"])
 
         def step():

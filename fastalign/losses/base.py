@@ -142,7 +142,7 @@ def attach(compute, hidden, weight, bias) -> Tensor:
 # ---------------------------------------------------------------------------- GRPO/PPO: per token
 def token_loss(hidden, weight, labels, per_token: TokenLossFn, *, bias=None, ref_hidden=None, ref_weight=None,
                ref_bias=None, ref_logps=None, temperature=1.0, ignore_index=-100, chunk_size=None,
-               mem_budget=None):
+               mem_budget=None, row_len=None):
     """Loss = sum over chunks of ``per_token(s, e, logp, entropy, ref_logp)`` for flat positions [s, e).
 
     ``per_token`` returns ``(loss_sum, g_logp, g_entropy)``: the chunk's contribution to the loss
@@ -150,7 +150,8 @@ def token_loss(hidden, weight, labels, per_token: TokenLossFn, *, bias=None, ref
     its gradients w.r.t. ``logp`` and ``entropy`` (fp32 ``[e - s]``, either may be None), e.g. from
     a backend's fused token pass. ``labels`` must carry ``ignore_index`` wherever the weight is 0,
     so those rows cost no GEMM. ``ref_logp`` is the reference chunk (computed from ``ref_hidden``
-    in the same loop, or sliced from ``ref_logps``), or None when neither is given.
+    in the same loop, or sliced from ``ref_logps``), or None when neither is given. With ``row_len``
+    (``hidden``'s T) every chunk holds whole rows: ``s`` and ``e`` are multiples of it.
 
     Returns ``(loss, logp [S, T], entropy [S, T], ref_logp [S, T] or None)``; only ``loss`` is
     differentiable (w.r.t. hidden, weight and bias).
@@ -192,7 +193,8 @@ def token_loss(hidden, weight, labels, per_token: TokenLossFn, *, bias=None, ref
 
         logp, entropy, gh, gw, gb = chunked.linear_logprobs_grad_in_forward(
             hidden2d, weight, labels1d, grad_fn, bias=bias, temperature=temperature, ignore_index=ignore_index,
-            chunk_size=chunk_size, mem_budget=mem_budget, need_weight_grad=need_w, need_bias_grad=need_b)
+            chunk_size=chunk_size, mem_budget=mem_budget, need_weight_grad=need_w, need_bias_grad=need_b,
+            row_len=row_len)
         out.update(logp=logp, entropy=entropy)
         total = torch.stack(totals).sum() if totals else torch.zeros((), dtype=torch.float32, device=hidden.device)
         return total, gh.reshape(hidden.shape), gw, gb

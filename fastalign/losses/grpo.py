@@ -36,10 +36,11 @@ def clipped_policy_loss(hidden, weight, labels, *, advantages, mask=None, old_lo
     (:func:`fastalign.ops.policy.token_pass`), with every token's normalizer from the one
     :func:`~fastalign.ops.policy.spec.row_scale`: the per-token math exists once per backend.
 
-    Sequence-level weights (GSPO) need every row's mean log-ratio, and the entropy mask the quantile
-    of every valid token's entropy, before any token's gradient is known: with either, a no-grad
-    pass computes all log-probs and entropies first (one extra logits GEMM per token, 4 instead of
-    3), the token pass runs once over whole rows, and the gradient pass reuses its d logp.
+    Sequence-level weights (GSPO) need every row's mean log-ratio before any of its tokens' gradients
+    is known: the chunks then hold whole rows (still 3 GEMMs a token). The entropy mask needs the
+    quantile of every valid token's entropy, and a row longer than a chunk cannot be held whole: then
+    a no-grad pass computes all log-probs and entropies first (one extra logits GEMM per token, 4
+    instead of 3), the token pass runs once over whole rows, and the gradient pass reuses its d logp.
 
     The entropy bonus is ``entropy_coef`` times the mean entropy of the trained tokens (TRL's); a caller
     that sums token terms over micro-batches (dapo with ``num_items=1``) passes ``entropy_num_items=1`` to
@@ -90,38 +91,51 @@ def clipped_policy_loss(hidden, weight, labels, *, advantages, mask=None, old_lo
     labels_eff = labels if mask is None else labels.masked_fill(~m, ignore_index)  # masked tokens cost no GEMM
     mf = m.to(torch.float32)
     counts = mf.sum(1)
-    # Each token's normalizer, flat: the chunks cut across rows, so the token pass takes a per-token scale.
     if num_sequences is not None:
         v.integer("num_sequences", num_sequences, minimum=1)
-    scale = row_scale(counts, loss_type, max_completion_length, num_items, length=bt[1],
-                      num_sequences=num_sequences)[:, None].expand(bt)
-    scale, mflat = scale.reshape(1, -1), mf.reshape(1, -1)
+    scale_rows = row_scale(counts, loss_type, max_completion_length, num_items, length=bt[1],
+                           num_sequences=num_sequences)
+    mflat = mf.reshape(1, -1)
     ent_norm = counts.sum().clamp(min=1.0) if entropy_num_items is None else float(entropy_num_items)
     w_ent = (mflat / ent_norm) * float(entropy_coef)
     use_ref = beta > 0
-    if importance_sampling_level != "token" or top_entropy_quantile < 1.0:
+    # GSPO needs each row whole: chunks of whole rows when every row fits one chunk (one pass, 3 GEMMs a
+    # token), else a no-grad pass first; the entropy mask needs every token's entropy first, always.
+    whole_rows = importance_sampling_level != "token"
+    if top_entropy_quantile < 1.0 or (whole_rows and not chunked.whole_rows_fit(
+            labels_eff, ignore_index, chunk_size, weight.shape[0], mem_budget)):
         return _whole_rows_policy_loss(
             hidden, weight, labels_eff, advantages, mf, old_logps, bias, ref_hidden if use_ref else None,
-            ref_weight, ref_bias, ref_logps if use_ref else None, config,
-            row_scale(counts, loss_type, max_completion_length, num_items, length=bt[1], num_sequences=num_sequences),
-            token_weights, top_entropy_quantile, entropy_group, float(entropy_coef), entropy_num_items, temperature,
+            ref_weight, ref_bias, ref_logps if use_ref else None, config, scale_rows, token_weights,
+            top_entropy_quantile, entropy_group, float(entropy_coef), entropy_num_items, temperature,
             ignore_index, chunk_size, mem_budget)
+    length = bt[1]
     adv = advantages.detach().float()
-    adv = (adv.unsqueeze(1) if adv.dim() == 1 else adv).expand(bt).reshape(1, -1)
-    old = None if old_logps is None else old_logps.detach().float().reshape(1, -1)
-    tw = None if token_weights is None else token_weights.detach().float().reshape(1, -1)
+    old = None if old_logps is None else old_logps.detach().float()
+    tw = None if token_weights is None else token_weights.detach().float()
+    if not whole_rows:  # the chunks cut across rows: one flat row, every row value per token
+        adv = (adv.unsqueeze(1) if adv.dim() == 1 else adv).expand(bt)
+        scale_rows = scale_rows[:, None].expand(bt)
+
+    def rows_of(x, s, e):
+        """A ``[B, ...]`` tensor's part for flat positions [s, e): whole rows, else one flat row."""
+        if x is None:
+            return None
+        return x[s // length:e // length] if whole_rows else x.reshape(1, -1)[:, s:e]
+
     sums = []
 
     def per_token(s, e, logp, entropy, ref_logp):
-        lp = logp.reshape(1, -1)
-        old_c = lp if old is None else old[:, s:e]  # on-policy: ratio 1
-        ref_c = None if ref_logp is None else ref_logp.reshape(1, -1)
+        lp = logp.reshape(-1, length) if whole_rows else logp.reshape(1, -1)
+        old_c = lp if old is None else rows_of(old, s, e)  # on-policy: ratio 1
+        ref_c = None if ref_logp is None else ref_logp.reshape(lp.shape)
         with torch.enable_grad():
             lp_ = lp.detach().requires_grad_()
-            total, chunk_sums = policy.token_pass(lp_, old_c, adv[:, s:e], mflat[:, s:e], ref_c, scale[:, s:e],
-                                                  config, token_weights=None if tw is None else tw[:, s:e])
+            total, chunk_sums = policy.token_pass(lp_, old_c, rows_of(adv, s, e), rows_of(mf, s, e), ref_c,
+                                                  rows_of(scale_rows, s, e), config,
+                                                  token_weights=rows_of(tw, s, e))
             g_lp, = torch.autograd.grad(total, lp_)
-        sums.append(chunk_sums.sum(0))  # a chunk's one flat row cuts across sequences: only its totals count
+        sums.append(chunk_sums.sum(0))
         g_ent = None
         if entropy_coef:
             total = total - (entropy.reshape(1, -1) * w_ent[:, s:e]).sum()
@@ -132,7 +146,7 @@ def clipped_policy_loss(hidden, weight, labels, *, advantages, mask=None, old_lo
         hidden, weight, labels_eff, per_token, bias=bias, ref_hidden=ref_hidden if use_ref else None,
         ref_weight=ref_weight if use_ref else None, ref_bias=ref_bias if use_ref else None,
         ref_logps=ref_logps if use_ref else None, temperature=temperature, ignore_index=ignore_index,
-        chunk_size=chunk_size, mem_budget=mem_budget)
+        chunk_size=chunk_size, mem_budget=mem_budget, row_len=length if whole_rows else None)
 
     with torch.no_grad():
         total_sums = torch.stack(sums).sum(0) if sums else torch.zeros(4, device=hidden.device)

@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
@@ -310,6 +310,51 @@ def _plan(labels1d: Tensor, ignore_index: int, chunk_size: int | None, vocab: in
     return chunks, n_valid
 
 
+def _rows_cap(chunk_size: int | None, vocab: int, budget: int) -> int:
+    return chunk_size if chunk_size is not None else max(1, budget // (4 * vocab))
+
+
+def whole_rows_fit(labels2d: Tensor, ignore_index: int, chunk_size: int | None, vocab: int,
+                   mem_budget: int | None = None) -> bool:
+    """Whether every row's valid tokens fit one chunk, so chunks can hold whole rows (``row_len``)."""
+    longest = int((labels2d != ignore_index).sum(1).max()) if labels2d.numel() else 0
+    return longest <= _rows_cap(chunk_size, vocab, _budget(mem_budget))
+
+
+def _row_plan(labels1d: Tensor, ignore_index: int, chunk_size: int | None, vocab: int, budget: int,
+              row_len: int) -> tuple[list[_Chunk], int]:
+    """Chunks of whole rows of ``row_len`` positions (each at most ``chunk_size`` valid tokens unless one
+    row alone is longer: check :func:`whole_rows_fit`), so a loss can see every token of a row at once."""
+    valid = labels1d != ignore_index
+    counts = valid.view(-1, row_len).sum(1).tolist()
+    n_valid = sum(counts)
+    if n_valid == 0:
+        return [], 0
+    cap = _rows_cap(chunk_size, vocab, budget)
+    groups, first, held = [], 0, 0  # groups of rows [r0, r1)
+    for r, c in enumerate(counts):
+        if held and held + c > cap:
+            groups.append((first, r))
+            first, held = r, 0
+        held += c
+    groups.append((first, len(counts)))
+    valid_idx = valid.nonzero().squeeze(1)
+    cum = [0]
+    for c in counts:
+        cum.append(cum[-1] + c)
+    chunks = []
+    for r0, r1 in groups:
+        a, b = cum[r0], cum[r1]
+        if a == b:  # trailing rows without valid tokens: the previous chunk answers for them
+            continue
+        lo, hi = int(valid_idx[a]), int(valid_idx[b - 1])
+        rows = slice(lo, hi + 1) if hi - lo == b - a - 1 else valid_idx[a:b]
+        chunks.append(_Chunk(r0 * row_len, r1 * row_len, a, b, rows))
+    chunks[0] = replace(chunks[0], start=0)
+    chunks[-1] = replace(chunks[-1], end=labels1d.shape[0])
+    return chunks, n_valid
+
+
 def _f32(x: Tensor | None) -> Tensor | None:
     return x if x is None or x.dtype == torch.float32 else x.float()
 
@@ -378,7 +423,7 @@ def linear_logprobs_no_grad(hidden2d, weight, labels1d, *, bias=None, temperatur
 
 def linear_logprobs_grad_in_forward(hidden2d, weight, labels1d, grad_fn: GradFn, *, bias=None, temperature=1.0,
                                     ignore_index=-100, chunk_size=None, mem_budget=None, need_weight_grad=True,
-                                    need_bias_grad=True):
+                                    need_bias_grad=True, row_len=None):
     """Forward and backward of each token chunk at once, for losses whose d(loss)/d(logp) is known per chunk.
 
     For each chunk ``[s, e)`` of the original token positions: logits in float32, ``logp`` and
@@ -387,7 +432,9 @@ def linear_logprobs_grad_in_forward(hidden2d, weight, labels1d, grad_fn: GradFn,
     gradients unused; ``g_entropy`` and ``g_logp`` may be ``None``), the logits' gradient in place,
     ``grad_hidden[s:e] = G @ W``, ``grad_weight += G.T @ h``, ``grad_bias += G.sum(0)``.
     The ranges ``[s, e)`` partition ``[0, N)`` in order; ``grad_fn`` is not called at all when
-    every position is ignored. Chunks hold ``chunk_size`` valid tokens (default from ``mem_budget``).
+    every position is ignored. Chunks hold ``chunk_size`` valid tokens (default from ``mem_budget``);
+    with ``row_len`` they hold whole rows of that many positions instead (``[s, e)`` on row boundaries,
+    see :func:`whole_rows_fit`), for losses whose gradient needs a whole row (GSPO).
 
     Returns ``(logp [N] fp32, entropy [N] fp32, grad_hidden [N, H] in hidden2d.dtype,
     grad_weight [V, H] fp32 or None, grad_bias [V] fp32 or None)``, all detached. 3 GEMMs per
@@ -400,7 +447,10 @@ def linear_logprobs_grad_in_forward(hidden2d, weight, labels1d, grad_fn: GradFn,
     dev = hidden2d.device
     logp = torch.zeros(n, dtype=torch.float32, device=dev)
     entropy = torch.zeros_like(logp)
-    chunks, n_valid = _plan(labels1d, ignore_index, chunk_size, vocab, _budget(mem_budget))
+    if row_len is None:
+        chunks, n_valid = _plan(labels1d, ignore_index, chunk_size, vocab, _budget(mem_budget))
+    else:
+        chunks, n_valid = _row_plan(labels1d, ignore_index, chunk_size, vocab, _budget(mem_budget), row_len)
     grads = _Grads(hidden2d, vocab, True, need_weight_grad, need_bias_grad and bias is not None, n_valid == n)
     rows = row_math(dev)
     w32, b32 = _f32(weight), _f32(bias)

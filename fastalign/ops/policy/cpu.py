@@ -56,8 +56,9 @@ def _register_fakes() -> None:
     @fake("fastalign::policy_tokens")
     def _(logp, old_logp, adv, mask, ref_logp, scale, beta, kl_kind, clip_low, clip_high, adv_grad, row_log_ratio,
           token_weights, level, objective, delta, dual_clip, kl_bias_correction):
-        return (scalar(logp), logp.new_empty((logp.shape[0], 4)), like(logp), (like(adv) if adv_grad else adv.new_empty(0)),
-                logp.new_empty(logp.shape[0]))
+        rows = logp.shape[0]
+        return (scalar(logp), logp.new_empty((rows, 4)), like(logp), (like(adv) if adv_grad else adv.new_empty(0)),
+                logp.new_empty(rows))
 
     fake("fastalign::value_loss_fwd")(lambda values, old, ret, mask, clip: (scalar(values), values.new_empty(2)))
     fake("fastalign::value_loss_bwd")(lambda grad, values, old, ret, mask, clip: like(values))
