@@ -3,6 +3,8 @@
 // torch-free (csrc/cpu, csrc/cuda); this file only checks tensors and hands over raw pointers.
 #include <Python.h>
 
+#include <algorithm>
+
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
@@ -171,6 +173,36 @@ const float* optional_f32(const std::optional<Tensor>& t, int64_t numel, const c
 }
 
 Tensor scalar_f32(const Tensor& like) { return at::empty({}, like.options().dtype(at::kFloat)); }
+
+// The flat index of the first value of a contiguous mask that is neither 0 nor 1 (NaN included), or -1:
+// one read of the mask instead of the three torch passes of fastalign.ops.validation.mask_tensor.
+template <typename T>
+int64_t first_non_binary_of(const T* x, int64_t n) {
+  constexpr int64_t kBlock = 1024;
+  for (int64_t s = 0; s < n; s += kBlock) {
+    const int64_t e = std::min(n, s + kBlock);
+    bool bad = false;
+    for (int64_t i = s; i < e; ++i) bad |= (x[i] != T(0)) & (x[i] != T(1));  // branch-free: vectorizes
+    if (bad) {
+      for (int64_t i = s; i < e; ++i) {
+        if (!(x[i] == T(0) || x[i] == T(1))) return i;
+      }
+    }
+  }
+  return -1;
+}
+
+int64_t first_non_binary_cpu(const Tensor& x) {
+  TORCH_CHECK(x.is_contiguous(), "fastalign: first_non_binary needs a contiguous tensor");
+  switch (x.scalar_type()) {
+    case at::kFloat: return first_non_binary_of(x.data_ptr<float>(), x.numel());
+    case at::kDouble: return first_non_binary_of(x.data_ptr<double>(), x.numel());
+    case at::kLong: return first_non_binary_of(x.data_ptr<int64_t>(), x.numel());
+    case at::kInt: return first_non_binary_of(x.data_ptr<int32_t>(), x.numel());
+    default: TORCH_CHECK(false, "fastalign: first_non_binary takes float32/float64/int32/int64, got ", x.scalar_type());
+  }
+  return -1;
+}
 
 Tensor group_advantages_bwd_cpu(const Tensor& grad, const Tensor& rewards, int64_t group_size, int64_t scale,
                                 double eps) {
@@ -590,6 +622,7 @@ TORCH_LIBRARY(fastalign, m) {
   m.def(
       "logprobs_bwd_(Tensor(a!) logits, Tensor labels, Tensor rel_lse, Tensor entropy, Tensor grad_logp, "
       "Tensor? grad_entropy, float temperature, int ignore_index) -> ()");
+  m.def("first_non_binary(Tensor x) -> int");
   m.def("group_advantages(Tensor rewards, int group_size, int scale, float eps) -> Tensor");
   m.def("rloo_advantages(Tensor rewards, int group_size) -> Tensor");
   m.def("gae(Tensor rewards, Tensor values, Tensor mask, float gamma, float lam) -> (Tensor, Tensor)");
@@ -648,6 +681,7 @@ TORCH_LIBRARY_IMPL(fastalign, CPU, m) {
   m.impl("logprobs_fwd", &fastalign::logprobs_fwd_cpu);
   m.impl("logprobs_bwd", &fastalign::logprobs_bwd_cpu);
   m.impl("logprobs_bwd_", &fastalign::logprobs_bwd_inplace_cpu);
+  m.impl("first_non_binary", &fastalign::first_non_binary_cpu);
   m.impl("group_advantages", &fastalign::group_advantages_cpu);
   m.impl("rloo_advantages", &fastalign::rloo_advantages_cpu);
   m.impl("gae", &fastalign::gae_cpu);

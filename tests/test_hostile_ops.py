@@ -172,3 +172,23 @@ def test_an_all_zero_mask_is_a_zero_loss_but_whiten_raises(backend, loss_type):
         assert torch.equal(logp.grad, torch.zeros(2, 3)) and torch.equal(values.grad, torch.zeros(2, 3))
         with pytest.raises(ValueError, match="mask must select at least one position"):
             ops.whiten(torch.randn(2, 3), empty)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.int64, torch.int32, torch.float16])
+def test_the_mask_check_finds_the_first_bad_value_natively_and_in_torch(dtype):
+    """The native one-read check (CPU, contiguous) and the torch one report the same first index, across
+    block boundaries (the native scan works in blocks of 1024), for NaN and -0.0 alike."""
+    from fastalign.ops import validation
+
+    g = torch.Generator().manual_seed(0)
+    for trial in range(20):
+        x = (torch.rand(3, 1500, generator=g) > 0.5).to(dtype)
+        if dtype.is_floating_point:
+            x[0, int(torch.randint(0, 1500, (1,), generator=g))] = -0.0  # still a valid 0
+        bad = sorted(torch.randint(0, x.numel(), (trial % 3,), generator=g).tolist())
+        for i in bad:
+            x.view(-1)[i] = float("nan") if dtype.is_floating_point and i % 2 else 3
+        want = None if not bad else tuple(int(k) for k in torch.unravel_index(torch.tensor(bad[0]), x.shape))
+        assert validation._first_non_binary(x) == want
+        assert validation._first_non_binary(x.t()) == (None if want is None else validation._first_index(
+            (x.t() != 0) & (x.t() != 1)))  # non-contiguous: the torch path

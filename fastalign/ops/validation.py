@@ -78,12 +78,28 @@ def mask_tensor(name: str, x, shape: torch.Size, like: torch.Tensor) -> torch.Te
     same_device(name, x, like)
     if x.dtype != torch.bool and x.numel() and check_values_enabled():
         # A weight of 2 or NaN would silently count a position twice or poison the sum: only 0/1 selects.
-        bad = (x != 0) & (x != 1)
-        if bool(bad.any()):
-            where = _first_index(bad)
+        where = _first_non_binary(x)
+        if where is not None:
             raise ValueError(f"{name} must hold only 0 and 1 (a bool mask, or 0/1 integers or floats), got "
                              f"{x[where].item()} at index {where}")
     return x
+
+
+_NATIVE_MASK_DTYPES = (torch.float32, torch.float64, torch.int64, torch.int32)
+
+
+def _first_non_binary(x: torch.Tensor) -> tuple | None:
+    """The index of the first value that is neither 0 nor 1, or None: one native read of a CPU mask (the
+    check must not cost more than the ops it guards), else torch."""
+    if (x.device.type == "cpu" and x.dtype in _NATIVE_MASK_DTYPES and x.is_contiguous()
+            and not torch.compiler.is_compiling()):
+        from . import native
+
+        if native.has_op("first_non_binary"):
+            flat = torch.ops.fastalign.first_non_binary(x)
+            return None if flat < 0 else tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), x.shape))
+    bad = (x != 0) & (x != 1)
+    return _first_index(bad) if bool(bad.any()) else None
 
 
 def same_shape(name: str, x: torch.Tensor, shape: Iterable[int], ref: str | None = None) -> None:
