@@ -222,4 +222,6 @@ class TokenValueModel(nn.Module):
     def forward(self, input_ids, attention_mask=None, position_ids=None):
         hidden = decoder(self.lm)(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                   use_cache=False).last_hidden_state
-        return self.score(hidden).squeeze(-1).float()
+        values = self.score(hidden).squeeze(-1).float()
+        # FSDP2 warns about (and cannot hook in-place ops on) a returned view; [B, T] floats are cheap to copy.
+        return values.clone() if values._base is not None else values
