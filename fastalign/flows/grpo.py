@@ -14,8 +14,11 @@ Supports: ``beta = 0`` loads no reference model at all; ``beta > 0`` holds the r
 reference log-probs are read once per rollout. ``num_iterations > 1`` uses the sampling log-probs stored
 with the rollout as the old log-probs (recomputed by the policy when vLLM sampled). DDP under torchrun
 (each process samples whole groups for its share of the prompts; the ``batch`` std and dapo's token
-count are global); gradient accumulation (``micro_batch_size``); checkpoints and exact resume through
-the engine trainer (the pending rollout and the sampling RNG are part of the checkpoint).
+count are global); FSDP2 (``fsdp``: the policy and the frozen_copy reference sharded, the reference
+resharded after each forward, ``fsdp_offload`` for CPU offload; generation gathers the policy once per
+rollout and the loss reads the gathered LM head); gradient accumulation (``micro_batch_size``); checkpoints
+and exact resume through the engine trainer (the pending rollout and the sampling RNG are part of the
+checkpoint; the weights and optimizer state load at any world size).
 
 This year's objectives (TRL 1.16's names): ``importance_sampling_level`` (GSPO, GSPO-token), ``loss_type:
 cispo``, ``delta``, ``ratio_clip_c``, ``use_bias_correction_kl`` (on by default, as TRL, when ``beta > 0``),
@@ -28,8 +31,9 @@ Assumptions: ``max_steps`` counts optimizer steps (``ceil(max_steps / num_iterat
 ``bnpo`` is the token mean of each micro-batch averaged over micro-batches and processes (TRL's
 local-batch meaning), the other loss types are world-size invariant; with ``num_iterations = 1`` the
 old log-probs are the current ones (ratio 1, as TRL); the reward model scores prompt + completion
-tokens; no FSDP (the fused loss reads the LM head outside the forward). The final evaluation (task
-verifiers on held-out prompts for the start and the trained policy, the KL to the start) goes to
+tokens; under FSDP2 the ``shared_trunk`` reference is refused (it reads the sharded trunk outside its
+forward). The final evaluation (task verifiers on held-out prompts for the start and the trained policy,
+the KL to the start) goes to
 ``<run>/eval.json``.
 
 Run: ``fastalign grpo --config configs/grpo.yaml --init_from runs/sft/model [--key value ...]``.

@@ -12,14 +12,16 @@ Supports: a separate value model initialised from the reward model (``value_mode
 usual choice) or a value head on the policy's trunk (``policy_trunk``: one model, two heads); the
 reference as ``frozen_copy`` (optionally bf16 and/or on CPU between uses), ``adapter`` (LoRA policy,
 no extra memory) or ``shared_trunk``; the reward model on CPU between uses (``reward_offload``); LoRA
-policies; DDP under torchrun (each process samples its share of the prompts). The memory each role
+policies; DDP or FSDP2 (``fsdp``: policy, separate value model and frozen_copy reference sharded; ``fsdp_offload``)
+under torchrun (each process samples its share of the prompts). The memory each role
 takes (parameters + buffers) is printed at start-up and stored in ``eval.json`` under ``memory_mib``.
 
 Assumptions: one completion per prompt; the reward model scores prompt + completion at its last real
 token, the format it was trained on (a completion cut at ``max_new_tokens`` is scored without its EOS);
 the old log-probs come from one forward over prompt + completion after sampling (the same forward
 gives the values; the reference's gives its log-probs), and the reference is read at temperature 1;
-the lr schedule advances once per rollout; advantages are whitened per process, as TRL does; no FSDP.
+the lr schedule advances once per rollout; advantages are whitened per process, as TRL does; under FSDP2
+the ``shared_trunk`` reference is refused and the reward model is not sharded.
 Training runs through the engine's :class:`~fastalign.engine.trainer.Trainer`, one trainer step per
 rollout: it resumes, stops on a NaN/Inf loss or gradient (naming the rollout and the update), logs, and
 writes checkpoints (every ``save_every`` rollouts and at the end, atomically, under ``<run>/checkpoints``)
