@@ -4,11 +4,15 @@ GRPO: ``torchrun --nproc_per_node 2 -m fastalign.cli grpo --fsdp true`` gives th
 process after 3 steps, and one process resumes from the 2-process (sharded) checkpoint to the same weights.
 The rollouts are greedy (``top_k 1``) so that both world sizes sample the same completions (each process
 samples with its own RNG otherwise); identical samples of a group have equal rewards, so the entropy bonus
-and the KL to the sharded frozen reference carry the gradient.
+and the KL to the sharded frozen reference carry the gradient. ``fsdp_offload`` (CPUOffloadPolicy) is on: on
+CPU it runs the offload code path, not its memory saving.
 
 PPO samples with each process's RNG and whitens advantages per process (as TRL), so its 2-process run depends
 on the world size: FSDP2 is checked against DDP at world size 2, on a LoRA policy with the ``adapter``
 reference and a separate (sharded, fully trained) value model.
+
+A 2-process checkpoint keeps each process's sampling RNG, so a resume at the same world size continues every
+process's stream (before, every process resumed the main process's).
 """
 
 import json
@@ -16,6 +20,7 @@ import os
 import shutil
 import subprocess
 import sys
+import textwrap
 
 import pytest
 import torch
@@ -24,7 +29,7 @@ from safetensors.torch import load_file
 from fastalign.engine.config import GRPOConfig, RewardConfig, load_config
 
 GRPO = dict(max_steps=3, batch_size=2, num_generations=2, num_examples=8, num_eval_examples=2, max_new_tokens=4,
-            top_k=1, entropy_coef=0.1, beta=0.1, progress=False, threads=1, fsdp=True)
+            top_k=1, entropy_coef=0.1, beta=0.1, progress=False, threads=1, fsdp=True, fsdp_offload=True)
 PPO = dict(max_steps=3, batch_size=4, mini_batch_size=2, ppo_epochs=1, num_examples=8, num_eval_examples=2,
            max_new_tokens=4, max_length=48, progress=False, threads=1, lora_r=4, reference="adapter")
 TOLERANCE = 1e-6
@@ -100,3 +105,48 @@ def test_ppo_fsdp_lora_equals_ddp_on_two_processes(tmp_path, reward_model_dir):
     assert any("lora_" in k for k in a) and any(k.startswith("critic.") for k in a)
     _assert_same_weights(a, b)
     assert torch.isfinite(torch.tensor(_losses(fsdp))).all()
+
+
+STATE_WORKER = textwrap.dedent('''
+    import sys
+    from types import SimpleNamespace
+
+    import torch
+    from fastalign.engine.distributed import init_distributed, shutdown
+    from fastalign.engine.trainer import BatchStream, Trainer
+
+    run_dir, out = sys.argv[1], sys.argv[2]
+    state = init_distributed()
+
+    def trainer(generator):
+        model = torch.nn.Linear(2, 2)
+        optimizer = torch.optim.AdamW(model.parameters())
+        return Trainer(cfg=SimpleNamespace(keep_checkpoints=2), run_dir=run_dir, model=model, optimizer=optimizer,
+                       scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0),
+                       stream=BatchStream(list(range(8)), lambda e, i: e, batch_size=4, state=state, seed=0),
+                       state=state, extra_state={"generator": generator})
+
+    # Each process samples with its own RNG (as GRPO and PPO do); the checkpoint is written mid-stream.
+    sampler = torch.Generator().manual_seed(1000 + state.rank)
+    torch.rand(5, generator=sampler)
+    saving = trainer(sampler)
+    saving.step = 1
+    saving.save()
+    expected = torch.rand(5, generator=sampler)
+    resumed_sampler = torch.Generator().manual_seed(7)
+    trainer(resumed_sampler).resume()
+    torch.save({"expected": expected, "resumed": torch.rand(5, generator=resumed_sampler)}, f"{out}-{state.rank}.pt")
+    shutdown(state)
+''')
+
+
+def test_a_two_process_checkpoint_resumes_each_process_sampling_rng(tmp_path):
+    from conftest import run_two_processes
+
+    worker = tmp_path / "worker.py"
+    worker.write_text(STATE_WORKER)
+    run_two_processes(worker, tmp_path / "run", tmp_path / "draws")
+    draws = [torch.load(tmp_path / f"draws-{rank}.pt") for rank in (0, 1)]
+    for d in draws:
+        assert torch.equal(d["resumed"], d["expected"])
+    assert not torch.equal(draws[0]["expected"], draws[1]["expected"])  # the processes' streams differ

@@ -74,6 +74,26 @@ def broadcast_object(obj, state: DistState):
     return box[0]
 
 
+def all_gather_object(obj, state: DistState) -> list:
+    """Every process's ``obj`` (picklable; tensors moved to CPU first), in rank order; ``[obj]`` at world size 1."""
+    obj = _to_cpu(obj)
+    if not state.distributed:
+        return [obj]
+    out = [None] * state.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _to_cpu(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return obj
+
+
 def barrier(state: DistState):
     if state.distributed:
         dist.barrier()
