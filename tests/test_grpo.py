@@ -392,7 +392,9 @@ def test_reward_errors_name_the_prompt():
     (dict(reward_weights="x"), "'reward_weights' must hold finite numbers, got 'x'"),
     (dict(batch_size=3, num_generations=4, micro_batch_size=5), "'micro_batch_size' must divide .* = 12\\), got 5"),
     (dict(beta=0.1, reference="shared_trunk", temperature=0.7), "'temperature' must be 1 with reference"),
-    (dict(fsdp=True), "'fsdp' is not supported by grpo"),
+    (dict(fsdp=True, beta=0.1, reference="shared_trunk"), "'reference' shared_trunk is not supported by grpo"),
+    (dict(fsdp=True, reference_offload=True), "'reference_offload' does not apply with fsdp in grpo"),
+    (dict(fsdp_offload=True), "'fsdp_offload' needs fsdp: true"),
 ])
 def test_bad_config_names_the_key(over, message):
     with pytest.raises(ValueError, match=message):

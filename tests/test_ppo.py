@@ -316,7 +316,9 @@ def test_a_blown_up_update_stops_the_run_naming_the_rollout_and_the_update(tmp_p
     (dict(value_model="critic"), "'value_model' must be one of \\['separate', 'policy_trunk'\\], got 'critic'"),
     (dict(kl_estimator="k2"), "'kl_estimator' must be one of \\['k1', 'k3'\\], got 'k2'"),
     (dict(gamma=1.5), "'gamma' must be <= 1"),
-    (dict(fsdp=True), "'fsdp' is not supported by ppo"),
+    (dict(fsdp=True, reference="shared_trunk"), "'reference' shared_trunk is not supported by ppo with fsdp"),
+    (dict(fsdp=True, reference_offload=True), "'reference_offload' does not apply with fsdp in ppo"),
+    (dict(fsdp_offload=True), "'fsdp_offload' needs fsdp: true"),
 ])
 def test_bad_config_names_the_key(over, message):
     values = {"reward_model": "some/folder", **over}

@@ -44,6 +44,20 @@ def check_finite_numbers(key, values):
             raise ValueError(f"config key {key!r} must hold finite numbers, got {v!r}")
 
 
+def check_fsdp_roles(cfg, flow: str):
+    """The online flows under FSDP2: what the sharded roles do not support is refused by name."""
+    if cfg.fsdp_offload and not cfg.fsdp:
+        raise ValueError("config key 'fsdp_offload' needs fsdp: true (it is FSDP2's CPU offload), got fsdp false")
+    if not cfg.fsdp:
+        return
+    if cfg.reference == "shared_trunk" and getattr(cfg, "beta", 1.0) > 0:
+        raise ValueError(f"config key 'reference' shared_trunk is not supported by {flow} with fsdp (it reads the "
+                         "policy's sharded trunk outside its forward); use frozen_copy or adapter, got shared_trunk")
+    if cfg.reference_offload:
+        raise ValueError(f"config key 'reference_offload' does not apply with fsdp in {flow} (the sharded reference "
+                         "cannot be moved whole); use fsdp_offload: true, got reference_offload true")
+
+
 # `resume` takes a boolean (as before) or 'auto'; stored as '' (off), 'true' or 'auto' so `if cfg.resume` still reads.
 RESUME_ALIASES = {"true": "true", "1": "true", "yes": "true", "on": "true", "false": "", "0": "", "no": "", "off": "",
                   "none": "", "": "", "auto": "auto"}
@@ -248,6 +262,8 @@ class PPOConfig(TrainConfig):
                             "how the reference model is held (see fastalign.models.reference)")
     reference_dtype: str = choice("", ("", "float32", "bfloat16"), "frozen_copy dtype (default: the policy's)")
     reference_offload: bool = knob(False, "frozen_copy lives on CPU between uses (on a GPU run)")
+    fsdp_offload: bool = knob(False, "with fsdp: the sharded parameters, gradients and optimizer state of the "
+                                     "policy, value model and reference live on CPU (FSDP2 CPUOffloadPolicy)")
     trainable_top_layers: int = knob(1, "shared_trunk: how many top layers the policy trains", minimum=1)
     reward_offload: bool = knob(False, "the reward model lives on CPU between uses (copied to the device to score)")
     dataset: str = knob("pronoun+arith", "prompts: built-in task(s) joined by '+', a JSONL/Parquet file or a hub id")
@@ -290,9 +306,7 @@ class PPOConfig(TrainConfig):
         if self.temperature <= 0:
             raise ValueError(f"config key 'temperature' must be > 0 (PPO samples its rollouts), "
                              f"got {self.temperature!r}")
-        if self.fsdp:
-            raise ValueError("config key 'fsdp' is not supported by ppo (the fused loss reads the LM head outside the "
-                             "forward; use DDP), got True")
+        check_fsdp_roles(self, "ppo")
         return self
 
 
@@ -363,6 +377,8 @@ class GRPOConfig(TrainConfig):
                             "how the reference model is held when beta > 0 (see fastalign.models.reference)")
     reference_dtype: str = choice("", ("", "float32", "bfloat16"), "frozen_copy dtype (default: the policy's)")
     reference_offload: bool = knob(False, "frozen_copy lives on CPU between uses (on a GPU run)")
+    fsdp_offload: bool = knob(False, "with fsdp: the sharded parameters, gradients and optimizer state of the "
+                                     "policy, value model and reference live on CPU (FSDP2 CPUOffloadPolicy)")
     trainable_top_layers: int = knob(1, "shared_trunk: how many top layers the policy trains", minimum=1)
     lr: float = knob(1e-4, "peak learning rate", minimum=0)
     warmup_steps: int = knob(0, "linear warmup steps", minimum=0)
@@ -409,9 +425,7 @@ class GRPOConfig(TrainConfig):
                              f"got {self.rollout_is_low!r}")
         if self.advantage == "reinforce_pp_baseline" and self.num_generations < 2:
             raise ValueError("config key 'advantage' reinforce_pp_baseline needs num_generations >= 2")
-        if self.fsdp:
-            raise ValueError("config key 'fsdp' is not supported by grpo (the fused loss reads the LM head outside "
-                             "the forward; use DDP), got True")
+        check_fsdp_roles(self, "grpo")
         return self
 
 

@@ -74,6 +74,26 @@ def broadcast_object(obj, state: DistState):
     return box[0]
 
 
+def all_gather_object(obj, state: DistState) -> list:
+    """Every process's ``obj`` (picklable; tensors moved to CPU first), in rank order; ``[obj]`` at world size 1."""
+    obj = _to_cpu(obj)
+    if not state.distributed:
+        return [obj]
+    out = [None] * state.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _to_cpu(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return obj
+
+
 def barrier(state: DistState):
     if state.distributed:
         dist.barrier()
@@ -87,21 +107,77 @@ def _fully_shard():
     return fully_shard
 
 
-def wrap_model(model: torch.nn.Module, state: DistState, fsdp: bool = False):
-    """DDP (or FSDP2 per decoder layer + root) when distributed; the model itself otherwise."""
+def wrap_model(model: torch.nn.Module, state: DistState, fsdp: bool = False, offload: bool = False):
+    """DDP (or FSDP2 per decoder layer + root, see :func:`shard`) when distributed; the model itself otherwise."""
     if not state.distributed:
         return model
     if fsdp:
-        fully_shard = _fully_shard()
-        for module in model.modules():
-            if type(module).__name__.endswith("DecoderLayer"):
-                fully_shard(module)
-        fully_shard(model)
-        return model
+        return shard(model, offload=offload)
     from torch.nn.parallel import DistributedDataParallel
 
     ids = [state.local_rank] if state.device.type == "cuda" else None
     return DistributedDataParallel(model, device_ids=ids)
+
+
+def shard(model: torch.nn.Module, *, frozen: bool = False, offload: bool = False) -> torch.nn.Module:
+    """FSDP2 ``fully_shard`` on each decoder layer, then on ``model`` (the root: embeddings, final norm, LM head
+    and any small heads). Call it on every process, and only when distributed.
+
+    A trained model's root keeps its parameters gathered after the forward (FSDP2's rule for a root: the backward
+    needs them at once), which is also where the fused losses read the LM head (:func:`gathered`). A ``frozen``
+    model (a reference: forwards only, no backward to reshard it) reshards every module after each forward.
+    ``offload`` keeps the sharded parameters, gradients and optimizer state on CPU (FSDP2's ``CPUOffloadPolicy``;
+    the optimizer steps on CPU)."""
+    fully_shard = _fully_shard()
+    options = {}
+    if offload:
+        try:
+            from torch.distributed.fsdp import CPUOffloadPolicy
+        except ImportError:  # torch 2.4 / 2.5
+            from torch.distributed._composable.fsdp import CPUOffloadPolicy
+        options["offload_policy"] = CPUOffloadPolicy(pin_memory=torch.cuda.is_available())
+    for module in model.modules():
+        if type(module).__name__.endswith("DecoderLayer"):
+            fully_shard(module, reshard_after_forward=True, **options)
+    fully_shard(model, reshard_after_forward=frozen, **options)
+    model.fastalign_root_reshards = frozen  # read back by gathered_for_generation when it restores the setting
+    return model
+
+
+def initialize_sharding(model) -> None:
+    """Settle which FSDP2 module of ``model`` is the root before anything but the root's own forward runs.
+
+    FSDP2 makes the first module whose forward runs the root; generation calls the inner causal LM, so a decoder
+    layer would become a root and the next training forward would fail ("requires running forward through the
+    root module first"). No-op for a plain or DDP model."""
+    if is_sharded(model):
+        model._get_fsdp_state()._lazy_init()  # what the root's first forward does; idempotent
+
+
+def gathered(root, module: torch.nn.Module) -> torch.nn.Module:
+    """``module`` (held in ``root``'s own FSDP2 parameter group: the LM head, a value head) with its full weights,
+    for a fused loss that reads it after the root's forward.
+
+    A trained root keeps its group gathered after the forward (see :func:`shard`), so this normally finds full
+    weights; if they were resharded it all-gathers the root's group again (a collective: every process reads the
+    head at the same point), and the backward reshards it as usual. For a plain or DDP model it returns
+    ``module``."""
+    if is_sharded(root) and any(_is_dtensor(p) for p in module.parameters()):
+        root.unshard()
+    return module
+
+
+def full_state_dict(module: torch.nn.Module) -> dict:
+    """``module.state_dict()`` with every FSDP2-sharded tensor all-gathered (a collective under FSDP2)."""
+    return {k: v.full_tensor() if _is_dtensor(v) else v for k, v in module.state_dict().items()}
+
+
+def _is_dtensor(t) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch 2.4
+        from torch.distributed._tensor import DTensor
+    return isinstance(t, DTensor)
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:

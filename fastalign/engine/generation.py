@@ -350,10 +350,13 @@ def gathered_for_generation(model):
         from torch.distributed.fsdp import FSDPModule
     except ImportError:  # torch 2.4 / 2.5
         from torch.distributed._composable.fsdp import FSDPModule
+    from .distributed import initialize_sharding
+
     sharded = [m for m in model.modules() if isinstance(m, FSDPModule)]
     if not sharded:
         yield model
         return
+    initialize_sharding(model)
     for m in sharded:
         m.unshard()
         m.set_reshard_after_forward(False, recurse=False)
@@ -361,7 +364,10 @@ def gathered_for_generation(model):
         yield model
     finally:
         for m in sharded:
-            m.set_reshard_after_forward(True, recurse=False)
+            # Back to the setting fastalign.engine.distributed.shard gave it: inner modules reshard after their
+            # forward; a trained root keeps its group gathered (the fused losses read the LM head after it).
+            m.set_reshard_after_forward(m is not model or getattr(m, "fastalign_root_reshards", True),
+                                        recurse=False)
             m.reshard()
 
 

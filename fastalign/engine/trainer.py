@@ -21,7 +21,7 @@ from typing import Callable
 import torch
 
 from . import checkpoint as ckpt
-from .distributed import DistState, all_reduce_sum, no_sync, unwrap
+from .distributed import DistState, all_gather_object, all_reduce_sum, no_sync, unwrap
 from .logging import RunLogger
 from .runs import commit_run
 
@@ -155,9 +155,19 @@ class Trainer:
                "history": self.history}
         for name, obj in self.extra_state.items():
             out[name] = obj.get_state() if isinstance(obj, torch.Generator) else obj.state_dict()
+        if self.state.distributed:
+            # The stream and the extra states can differ per process (each samples with its own RNG; GRPO's pending
+            # rollout is its own share): every process's copy is kept, so a resume at the same world size continues
+            # each one exactly. The top-level copies are the main process's.
+            out["per_process"] = all_gather_object({k: out[k] for k in ("data", *self.extra_state)}, self.state)
         return out
 
     def load_state_dict(self, saved: dict):
+        """Restore the state of :meth:`state_dict`. At the world size that saved it each process takes its own
+        stream and extra states; at another world size every process takes the main process's."""
+        own = saved.get("per_process")
+        if own is not None and len(own) == self.state.world_size:
+            saved = {**saved, **own[self.state.rank]}
         self.step, self.history = saved["step"], saved.get("history", [])
         self.scheduler.load_state_dict(saved["scheduler"])
         self.stream.load_state_dict(saved["data"])

@@ -14,8 +14,11 @@ Supports: ``beta = 0`` loads no reference model at all; ``beta > 0`` holds the r
 reference log-probs are read once per rollout. ``num_iterations > 1`` uses the sampling log-probs stored
 with the rollout as the old log-probs (recomputed by the policy when vLLM sampled). DDP under torchrun
 (each process samples whole groups for its share of the prompts; the ``batch`` std and dapo's token
-count are global); gradient accumulation (``micro_batch_size``); checkpoints and exact resume through
-the engine trainer (the pending rollout and the sampling RNG are part of the checkpoint).
+count are global); FSDP2 (``fsdp``: the policy and the frozen_copy reference sharded, the reference
+resharded after each forward, ``fsdp_offload`` for CPU offload; generation gathers the policy once per
+rollout and the loss reads the gathered LM head); gradient accumulation (``micro_batch_size``); checkpoints
+and exact resume through the engine trainer (the pending rollout and the sampling RNG are part of the
+checkpoint; the weights and optimizer state load at any world size).
 
 This year's objectives (TRL 1.16's names): ``importance_sampling_level`` (GSPO, GSPO-token), ``loss_type:
 cispo``, ``delta``, ``ratio_clip_c``, ``use_bias_correction_kl`` (on by default, as TRL, when ``beta > 0``),
@@ -28,8 +31,9 @@ Assumptions: ``max_steps`` counts optimizer steps (``ceil(max_steps / num_iterat
 ``bnpo`` is the token mean of each micro-batch averaged over micro-batches and processes (TRL's
 local-batch meaning), the other loss types are world-size invariant; with ``num_iterations = 1`` the
 old log-probs are the current ones (ratio 1, as TRL); the reward model scores prompt + completion
-tokens; no FSDP (the fused loss reads the LM head outside the forward). The final evaluation (task
-verifiers on held-out prompts for the start and the trained policy, the KL to the start) goes to
+tokens; under FSDP2 the ``shared_trunk`` reference is refused (it reads the sharded trunk outside its
+forward). The final evaluation (task verifiers on held-out prompts for the start and the trained policy,
+the KL to the start) goes to
 ``<run>/eval.json``.
 
 Run: ``fastalign grpo --config configs/grpo.yaml --init_from runs/sft/model [--key value ...]``.
@@ -48,8 +52,18 @@ from fastalign import ops
 from fastalign.data import loading
 from fastalign.engine import evaluation
 from fastalign.engine.config import GRPOConfig
-from fastalign.engine.distributed import DistState, all_reduce_sum, shutdown, unwrap, wrap_model
-from fastalign.engine.generation import SampledCompletions, decode, gathered_for_generation, make_sampler
+from fastalign.engine.distributed import (
+    DistState,
+    all_reduce_sum,
+    full_model,
+    full_state_dict,
+    gathered,
+    shard,
+    shutdown,
+    unwrap,
+    wrap_model,
+)
+from fastalign.engine.generation import HFSampler, SampledCompletions, decode, gathered_for_generation, make_sampler
 from fastalign.engine.optim import build_optimizer, build_scheduler
 from fastalign.engine.rollouts import encode_prompts, global_means, max_new_tokens, verifier_means, verifier_rewards
 from fastalign.engine.runs import start_run, write_json
@@ -174,28 +188,29 @@ def token_aligned(rollout: SampledCompletions, values, labels):
     return out
 
 
-def _hidden_logps(model_lm, batch, temperature, hidden_fn):
-    head = lm_head(model_lm)
-    hidden = hidden_fn(batch.input_ids, batch.attention_mask)
+def _policy_forward_logps(policy_module: PolicyValueModel, batch, temperature):
+    """Per-token log-probs ``[n, W-1]`` through the policy's own forward (where an FSDP2 root gathers its
+    parameters) and its LM head, 0 off the labels."""
+    hidden = policy_module(batch.input_ids, batch.attention_mask)[0]
+    head = gathered(policy_module, lm_head(policy_module.lm))
     logp = ops.token_logprobs(hidden[:, :-1], head.weight, batch.labels[:, 1:], bias=head.bias,
                               temperature=temperature, ignore_index=IGNORE_INDEX)
     return torch.where(batch.labels[:, 1:] != IGNORE_INDEX, logp, torch.zeros_like(logp))
 
 
 @torch.no_grad()
-def reference_logps(reference, policy_lm, batch, temperature):
+def reference_logps(reference, policy_module: PolicyValueModel, batch, temperature):
     """The reference's per-token log-probs ``[n, W-1]`` at the sampling temperature (no gradient)."""
-    if temperature == 1.0 or reference.name == "shared_trunk":
-        if reference.name == "shared_trunk":
-            reference.captured = None  # activations captured while generating are not this batch's
-        return reference.token_logps(loading.Batch(batch.input_ids, batch.attention_mask, batch.labels)).float()
     if reference.name == "adapter":
-        with policy_lm.disable_adapter():
-            return _hidden_logps(policy_lm, batch, temperature, CausalLMLogprobs(policy_lm).hidden_states)
+        with policy_module.lm.disable_adapter():
+            return _policy_forward_logps(policy_module, batch, temperature)
+    if reference.name == "shared_trunk":
+        reference.captured = None  # activations captured while generating are not this batch's
+        return reference.token_logps(loading.Batch(batch.input_ids, batch.attention_mask, batch.labels)).float()
     model = reference.model
     if reference.offload:
         model.to(batch.input_ids.device)
-    out = _hidden_logps(model.lm, batch, temperature, model.hidden_states)
+    out = model(batch.input_ids, batch.attention_mask, batch.labels, temperature=temperature).float()
     if reference.offload:
         model.to("cpu")
     return out
@@ -206,7 +221,7 @@ def policy_logps(policy_module: PolicyValueModel, batch, temperature):
     """The policy's current per-token log-probs ``[n, W-1]`` (no gradient), as the loss computes them."""
     was_training = policy_module.training
     policy_module.eval()
-    out = _hidden_logps(policy_module.lm, batch, temperature, lambda i, m: policy_module(i, m)[0])
+    out = _policy_forward_logps(policy_module, batch, temperature)
     policy_module.train(was_training)
     return out
 
@@ -240,7 +255,7 @@ def grpo_loss_fn(loss_module: FusedLinearGRPOLoss, cfg: GRPOConfig):
         else:
             hidden, _ = model(batch.input_ids, batch.attention_mask)
             hidden = hidden[:, :-1]
-        head = lm_head(unwrap(model).lm)
+        head = gathered(model, lm_head(unwrap(model).lm))  # the full head under FSDP2, read after the forward
         rows = batch.input_ids.shape[0]
         # Sums for the trainer's one division by the step's units: num_items / num_sequences of 1, and the entropy
         # bonus scaled the same way (a token sum for dapo/cispo, rows × the token mean for grpo/dr_grpo).
@@ -343,7 +358,7 @@ def make_rollout(policy, sampler, rewards, reference, tokenizer, cfg: GRPOConfig
             if corrected:
                 batch.token_weights = correction_weights(batch, sampling, cfg)
         if reference is not None:
-            batch.ref_logps = reference_logps(reference, policy_module.lm, batch, cfg.temperature)
+            batch.ref_logps = reference_logps(reference, policy_module, batch, cfg.temperature)
 
         n, groups = len(total), total.view(-1, cfg.num_generations)
         sums = {"reward": total.sum(), "reward_std": groups.std(1).sum(),
@@ -426,7 +441,9 @@ def run(cfg: GRPOConfig) -> dict:
     lm = load_from_config(cfg, start, device=state.device)
     # Before wrapping: shared_trunk decides which layers train. beta = 0: no reference model exists at all.
     reference = build_reference(cfg.reference, CausalLMLogprobs(lm), cfg) if cfg.beta > 0 else None
-    policy = wrap_model(PolicyValueModel(lm), state)
+    if cfg.fsdp and state.distributed and getattr(reference, "model", None) is not None:
+        shard(reference.model, frozen=True, offload=cfg.fsdp_offload)  # frozen_copy: resharded after each forward
+    policy = wrap_model(PolicyValueModel(lm), state, fsdp=cfg.fsdp, offload=cfg.fsdp_offload)
     rewards = build_rewards(cfg.rewards, cfg.reward_weights, tokenizer=tokenizer, device=state.device,
                             dtype=cfg.dtype)
     sampler = make_sampler(cfg.generation_backend, lm, tokenizer, model_path=resolve_model_path(start))
@@ -459,7 +476,8 @@ def run(cfg: GRPOConfig) -> dict:
     scheduler = build_scheduler(optimizer, cfg)
 
     def on_step(step):
-        sampler.load_weights(lm.state_dict())  # HF: nothing to do (it samples from the policy); vLLM: weight sync
+        if not isinstance(sampler, HFSampler):  # HF samples from the policy itself; vLLM holds a copy to sync
+            sampler.load_weights(full_state_dict(lm))
         return dict(stream.metrics)
 
     result = train(cfg=cfg, run_dir=run_dir, model=policy, optimizer=optimizer, scheduler=scheduler, stream=stream,
@@ -469,8 +487,10 @@ def run(cfg: GRPOConfig) -> dict:
     report = {"flow": "grpo", "run_dir": str(run_dir), "steps": result.step, "loss_type": cfg.loss_type,
               "advantage": cfg.advantage, "beta": cfg.beta, "parameters": parameters,
               "reference": None if reference is None else reference.name}
+    # An FSDP-sharded policy is gathered whole onto the main process first (a collective).
+    trained = full_model(policy, state, lambda: PolicyValueModel(load_from_config(cfg, start)))
     if state.is_main:
-        trained = unwrap(policy).lm
+        trained = trained.lm
         report.update(evaluation.online_policy_report(cfg, trained, tokenizer, start, state.device)[0])
 
         # --- report: the trained policy and the numbers ------------------------------------------------

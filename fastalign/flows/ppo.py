@@ -12,14 +12,16 @@ Supports: a separate value model initialised from the reward model (``value_mode
 usual choice) or a value head on the policy's trunk (``policy_trunk``: one model, two heads); the
 reference as ``frozen_copy`` (optionally bf16 and/or on CPU between uses), ``adapter`` (LoRA policy,
 no extra memory) or ``shared_trunk``; the reward model on CPU between uses (``reward_offload``); LoRA
-policies; DDP under torchrun (each process samples its share of the prompts). The memory each role
+policies; DDP or FSDP2 (``fsdp``: policy, separate value model and frozen_copy reference sharded; ``fsdp_offload``)
+under torchrun (each process samples its share of the prompts). The memory each role
 takes (parameters + buffers) is printed at start-up and stored in ``eval.json`` under ``memory_mib``.
 
 Assumptions: one completion per prompt; the reward model scores prompt + completion at its last real
 token, the format it was trained on (a completion cut at ``max_new_tokens`` is scored without its EOS);
 the old log-probs come from one forward over prompt + completion after sampling (the same forward
 gives the values; the reference's gives its log-probs), and the reference is read at temperature 1;
-the lr schedule advances once per rollout; advantages are whitened per process, as TRL does; no FSDP.
+the lr schedule advances once per rollout; advantages are whitened per process, as TRL does; under FSDP2
+the ``shared_trunk`` reference is refused and the reward model is not sharded.
 Training runs through the engine's :class:`~fastalign.engine.trainer.Trainer`, one trainer step per
 rollout: it resumes, stops on a NaN/Inf loss or gradient (naming the rollout and the update), logs, and
 writes checkpoints (every ``save_every`` rollouts and at the end, atomically, under ``<run>/checkpoints``)
@@ -47,8 +49,8 @@ from fastalign import ops
 from fastalign.data import loading, tasks
 from fastalign.engine import evaluation
 from fastalign.engine.config import PPOConfig
-from fastalign.engine.distributed import shutdown, unwrap, wrap_model
-from fastalign.engine.generation import decode, generate, sample
+from fastalign.engine.distributed import full_model, gathered, shard, shutdown, unwrap, wrap_model
+from fastalign.engine.generation import decode, gathered_for_generation, generate, sample
 from fastalign.engine.optim import build_optimizer, build_scheduler
 from fastalign.engine.rollouts import (
     FILE_MAX_NEW_TOKENS,
@@ -170,7 +172,7 @@ class ScoredRollout:
 
 
 def _policy_logps(policy_module, hidden, labels, temperature):
-    head = lm_head(policy_module.lm)
+    head = gathered(policy_module, lm_head(policy_module.lm))  # the full head under FSDP2, read after the forward
     return ops.token_logprobs(hidden[:, :-1], head.weight, labels[:, 1:], bias=head.bias, temperature=temperature,
                               ignore_index=IGNORE_INDEX)
 
@@ -184,8 +186,10 @@ def sample_rollout(policy, critic, reference, reward_model, tokenizer, rows, cfg
     prompt_ids = encode_prompts(tokenizer, rows, max_length=cfg.max_length, new_tokens=new_tokens)
     # The sampler's log-probs are not reused: the forward below gives the training forward's own old log-probs
     # (bit-consistent with the loss's) and the values and reference log-probs need that forward anyway.
-    completions = sample(policy_module.lm, tokenizer, prompt_ids, max_new_tokens=new_tokens,
-                         temperature=cfg.temperature, batch_size=len(prompt_ids), generator=generator).completions()
+    with gathered_for_generation(policy):
+        completions = sample(policy_module.lm, tokenizer, prompt_ids, max_new_tokens=new_tokens,
+                             temperature=cfg.temperature, batch_size=len(prompt_ids),
+                             generator=generator).completions()
     # An empty completion has nothing to score or train on.
     keep = [i for i, c in enumerate(completions) if c]
     if not keep:
@@ -202,7 +206,12 @@ def sample_rollout(policy, critic, reference, reward_model, tokenizer, rows, cfg
     logps = _policy_logps(policy_module, hidden, batch.labels, cfg.temperature)
     policy_module.train(was_training)
     # After the policy's forward: shared_trunk reuses the trunk activations it just computed.
-    ref_logps = reference.token_logps(batch)
+    if reference.name == "adapter":  # through the policy's own forward, where an FSDP2 root gathers its weights
+        with policy_module.lm.disable_adapter():
+            ref_logps = _policy_logps(policy_module, policy_module(batch.input_ids, batch.attention_mask)[0],
+                                      batch.labels, 1.0)
+    else:
+        ref_logps = reference.token_logps(batch)
     if critic is not None:
         critic_module = unwrap(critic)
         was_training = critic_module.training
@@ -228,7 +237,7 @@ def minibatch_loss(policy, critic, policy_loss_fn, rollout: ScoredRollout, idx, 
     batch, cut = _rows_of(rollout.batch, idx, width), slice(0, width - 1)
     mask = rollout.mask[idx, cut]
     hidden, values = policy(batch.input_ids, batch.attention_mask)
-    head = lm_head(unwrap(policy).lm)
+    head = gathered(policy, lm_head(unwrap(policy).lm))  # the full head under FSDP2, read after the forward
     pg_loss, pg = policy_loss_fn(hidden[:, :-1], head.weight, batch.labels[:, 1:], advantages=advantages[idx, cut],
                                  mask=mask, old_logps=rollout.logps[idx, cut], bias=head.bias)
     if critic is not None:
@@ -343,8 +352,10 @@ def run(cfg: PPOConfig) -> dict:
               f"reference {memory['reference']:.2f} MiB ({reference.name}, "
               f"{where(getattr(reference, 'offload', False))}); "
               f"reward model {memory['reward_model']:.2f} MiB ({where(reward_model.offload)})")
-    policy = wrap_model(policy, state)
-    critic = wrap_model(critic, state) if critic is not None else None
+    if cfg.fsdp and state.distributed and getattr(reference, "model", None) is not None:
+        shard(reference.model, frozen=True, offload=cfg.fsdp_offload)  # frozen_copy: resharded after each forward
+    policy = wrap_model(policy, state, fsdp=cfg.fsdp, offload=cfg.fsdp_offload)
+    critic = wrap_model(critic, state, fsdp=cfg.fsdp, offload=cfg.fsdp_offload) if critic is not None else None
 
     # --- data: prompt rows, each process its share of every rollout --------------------------------
     rows = loading.load_rows(cfg.dataset, "prompts", n=cfg.num_examples, seed=cfg.seed)
@@ -402,8 +413,11 @@ def run(cfg: PPOConfig) -> dict:
               "reference": cfg.reference, "memory_mib": memory, "final_kl_coef": controller.value,
               "first_rollout": {k: history[0][k] for k in ("score", "kl") if k in history[0]},
               "last_rollout": {k: history[-1][k] for k in ("score", "kl") if k in history[-1]}}
+    # An FSDP-sharded policy is gathered whole onto the main process first (a collective).
+    trained = full_model(policy, state, lambda: PolicyValueModel(load_from_config(cfg, start),
+                                                                 value_head=cfg.value_model == "policy_trunk"))
     if state.is_main:
-        trained = unwrap(policy).lm
+        trained = trained.lm
         metrics, start_lm, prompts = evaluation.online_policy_report(cfg, trained, tokenizer, start, state.device)
         report.update(metrics)
         if prompts is not None:

@@ -30,7 +30,9 @@ def lm_head(lm) -> nn.Module:
 
 
 class CausalLMLogprobs(nn.Module):
-    """``forward(input_ids, attention_mask, labels)`` → ``logp [B, T-1]`` of ``labels[:, 1:]`` (0 where ignored)."""
+    """``forward(input_ids, attention_mask, labels)`` → ``logp [B, T-1]`` of ``labels[:, 1:]`` (0 where ignored), at
+    ``temperature`` (the logits divided by it) when given. Everything happens inside ``forward``, so an FSDP2 root
+    has its parameters (the LM head included) gathered there."""
 
     def __init__(self, lm):
         super().__init__()
@@ -41,11 +43,11 @@ class CausalLMLogprobs(nn.Module):
                                use_cache=False)
         return out.last_hidden_state
 
-    def forward(self, input_ids, attention_mask=None, labels=None, position_ids=None):
+    def forward(self, input_ids, attention_mask=None, labels=None, position_ids=None, temperature=1.0):
         hidden = self.hidden_states(input_ids, attention_mask, position_ids)
         head = lm_head(self.lm)
         logp = ops.token_logprobs(hidden[:, :-1], head.weight, labels[:, 1:], bias=head.bias,
-                                  ignore_index=IGNORE_INDEX)
+                                  temperature=temperature, ignore_index=IGNORE_INDEX)
         # FSDP2 warns about (and cannot hook in-place ops on) a returned view; [B, T] floats are cheap to copy.
         return logp.clone() if logp._base is not None else logp
 
@@ -220,4 +222,6 @@ class TokenValueModel(nn.Module):
     def forward(self, input_ids, attention_mask=None, position_ids=None):
         hidden = decoder(self.lm)(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                   use_cache=False).last_hidden_state
-        return self.score(hidden).squeeze(-1).float()
+        values = self.score(hidden).squeeze(-1).float()
+        # FSDP2 warns about (and cannot hook in-place ops on) a returned view; [B, T] floats are cheap to copy.
+        return values.clone() if values._base is not None else values
