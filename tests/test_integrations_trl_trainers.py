@@ -29,6 +29,7 @@ transformers.logging.set_verbosity_error()
 
 STEPS = 3
 TOL = 1e-5
+BF16_TOL = 2e-2
 TIMING = ("step_time", "train_runtime", "train_samples_per_second", "train_steps_per_second")
 PROMPTS = ["1+2=", "3+4=", "5+5=", "9+1=", "2+7=", "8+8=", "6+3=", "4+4="]
 
@@ -78,21 +79,26 @@ def _reward(completions, **kw):
     return [len(c) / 8 + c.count("1") for c in completions]
 
 
-def train(kind, path, cls, **overrides):
+def train(kind, path, cls, *, peft=False, **overrides):
     """Train with ``cls`` (TRL's trainer or fastalign's subclass) for STEPS steps; the per-step log dicts."""
     common = dict(output_dir=tempfile.mkdtemp(prefix="fa-trl-sub-run-"), max_steps=STEPS, logging_steps=1,
                   report_to="none", save_strategy="no", bf16=False, use_cpu=True, seed=0, learning_rate=1e-2,
                   disable_tqdm=True, activation_checkpointing=False, per_device_train_batch_size=4)
     tok = build_tokenizer()
+    peft_config = None
+    if peft:
+        import peft as peft_lib
+        peft_config = peft_lib.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
     prompts = PROMPTS * 2
     answers = [str(eval(p[:-1])) for p in prompts]
     if kind == "dpo":
         ds = datasets.Dataset.from_dict({"prompt": prompts, "chosen": answers, "rejected": [a + "1" for a in answers]})
-        trainer = cls(model=path, args=trl.DPOConfig(**common, **overrides), train_dataset=ds, processing_class=tok)
+        trainer = cls(model=path, args=trl.DPOConfig(**common, **overrides), train_dataset=ds, processing_class=tok,
+                      peft_config=peft_config)
     else:
         args = trl.GRPOConfig(**{**common, "num_generations": 4, "max_completion_length": 8, **overrides})
         trainer = cls(model=path, reward_funcs=_reward, args=args, train_dataset=ds_prompts(prompts),
-                      processing_class=tok)
+                      processing_class=tok, peft_config=peft_config)
     trainer.train()
     logs = [h for h in trainer.state.log_history if "loss" in h]
     assert len(logs) == STEPS
@@ -103,7 +109,7 @@ def ds_prompts(prompts):
     return datasets.Dataset.from_dict({"prompt": prompts})
 
 
-def assert_same_logs(want, got, what):
+def assert_same_logs(want, got, what, tol=TOL):
     worst = (0.0, "")
     for step, (a, b) in enumerate(zip(want, got), 1):
         assert set(a) == set(b), f"{what} step {step}: logged keys differ: {sorted(set(a) ^ set(b))}"
@@ -115,10 +121,10 @@ def assert_same_logs(want, got, what):
             if math.isfinite(x):
                 err = abs(x - y) / max(abs(x), abs(y), 1e-3 if key == "grad_norm" else 1.0)
                 worst = max(worst, (err, f"{what} step {step} {key}: fastalign {y!r} vs TRL {x!r}"))
-    assert worst[0] <= TOL, f"{worst[1]} (scaled error {worst[0]:.2e} > {TOL:g})"
+    assert worst[0] <= tol, f"{worst[1]} (scaled error {worst[0]:.2e} > {tol:g})"
 
 
-def check_parity(kind, path, calls, **overrides):
+def check_parity(kind, path, calls, tol=TOL, **overrides):
     trl_cls, fa_cls = (trl.DPOTrainer, fa_trl.DPOTrainer) if kind == "dpo" else (trl.GRPOTrainer, fa_trl.GRPOTrainer)
     want = train(kind, path, trl_cls, **overrides)
     assert not calls
@@ -126,7 +132,7 @@ def check_parity(kind, path, calls, **overrides):
         warnings.filterwarnings("error", message=".*falling back.*")  # a supported config must not fall back
         got = train(kind, path, fa_cls, **overrides)
     assert calls, f"{fa_cls.__name__} did not compute the loss with fastalign.losses"
-    assert_same_logs(want, got, f"{kind} {overrides}")
+    assert_same_logs(want, got, f"{kind} {overrides}", tol)
 
 
 @pytest.mark.parametrize("loss_type", ["sigmoid", "hinge", "ipo", "robust"])
@@ -136,14 +142,25 @@ def test_dpo_subclass_matches_trl(tiny_dir, fused_calls, loss_type):
 
 
 @pytest.mark.parametrize("options", [
-    dict(loss_type="dapo"),
+    dict(loss_type="dapo", gradient_accumulation_steps=2),
     dict(loss_type="grpo", importance_sampling_level="sequence"),
-    dict(loss_type="bnpo", beta=0.04, use_bias_correction_kl=True, num_iterations=2),
+    dict(loss_type="bnpo", beta=0.04, use_bias_correction_kl=True, num_iterations=2, gradient_accumulation_steps=2),
     dict(loss_type="dr_grpo", beta=0.04, use_bias_correction_kl=False),
-    dict(loss_type="cispo", gradient_accumulation_steps=2),
-], ids=["dapo", "grpo-sequence", "bnpo-beta-bias-corrected-2-iterations", "dr_grpo-beta", "cispo-accumulation"])
+    dict(loss_type="cispo"),
+], ids=["dapo-accumulation", "grpo-sequence", "bnpo-beta-bias-corrected-2-iterations-accumulation", "dr_grpo-beta",
+        "cispo"])
 def test_grpo_subclass_matches_trl(tiny_dir, fused_calls, options):
     check_parity("grpo", tiny_dir, fused_calls, **options)
+
+
+def test_peft_lora_dpo_subclass_matches_trl(tiny_dir, fused_calls):
+    pytest.importorskip("peft")
+    check_parity("dpo", tiny_dir, fused_calls, peft=True)  # the reference is the model with its adapter off
+
+
+def test_bf16_autocast_grpo_subclass_within_2e_2_of_trl(tiny_dir, fused_calls):
+    # TRL rounds the logits to bf16 under autocast; the fused loss keeps them in float32
+    check_parity("grpo", tiny_dir, fused_calls, tol=BF16_TOL, bf16=True, beta=0.04)
 
 
 def test_unsupported_option_warns_once_naming_it_then_equals_the_patched_path(tiny_dir, fused_calls):
