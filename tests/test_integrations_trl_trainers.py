@@ -9,8 +9,10 @@ that agree to ~1e-7, so both sides draw the same completions.
 
 from __future__ import annotations
 
+import json
 import math
 import tempfile
+import textwrap
 import warnings
 
 import pytest
@@ -170,3 +172,42 @@ def test_unsupported_option_warns_once_naming_it_then_equals_the_patched_path(ti
     assert not fused_calls and fa_trl.is_patched()
     want = train("grpo", tiny_dir, trl.GRPOTrainer, loss_type="sapo")  # TRL, still patched
     assert_same_logs(want, got, "fallback vs patched TRL")
+
+
+DDP_WORKER = textwrap.dedent('''
+    import json, os, sys, tempfile
+    import datasets, torch, trl
+    import fastalign.integrations.trl as fa_trl
+    from fastalign.models.tiny import build_tokenizer
+
+    out, path, batch = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    torch.set_num_threads(1)
+    datasets.disable_progress_bars()
+    prompts = PROMPTS * 2
+    answers = [str(eval(p[:-1])) for p in prompts]
+    ds = datasets.Dataset.from_dict({"prompt": prompts, "chosen": answers, "rejected": [a + "1" for a in answers]})
+    args = trl.DPOConfig(output_dir=tempfile.mkdtemp(), max_steps=3, logging_steps=1, report_to="none",
+                         save_strategy="no", bf16=False, use_cpu=True, seed=0, learning_rate=1e-2, disable_tqdm=True,
+                         activation_checkpointing=False, per_device_train_batch_size=batch,
+                         ddp_backend="gloo")
+    trainer = fa_trl.DPOTrainer(model=path, args=args, train_dataset=ds, processing_class=build_tokenizer())
+    trainer.train()
+    assert type(trainer.model_wrapped).__name__ == "DistributedDataParallel"
+    if trainer.accelerator.is_main_process:
+        logs = [{k: v for k, v in h.items() if isinstance(v, float)} for h in trainer.state.log_history
+                if "loss" in h]
+        json.dump({"logs": logs, "world": trainer.accelerator.num_processes}, open(out, "w"))
+''').replace("PROMPTS", repr(PROMPTS))
+
+
+def test_two_gloo_processes_of_the_dpo_subclass_equal_one_process_of_trl(tiny_dir, tmp_path):
+    """DDP: the subclass calls the wrapped model, so 2 gloo processes x 2 pairs give TRL's 1 process x 4 pairs."""
+    from conftest import run_two_processes
+
+    worker = tmp_path / "worker.py"
+    worker.write_text(DDP_WORKER)
+    run_two_processes(worker, tmp_path / "two.json", tiny_dir, 2)
+    two = json.loads((tmp_path / "two.json").read_text())
+    one = [{k: v for k, v in h.items() if isinstance(v, float)} for h in train("dpo", tiny_dir, trl.DPOTrainer)]
+    assert two["world"] == 2 and len(two["logs"]) == STEPS
+    assert_same_logs(one, two["logs"], "DDP subclass vs one process TRL")
