@@ -87,9 +87,8 @@ class DPOTrainer(_FusedLossMixin, trl.DPOTrainer):
     Fused: one ``loss_type`` among sigmoid, hinge, ipo, robust (any ``loss_weights``), ``f_divergence_type``
     reverse_kl, a reference model, a PEFT adapter as reference, or ``precompute_ref_log_probs``. Anything else
     (``ld_alpha``, ``use_weighting``, several loss types, MoE aux loss, vision inputs, padding-free batches, a
-    softcapped or scaled head) falls back to TRL's loss with one warning. Logs TRL's metrics; ``logits/*`` and
-    ``mean_token_accuracy`` cost one extra no-grad head pass over the completion tokens (the loss does not
-    produce them).
+    softcapped or scaled head) falls back to TRL's loss with one warning. Logs TRL's metrics (``logits/*`` and
+    ``mean_token_accuracy`` read off the logits the loss computes).
     """
 
     _trl_name = "DPOTrainer"
@@ -115,7 +114,8 @@ class DPOTrainer(_FusedLossMixin, trl.DPOTrainer):
             loss_type = self.loss_types[0]
             # TRL's sigmoid ignores label_smoothing; fastalign's would apply the conservative form
             smoothing = self.label_smoothing if loss_type == "robust" else 0.0
-            self._fused_loss = FusedLinearDPOLoss(beta=self.beta, loss_type=loss_type, label_smoothing=smoothing)
+            self._fused_loss = FusedLinearDPOLoss(beta=self.beta, loss_type=loss_type, label_smoothing=smoothing,
+                                                  head_metrics=True)
 
     def _compute_loss(self, model, inputs, return_outputs):
         extra = sorted(set(inputs) - self._BATCH_KEYS)
@@ -136,9 +136,8 @@ class DPOTrainer(_FusedLossMixin, trl.DPOTrainer):
                              ref_bias=ref_bias)
         with torch.autocast(hidden.device.type, enabled=False):
             loss, metrics = self._fused_loss(hidden.to(weight.dtype), weight, labels, bias=bias, **reference)
-            head_stats = self._head_stats(hidden.detach().to(weight.dtype), weight, bias, labels)
         loss = loss * self.loss_weights[0]
-        self._log_fused(mode, metrics, head_stats, labels, attention_mask)
+        self._log_fused(mode, metrics, labels != -100, attention_mask)
         return loss
 
     @contextlib.contextmanager
@@ -151,35 +150,19 @@ class DPOTrainer(_FusedLossMixin, trl.DPOTrainer):
         else:
             yield self.ref_model
 
-    @torch.no_grad()
-    def _head_stats(self, hidden, weight, bias, labels):
-        """Mean logit and is-top-1 of the completion tokens, for TRL's ``logits/*`` and ``mean_token_accuracy``."""
-        from fastalign import ops
-
-        valid = labels != -100
-        out = ops.token_logprobs(hidden[valid], weight, labels[valid], bias=bias,
-                                 return_extras=("mean_logit", "is_top1"))
-        return valid, out["mean_logit"], out["is_top1"]
-
-    def _log_fused(self, mode, metrics, head_stats, labels, attention_mask):
+    def _log_fused(self, mode, metrics, valid, attention_mask):
         """TRL's DPO metrics, reduced across processes as TRL reduces them."""
-        valid, mean_logit, is_top1 = head_stats
-        b = labels.shape[0] // 2
         log = self._metrics[mode]
-        n_tokens = valid.sum()
-        log["entropy"].append(self._global_mean(metrics["entropy"], n_tokens))
+        log["entropy"].append(self._global_mean(metrics["entropy"], valid.sum()))
         if mode == "train":
             tokens = self.accelerator.gather_for_metrics(attention_mask.sum()).sum().item()
             self._total_train_tokens += tokens // self._tp_size
         log["num_tokens"] = [self._total_train_tokens]
-        chosen_of_token = valid.nonzero(as_tuple=True)[0] < b  # valid tokens are in row order
-        for side, pick in (("chosen", chosen_of_token), ("rejected", ~chosen_of_token)):
-            count = pick.sum()
-            mean = mean_logit[pick].sum() / count.clamp(min=1)
-            log[f"logits/{side}"].append(self._global_mean(mean, count))
-        chosen_count = chosen_of_token.sum()
-        accuracy = is_top1[chosen_of_token].float().sum() / chosen_count.clamp(min=1)
-        log["mean_token_accuracy"].append(self._global_mean(accuracy, chosen_count))
+        b = valid.shape[0] // 2
+        chosen_tokens, rejected_tokens = valid[:b].sum(), valid[b:].sum()
+        log["logits/chosen"].append(self._global_mean(metrics["logits/chosen"], chosen_tokens))
+        log["logits/rejected"].append(self._global_mean(metrics["logits/rejected"], rejected_tokens))
+        log["mean_token_accuracy"].append(self._global_mean(metrics["mean_token_accuracy"], chosen_tokens))
         for name in ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
                      "logps/rejected"):
             log[name].append(self.accelerator.gather(metrics[name].reshape(1)).mean().item())
