@@ -19,11 +19,13 @@ does not implement falls back to that patched TRL loss, with one warning naming 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import warnings
 
 import torch
 import trl
 from accelerate.utils import is_peft_model
+from torch.distributed.tensor import DTensor
 from trl.trainer.utils import nanmax, nanmin, use_adapter
 
 from ..losses import FusedLinearDPOLoss, FusedLinearGRPOLoss
@@ -44,14 +46,27 @@ class _FusedLossMixin:
         text_config = base.config.get_text_config()
         reasons += [f"model config {name}={getattr(text_config, name)!r}" for name in _HEAD_TRANSFORMS
                     if getattr(text_config, name, None) not in (None, 1.0)]
+        if "logits_to_keep" not in inspect.signature(type(base).forward).parameters:
+            reasons.append(f"a model whose forward takes no logits_to_keep ({type(base).__name__})")
         if self.args.use_liger_kernel:
             reasons.append("use_liger_kernel=True")
         self._fused_unsupported = reasons[0] if reasons else None
         self._fused_warned = False
 
-    def _use_fused(self, batch_reason: str | None = None) -> bool:
+    def _head_reason(self, model) -> str | None:
+        """Why the LM head cannot be read as a plain (weight, bias), known once the model is wrapped."""
+        head = self.accelerator.unwrap_model(model).get_output_embeddings()
+        if hasattr(head, "base_layer"):  # a PEFT tuner layer: its adapter would be silently dropped
+            return "a PEFT adapter on the LM head"
+        if isinstance(head.weight, DTensor) or hasattr(head.weight, "ds_id"):
+            return "a sharded LM head (FSDP2 or DeepSpeed ZeRO-3)"
+        return None
+
+    def _use_fused(self, model, batch_keys, known_keys) -> bool:
         """True to compute the loss with fastalign.losses; else warn once (naming the option) and fall back."""
-        reason = self._fused_unsupported or batch_reason
+        extra = sorted(set(batch_keys) - known_keys)
+        reason = (self._fused_unsupported or (f"batch input {extra[0]!r}" if extra else None)
+                  or self._head_reason(model))
         if reason is None:
             return True
         if not self._fused_warned:
@@ -118,8 +133,7 @@ class DPOTrainer(_FusedLossMixin, trl.DPOTrainer):
                                                   head_metrics=True)
 
     def _compute_loss(self, model, inputs, return_outputs):
-        extra = sorted(set(inputs) - self._BATCH_KEYS)
-        if return_outputs or not self._use_fused(f"batch input {extra[0]!r}" if extra else None):
+        if return_outputs or not self._use_fused(model, inputs, self._BATCH_KEYS):
             return super()._compute_loss(model, inputs, return_outputs)
         mode = "train" if self.model.training else "eval"
         input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
@@ -213,8 +227,7 @@ class GRPOTrainer(_FusedLossMixin, trl.GRPOTrainer):
                 kl_bias_correction=bool(self.beta and args_.use_bias_correction_kl))
 
     def _compute_loss(self, model, inputs):
-        extra = sorted(set(inputs) - self._BATCH_KEYS)
-        if not self._use_fused(f"batch input {extra[0]!r}" if extra else None):
+        if not self._use_fused(model, inputs, self._BATCH_KEYS):
             return super()._compute_loss(model, inputs)
         mode = "train" if self.model.training else "eval"
         completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
