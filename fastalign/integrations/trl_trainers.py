@@ -40,7 +40,6 @@ class _FusedLossMixin:
     """What both trainers share: the fallback decision, its one warning, and the backbone call."""
 
     def _init_fused(self, reasons: list[str]) -> None:
-        fa_trl.patch()
         model = self.accelerator.unwrap_model(self.model)
         base = model.get_base_model() if is_peft_model(model) else model
         text_config = base.config.get_text_config()
@@ -111,6 +110,7 @@ class DPOTrainer(_FusedLossMixin, trl.DPOTrainer):
     _BATCH_KEYS = {"input_ids", "attention_mask", "completion_mask", "ref_chosen_logps", "ref_rejected_logps"}
 
     def __init__(self, *args, **kwargs):
+        fa_trl.patch()  # first: what TRL computes while constructing (precomputed reference log-probs) too
         super().__init__(*args, **kwargs)
         reasons = []
         if len(self.loss_types) != 1 or self.loss_types[0] not in self._FUSED_LOSS_TYPES:
@@ -200,6 +200,7 @@ class GRPOTrainer(_FusedLossMixin, trl.GRPOTrainer):
                    "sampling_per_token_logps", "importance_sampling_ratio"}
 
     def __init__(self, *args, **kwargs):
+        fa_trl.patch()  # first: what TRL computes while constructing (precomputed reference log-probs) too
         super().__init__(*args, **kwargs)
         args_ = self.args
         reasons = []
