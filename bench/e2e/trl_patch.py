@@ -1,9 +1,13 @@
-"""TRL's own trainers, unpatched vs ``fastalign.integrations.trl.patch()``: the same script otherwise.
+"""TRL's own trainers, unpatched vs ``fastalign.integrations.trl.patch()`` vs fastalign's trainer subclasses.
 
-For each trainer (GRPO, DPO, SFT) and shape, each side runs in its own fresh process with the same
-thread count, fp32 (``bf16=False``, activation checkpointing off), model, data, seed and steps.
-Reported: wall time of ``trainer.train()`` and peak RSS growth over the process's state after imports
-and model loading (sampled every 2 ms), and the patched/unpatched ratios against the issue's targets.
+Variants: ``trl`` (TRL as installed), ``patched`` (``patch()``, then TRL's trainer: the primitive swap) and
+``subclass`` (``fastalign.integrations.trl.DPOTrainer`` / ``GRPOTrainer``: the whole loss from
+``fastalign.losses``; GRPO and DPO only). For each trainer and shape, each variant runs in its own fresh
+process with the same thread count, fp32 (``bf16=False``, activation checkpointing off), model, data, seed
+and steps. Reported: wall time of ``trainer.train()``, peak RSS growth over the process's state after
+imports and model loading (sampled every 2 ms), where the time went (``breakdown``: GRPO's generation,
+the rest of its batch preparation -- reference and old log-probs, rewards --, the loss forward, the
+backward, and the rest: optimizer, logging), and each variant's ratios to ``trl`` against the issue's targets.
 
 Shapes: ``tiny`` (the built-in ~1 M-parameter model, a few tokens: framework overhead only, use it to
 check the script) and ``head`` (vocab 32000, hidden 512, 4 layers: the LM head dominates).
@@ -13,7 +17,7 @@ Targets (patched / unpatched): GRPO <= 0.7x wall and <= 0.55x peak growth; DPO <
 SFT <= 0.8x and <= 0.5x.
 
     python bench/e2e/trl_patch.py [--shapes tiny,head] [--trainers grpo,dpo,sft] [--steps N] [--threads 1]
-                                  [--json out.json]
+                                  [--variants trl,patched,subclass] [--json out.json]
 """
 
 from __future__ import annotations
@@ -37,6 +41,8 @@ SIZES = {
 }
 TARGETS = {"grpo": (0.7, 0.55), "dpo": (0.6, 0.6), "sft": (0.8, 0.5)}
 LETTERS = "abcdefghijklmnopqrstuvwxyz     "
+VARIANTS = ("trl", "patched", "subclass")
+SUBCLASSED = ("grpo", "dpo")  # the trainers fastalign.integrations.trl subclasses
 
 
 def text(rng, n):
@@ -63,6 +69,20 @@ def letter_reward(completions, **columns):
     return [c.count("a") / max(len(c), 1) for c in completions]
 
 
+def time_calls(owner, name, breakdown, bucket):
+    """Wrap ``owner.name`` (an instance attribute from then on) so its calls add their wall time to ``bucket``."""
+    fn = getattr(owner, name)
+
+    def timed(*a, **kw):
+        t = time.perf_counter()
+        try:
+            return fn(*a, **kw)
+        finally:
+            breakdown[bucket] = breakdown.get(bucket, 0.0) + time.perf_counter() - t
+
+    setattr(owner, name, timed)
+
+
 def worker(args):
     import torch
 
@@ -71,10 +91,11 @@ def worker(args):
     import transformers
     import trl
 
-    if args.side == "patched":
-        import fastalign.integrations.trl as fa_trl
+    import fastalign.integrations.trl as fa_trl
 
+    if args.side == "patched":
         fa_trl.patch()
+    classes = fa_trl if args.side == "subclass" else trl
     prompt, completion, rows = SIZES[args.shape][args.trainer]
     tok = transformers.AutoTokenizer.from_pretrained(args.model)
     model = transformers.AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
@@ -86,22 +107,32 @@ def worker(args):
     if args.trainer == "grpo":
         cfg = trl.GRPOConfig(**common, num_generations=rows, max_completion_length=completion, beta=0.04,
                              generation_kwargs={"min_new_tokens": completion})
-        trainer = trl.GRPOTrainer(model=model, reward_funcs=letter_reward, args=cfg, train_dataset=data,
+        trainer = classes.GRPOTrainer(model=model, reward_funcs=letter_reward, args=cfg, train_dataset=data,
                                   processing_class=tok)
     elif args.trainer == "dpo":
         ref = transformers.AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
         cfg = trl.DPOConfig(**common, max_length=prompt + completion + 4)
-        trainer = trl.DPOTrainer(model=model, ref_model=ref, args=cfg, train_dataset=data, processing_class=tok)
+        trainer = classes.DPOTrainer(model=model, ref_model=ref, args=cfg, train_dataset=data, processing_class=tok)
     else:
         cfg = trl.SFTConfig(**common, max_length=prompt + completion + 4)
         trainer = trl.SFTTrainer(model=model, args=cfg, train_dataset=data, processing_class=tok)
+    breakdown = {}
+    if args.trainer == "grpo":
+        time_calls(trainer, "_generate", breakdown, "generation")
+        time_calls(trainer, "_generate_and_score_completions", breakdown, "batch_preparation")
+    time_calls(trainer, "compute_loss", breakdown, "loss_forward")
+    time_calls(trainer.accelerator, "backward", breakdown, "backward")
     mem = PeakRSS()
     t = time.time()
     trainer.train()
     wall = time.time() - t
     growth = mem.stop()
+    if "generation" in breakdown:  # batch_preparation includes the generation: keep the rest of it
+        breakdown["batch_preparation"] -= breakdown["generation"]
+    breakdown["rest"] = wall - sum(breakdown.values())
     losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
-    print(json.dumps({"wall_s": wall, "peak_growth_mb": growth / 2**20, "first_loss": losses[0]}))
+    print(json.dumps({"wall_s": wall, "peak_growth_mb": growth / 2**20, "first_loss": losses[0],
+                      "breakdown_s": breakdown}))
 
 
 def run_side(side, trainer, shape, model, data, steps, threads, tmp):
@@ -120,8 +151,9 @@ def main():
     ap.add_argument("--trainers", default="grpo,dpo,sft")
     ap.add_argument("--steps", type=int, default=0, help="optimizer steps (default: 5 tiny / 3 head)")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--variants", default=",".join(VARIANTS), help="of: " + ", ".join(VARIANTS))
     ap.add_argument("--json", default="")
-    ap.add_argument("--side", choices=["trl", "patched"], help=argparse.SUPPRESS)
+    ap.add_argument("--side", choices=VARIANTS, help=argparse.SUPPRESS)
     ap.add_argument("--trainer", help=argparse.SUPPRESS)
     ap.add_argument("--shape", help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
@@ -130,6 +162,9 @@ def main():
     args = ap.parse_args()
     if args.side:
         return worker(args)
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    if "trl" not in variants or any(v not in VARIANTS for v in variants):
+        ap.error(f"--variants: a comma list of {list(VARIANTS)} including trl (the baseline), got {args.variants!r}")
     results = {}
     for shape in [s.strip() for s in args.shapes.split(",") if s.strip()]:
         if shape not in SIZES:
@@ -143,20 +178,23 @@ def main():
                 write_data(trainer, shape, steps, data)
                 model = model_path(shape)
                 sides = {side: run_side(side, trainer, shape, model, data, steps, args.threads, tmp)
-                         for side in ("trl", "patched")}
-            ratio = {"wall": sides["patched"]["wall_s"] / sides["trl"]["wall_s"],
-                     "peak_growth": sides["patched"]["peak_growth_mb"] / max(sides["trl"]["peak_growth_mb"], 1e-9)}
+                         for side in variants if side != "subclass" or trainer in SUBCLASSED}
+            base = sides["trl"]
+            ratios = {side: {"wall": r["wall_s"] / base["wall_s"],
+                             "peak_growth": r["peak_growth_mb"] / max(base["peak_growth_mb"], 1e-9)}
+                      for side, r in sides.items() if side != "trl"}
             wall_t, mem_t = TARGETS[trainer]
             results[f"{trainer}/{shape}"] = {"steps": steps, "threads": args.threads, **sides,
-                                             "patched_over_trl": ratio, "targets": {"wall": wall_t,
-                                                                                    "peak_growth": mem_t}}
+                                             **{f"{side}_over_trl": r for side, r in ratios.items()},
+                                             "targets": {"wall": wall_t, "peak_growth": mem_t}}
             print(f"{trainer}/{shape}: steps {steps}, threads {args.threads}")
-            for side in ("trl", "patched"):
-                r = sides[side]
+            for side, r in sides.items():
+                spent = ", ".join(f"{k} {v:.1f}" for k, v in r["breakdown_s"].items())
                 print(f"    {side:<8} step-1 loss {r['first_loss']:.6f}  wall {r['wall_s']:7.2f} s  "
-                      f"peak growth {r['peak_growth_mb']:8.1f} MB")
-            print(f"    patched / TRL: wall {ratio['wall']:.2f}x (target <= {wall_t}x), "
-                  f"peak growth {ratio['peak_growth']:.2f}x (target <= {mem_t}x)")
+                      f"peak growth {r['peak_growth_mb']:8.1f} MB  ({spent} s)")
+            for side, ratio in ratios.items():
+                print(f"    {side} / TRL: wall {ratio['wall']:.2f}x (target <= {wall_t}x), "
+                      f"peak growth {ratio['peak_growth']:.2f}x (target <= {mem_t}x)")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
     return 0

@@ -12,6 +12,9 @@ on CPU, Triton on CUDA. It also makes the head score only the valid (label != -1
 device (TRL does so on CUDA only). Models already given a fused head pick the swap up at their next
 call, since the global is looked up on each forward. :func:`unpatch` restores TRL's objects exactly.
 
+Deeper, opt-in: ``fa_trl.DPOTrainer`` / ``fa_trl.GRPOTrainer`` (:mod:`.trl_trainers`) are TRL's trainers
+with the whole loss computed by :mod:`fastalign.losses`; they patch on construction.
+
 Options fastalign cannot honour raise, naming the option, instead of training a different loss:
 a DeepSpeed ZeRO-3 partitioned LM head (TRL gathers it around its own backward), or an output name
 this version does not know.
@@ -140,4 +143,14 @@ def patched():
             unpatch()
 
 
+# DPOTrainer and GRPOTrainer are attributes too, loaded on first use (see __getattr__)
 __all__ = ["patch", "unpatch", "patched", "is_patched", "check_version", "FusedLogProbFunction", "SUPPORTED"]
+
+
+def __getattr__(name):
+    # The trainers subclass TRL's, so importing them imports TRL: only when asked for.
+    if name in ("DPOTrainer", "GRPOTrainer"):
+        from . import trl_trainers
+
+        return getattr(trl_trainers, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

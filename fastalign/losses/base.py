@@ -237,7 +237,7 @@ def _group_pairs(pair_tokens: list[int], vocab: int, chunk_size, mem_budget) -> 
 
 def group_loss(hidden, weight, labels, per_group: GroupLossFn, *, rows, average, nll_rows=None, nll_coef=0.0,
                bias=None, ref_hidden=None, ref_weight=None, ref_bias=None, ref_logps=None, ignore_index=-100,
-               chunk_size=None, mem_budget=None):
+               chunk_size=None, mem_budget=None, head_extras=()):
     """Mean over groups of ``per_group(groups [P], scores [P, G], ref_scores [P, G] or None)`` plus an NLL term.
 
     ``groups`` are the indices (into ``rows``) of the P groups a call scores.
@@ -255,9 +255,13 @@ def group_loss(hidden, weight, labels, per_group: GroupLossFn, *, rows, average,
     consecutive groups whose logits fit the memory budget keep them (4 GEMMs with the reference);
     groups too long for it are token-chunked (5 GEMMs): memory never grows with the group size.
 
+    ``head_extras`` (names of :func:`fastalign.ops.logprobs.chunked.row_extras`: ``mean_logit``,
+    ``is_top1``, ``log_sum_p2``) are read off the policy logits of the grouped tokens while they exist
+    (for metrics; no gradient); groups too long for one chunk pay one more no-grad GEMM for them.
+
     Returns ``(loss, info)``: info holds fp32 ``[S]`` vectors ``scores``, ``sums`` and ``ref_sums``
-    (or None), ``losses [P_total]``, and scalars ``entropy_sum``, ``n_tokens`` (tokens of grouped
-    sequences), ``nll``.
+    (or None), ``losses [P_total]``, scalars ``entropy_sum``, ``n_tokens`` (tokens of grouped
+    sequences), ``nll``, and ``extras``: ``{name: [S, T]}`` for ``head_extras`` (zero elsewhere).
     """
     s_, t_, h_ = hidden.shape
     n_groups = rows.shape[0]
@@ -303,6 +307,22 @@ def group_loss(hidden, weight, labels, per_group: GroupLossFn, *, rows, average,
                                                 bias=ref_b, ignore_index=ignore_index, chunk_size=chunk,
                                                 mem_budget=mem_budget)
         ref_sum.index_add_(0, seq, lp)
+
+    extras = {k: torch.zeros(s_ * t_, dtype=torch.bool if k == "is_top1" else torch.float32, device=dev)
+              for k in head_extras}
+
+    def keep_extras(pos, z, lab):
+        for k, value in zip(head_extras, chunked.row_extras(z, lab, 1.0, tuple(head_extras))):
+            extras[k].index_copy_(0, pos, value)
+
+    def extras_pass(pos, h_sel, lab_sel):
+        """The extras of tokens whose logits are not kept: one no-grad GEMM."""
+        if head_extras and pos.numel():
+            with torch.no_grad():
+                out = ops.token_logprobs(h_sel.detach(), weight.detach(), lab_sel,
+                                         bias=None if bias is None else bias.detach(), return_extras=head_extras)
+            for k in head_extras:
+                extras[k].index_copy_(0, pos, out[k])
 
     def loss_of(groups_t, seq, lp):
         """Differentiable (in ``lp``) contribution of the groups ``groups_t`` whose tokens are ``lp``."""
@@ -360,6 +380,8 @@ def group_loss(hidden, weight, labels, per_group: GroupLossFn, *, rows, average,
                     gb = torch.zeros(bias.shape, dtype=torch.float32, device=dev) if need_b else None
                 h32 = _f32(h_sel.detach())
                 z = torch.mm(h32, head[0].t()) if head[1] is None else torch.addmm(head[1], h32, head[0].t())
+                if head_extras:  # before the in-place backward turns z into its gradient
+                    keep_extras(pos, z, lab_sel)
                 with torch.enable_grad():
                     z.requires_grad_()
                     lp, ent = ops.logprobs_from_logits(z, lab_sel, ignore_index=ignore_index, return_entropy=True,
@@ -384,6 +406,7 @@ def group_loss(hidden, weight, labels, per_group: GroupLossFn, *, rows, average,
                            if n_tok else (h_sel.new_zeros(0, dtype=torch.float32),) * 2)
                 part, pl, nll, sums = loss_of(pairs_t, seq, lp)
                 ent_sum = ent.sum()
+                extras_pass(pos, h_sel, lab_sel)
             total = total + part
             record(pairs_t, pl, nll, sums, ent_sum)
 
@@ -401,6 +424,7 @@ def group_loss(hidden, weight, labels, per_group: GroupLossFn, *, rows, average,
             h_sel, lab_sel = hidden2d.index_select(0, pos), labels1d.index_select(0, pos)
             lp, ent = chunked.linear_logprobs_no_grad(h_sel, weight, lab_sel, bias=bias, ignore_index=ignore_index,
                                                       chunk_size=long_chunk, mem_budget=mem_budget)
+            extras_pass(pos, h_sel, lab_sel)
             with torch.enable_grad():
                 lp_ = lp.requires_grad_(grad)
                 part, pl, nll, sums = loss_of(pairs_t, seq, lp_)
@@ -422,12 +446,13 @@ def group_loss(hidden, weight, labels, per_group: GroupLossFn, *, rows, average,
     loss = attach(compute, hidden, weight, bias)
     info = {"scores": seq_sum / denom, "sums": seq_sum, "ref_sums": ref_sum, "losses": losses,
             "entropy_sum": stats["entropy_sum"], "n_tokens": sum(counts[r] for m in rows_list for r in m),
-            "nll": stats["nll"]}
+            "nll": stats["nll"], "extras": {k: x.reshape(s_, t_) for k, x in extras.items()}}
     return loss, info
 
 
 def pair_loss(hidden, weight, labels, per_pair: PairLossFn, *, average, nll_coef=0.0, bias=None, ref_hidden=None,
-              ref_weight=None, ref_bias=None, ref_logps=None, ignore_index=-100, chunk_size=None, mem_budget=None):
+              ref_weight=None, ref_bias=None, ref_logps=None, ignore_index=-100, chunk_size=None, mem_budget=None,
+              head_extras=()):
     """Mean over pairs of ``per_pair(chosen, rejected, ref_chosen, ref_rejected)`` plus an NLL term.
 
     ``hidden [2B, T, H]``: the B chosen sequences, then the B rejected ones (:func:`group_loss`
@@ -436,7 +461,7 @@ def pair_loss(hidden, weight, labels, per_pair: PairLossFn, *, average, nll_coef
 
     Returns ``(loss, info)``: info holds ``[B]`` fp32 vectors ``chosen``, ``rejected`` (scores),
     ``chosen_sum``, ``rejected_sum``, ``ref_chosen_sum``, ``ref_rejected_sum`` (or None),
-    ``losses``, and scalars ``entropy_sum``, ``n_tokens``, ``nll``.
+    ``losses``, scalars ``entropy_sum``, ``n_tokens``, ``nll``, and ``extras`` (see :func:`group_loss`).
     """
     s_ = hidden.shape[0]
     b = s_ // 2
@@ -452,7 +477,7 @@ def pair_loss(hidden, weight, labels, per_pair: PairLossFn, *, average, nll_coef
     loss, g = group_loss(hidden, weight, labels, per_group, rows=rows, average=average, nll_rows=nll_rows,
                          nll_coef=nll_coef, bias=bias, ref_hidden=ref_hidden, ref_weight=ref_weight,
                          ref_bias=ref_bias, ref_logps=ref_logps, ignore_index=ignore_index, chunk_size=chunk_size,
-                         mem_budget=mem_budget)
+                         mem_budget=mem_budget, head_extras=head_extras)
     ref_sum = g["ref_sums"]
     info = {
         "chosen": g["scores"][:b], "rejected": g["scores"][b:],
@@ -460,5 +485,6 @@ def pair_loss(hidden, weight, labels, per_pair: PairLossFn, *, average, nll_coef
         "ref_chosen_sum": None if ref_sum is None else ref_sum[:b],
         "ref_rejected_sum": None if ref_sum is None else ref_sum[b:],
         "losses": g["losses"], "entropy_sum": g["entropy_sum"], "n_tokens": g["n_tokens"], "nll": g["nll"],
+        "extras": g["extras"],
     }
     return loss, info

@@ -39,7 +39,7 @@ def preference_metrics(info, beta: float, *, reference: bool) -> dict:
 
 def fused_linear_dpo_loss(hidden, weight, labels, *, bias=None, ref_hidden=None, ref_weight=None, ref_bias=None,
                           ref_logps=None, beta=0.1, loss_type="sigmoid", label_smoothing=0.0, nll_coef=0.0,
-                          ignore_index=-100, chunk_size=None, mem_budget=None):
+                          ignore_index=-100, chunk_size=None, mem_budget=None, head_metrics=False):
     """DPO from policy hidden states ``[2B, T, H]`` (B chosen, then B rejected) and the LM head ``[V, H]``.
 
     ``labels [2B, T]`` are the next tokens, ``ignore_index`` on prompt and padding (shifted by the
@@ -49,7 +49,9 @@ def fused_linear_dpo_loss(hidden, weight, labels, *, bias=None, ref_hidden=None,
     (length-averaged log-probs, as TRL) or ``robust``. ``nll_coef`` adds that times the mean NLL
     of the chosen tokens (RPO / Liger's ``compute_nll_loss``). Returns ``(loss, metrics)`` with
     TRL's metric names (rewards/chosen, rewards/rejected, rewards/accuracies, rewards/margins,
-    logps/chosen, logps/rejected, entropy, and nll_loss when ``nll_coef > 0``).
+    logps/chosen, logps/rejected, entropy, and nll_loss when ``nll_coef > 0``). ``head_metrics=True``
+    adds TRL's logits/chosen, logits/rejected (mean logit of each side's tokens) and mean_token_accuracy
+    (the chosen tokens that are their logits' argmax), read off the logits the loss computes anyway.
     """
     base.check_common(hidden, weight, labels, bias=bias, ref_hidden=ref_hidden, ref_weight=ref_weight,
                       ref_bias=ref_bias, ref_logps=ref_logps, ignore_index=ignore_index, chunk_size=chunk_size,
@@ -71,11 +73,25 @@ def fused_linear_dpo_loss(hidden, weight, labels, *, bias=None, ref_hidden=None,
     loss, info = base.pair_loss(hidden, weight, labels, per_pair, average=loss_type == "ipo", nll_coef=float(nll_coef),
                                 bias=bias, ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias,
                                 ref_logps=ref_logps, ignore_index=ignore_index, chunk_size=chunk_size,
-                                mem_budget=mem_budget)
+                                mem_budget=mem_budget, head_extras=("mean_logit", "is_top1") if head_metrics else ())
     metrics = preference_metrics(info, float(beta), reference=True)
+    if head_metrics:
+        metrics.update(head_metrics_of(info["extras"], labels != ignore_index))
     if nll_coef:
         metrics["nll_loss"] = info["nll"]
     return loss, metrics
+
+
+def head_metrics_of(extras, valid) -> dict:
+    """TRL's logits/chosen, logits/rejected and mean_token_accuracy (0-d) from per-token extras ``[2B, T]``."""
+    b = valid.shape[0] // 2
+    chosen, rejected = valid[:b], valid[b:]
+    mean_logit, is_top1 = extras["mean_logit"], extras["is_top1"]
+    return {
+        "logits/chosen": (mean_logit[:b] * chosen).sum() / chosen.sum().clamp(min=1),
+        "logits/rejected": (mean_logit[b:] * rejected).sum() / rejected.sum().clamp(min=1),
+        "mean_token_accuracy": (is_top1[:b] & chosen).sum() / chosen.sum().clamp(min=1),
+    }
 
 
 def check_pairs(hidden, ref_logps) -> None:
@@ -100,7 +116,7 @@ class FusedLinearDPOLoss(torch.nn.Module):
     """
 
     def __init__(self, beta=0.1, loss_type="sigmoid", label_smoothing=0.0, nll_coef=0.0, ignore_index=-100,
-                 chunk_size=None, mem_budget=None):
+                 chunk_size=None, mem_budget=None, head_metrics=False):
         super().__init__()
         v.positive("beta", beta)
         v.choice("loss_type", loss_type, DPO_LOSS_TYPES)
@@ -108,6 +124,7 @@ class FusedLinearDPOLoss(torch.nn.Module):
         v.positive("nll_coef", nll_coef, allow_zero=True)
         self.beta, self.loss_type, self.label_smoothing, self.nll_coef = beta, loss_type, label_smoothing, nll_coef
         self.ignore_index, self.chunk_size, self.mem_budget = ignore_index, chunk_size, mem_budget
+        self.head_metrics = bool(head_metrics)
 
     def forward(self, hidden, weight, labels, *, bias=None, ref_hidden=None, ref_weight=None, ref_bias=None,
                 ref_logps=None):
@@ -115,7 +132,7 @@ class FusedLinearDPOLoss(torch.nn.Module):
                                      ref_bias=ref_bias, ref_logps=ref_logps, beta=self.beta, loss_type=self.loss_type,
                                      label_smoothing=self.label_smoothing, nll_coef=self.nll_coef,
                                      ignore_index=self.ignore_index, chunk_size=self.chunk_size,
-                                     mem_budget=self.mem_budget)
+                                     mem_budget=self.mem_budget, head_metrics=self.head_metrics)
 
     def extra_repr(self) -> str:
         return f"beta={self.beta}, loss_type={self.loss_type!r}, label_smoothing={self.label_smoothing}, " \
