@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import itertools
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -46,8 +47,9 @@ import torch
 from fastalign import ops
 from fastalign.data import loading, tasks
 from fastalign.engine import evaluation
+from fastalign.engine.batching import process_microbatches
 from fastalign.engine.config import PPOConfig
-from fastalign.engine.distributed import shutdown, unwrap, wrap_model
+from fastalign.engine.distributed import no_sync, shutdown, unwrap, wrap_model
 from fastalign.engine.generation import decode, generate, sample
 from fastalign.engine.optim import build_optimizer, build_scheduler
 from fastalign.engine.rollouts import (
@@ -72,6 +74,7 @@ from fastalign.models.heads import (
 )
 from fastalign.models.loading import load_from_config, load_tokenizer, module_bytes, save_pretrained
 from fastalign.models.offload import OffloadedModel
+from fastalign.models.packed import padding_fraction
 from fastalign.models.reference import build_reference
 
 
@@ -242,6 +245,33 @@ def minibatch_loss(policy, critic, policy_loss_fn, rollout: ScoredRollout, idx, 
     return loss, metrics
 
 
+def minibatch_backward(policy, critic, policy_loss_fn, rollout: ScoredRollout, idx, advantages, returns,
+                       cfg: PPOConfig, state) -> tuple[float, dict, int]:
+    """Backward of :func:`minibatch_loss` on the rows ``idx``; returns ``(loss, metrics, forwards)``.
+
+    With ``max_tokens_per_microbatch`` the rows run in token-budget micro-batches (:mod:`fastalign.engine.batching`).
+    The policy and value losses are token means over the minibatch, so each micro-batch's loss and metrics weigh
+    by its share of the minibatch's completion tokens: their sum is the minibatch's loss and gradient."""
+    if not cfg.max_tokens_per_microbatch:
+        loss, metrics = minibatch_loss(policy, critic, policy_loss_fn, rollout, idx, advantages, returns, cfg)
+        loss.backward()
+        return float(loss.detach()), {k: float(v) for k, v in metrics.items()}, 1
+    lengths = [[int(n)] for n in rollout.batch.attention_mask[idx].sum(1)]
+    groups = process_microbatches(lengths, cfg.max_tokens_per_microbatch, packed=cfg.packed, state=state)
+    total = rollout.mask[idx].sum()
+    sums: dict = {}
+    for j, group in enumerate(groups):
+        rows = idx[torch.tensor(group, device=idx.device)]
+        share = rollout.mask[rows].sum() / total
+        last = j == len(groups) - 1
+        with no_sync(policy, skip=not last), (no_sync(critic, skip=not last) if critic is not None else nullcontext()):
+            loss, metrics = minibatch_loss(policy, critic, policy_loss_fn, rollout, rows, advantages, returns, cfg)
+            (loss * share).backward()
+        for k, v in metrics.items():
+            sums[k] = sums.get(k, 0.0) + float(v) * float(share)
+    return sums["loss"], sums, len(groups)
+
+
 def rollout_metrics(rollout: ScoredRollout, kl, kl_coef, state) -> dict:
     """Learned reward, true (verifier) reward per task, KL per completion (global means over processes)."""
     n, seq_kl = len(rollout.rows), kl.sum(1)
@@ -322,14 +352,15 @@ def run(cfg: PPOConfig) -> dict:
     # --- roles: policy (+ value head), reference, reward model, value model ----------------------
     tokenizer = load_tokenizer(cfg.tokenizer or start)
     lm = load_from_config(cfg, start, device=state.device)
-    policy = PolicyValueModel(lm, value_head=cfg.value_model == "policy_trunk").to(state.device)
+    policy = PolicyValueModel(lm, value_head=cfg.value_model == "policy_trunk", packed=cfg.packed).to(state.device)
     # Before wrapping: shared_trunk decides which layers train.
     reference = build_reference(cfg.reference, CausalLMLogprobs(lm), cfg)
     reward_model = OffloadedModel(ScalarHeadModel.load(cfg.reward_model, dtype=cfg.dtype), state.device,
                                   cfg.reward_offload)
     critic = None
     if cfg.value_model == "separate":
-        critic = TokenValueModel(ScalarHeadModel.load(cfg.reward_model, dtype=cfg.dtype)).to(state.device)
+        critic = TokenValueModel(ScalarHeadModel.load(cfg.reward_model, dtype=cfg.dtype),
+                                 packed=cfg.packed).to(state.device)
     memory = {"policy": module_bytes(lm) / 2**20,
               "value_model": module_bytes(critic if critic is not None else policy.value_head) / 2**20,
               "reference": _reference_bytes(reference) / 2**20,
@@ -381,10 +412,11 @@ def run(cfg: PPOConfig) -> dict:
         for epoch in range(cfg.ppo_epochs):
             order = torch.randperm(len(rollout.rows), generator=generator).to(state.device)
             for idx in order.split(cfg.mini_batch_size):
-                loss, metrics = minibatch_loss(policy, critic, policy_loss_fn, rollout, idx, advantages, returns, cfg)
-                loss.backward()
-                metrics["grad_norm"] = trainer.optimizer_step(float(loss.detach()),
-                                                              f" (PPO epoch {epoch + 1}, update {updates + 1})")
+                loss, metrics, metrics["forwards"] = minibatch_backward(policy, critic, policy_loss_fn, rollout, idx,
+                                                                        advantages, returns, cfg, state)
+                metrics["grad_norm"] = trainer.optimizer_step(loss, f" (PPO epoch {epoch + 1}, update {updates + 1})")
+                if cfg.packed:
+                    metrics["padding_removed"] = padding_fraction(rollout.batch.attention_mask[idx])
                 updates += 1
                 tokens += int(rollout.batch.attention_mask[idx].sum())
                 for k, v in metrics.items():

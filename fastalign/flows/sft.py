@@ -33,7 +33,7 @@ def run(cfg: SFTConfig) -> dict:
     # --- model and tokenizer ------------------------------------------------------------------
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.model)
     lm = load_from_config(cfg, device=state.device)
-    model = wrap_model(CausalLMLogprobs(lm), state, fsdp=cfg.fsdp)
+    model = wrap_model(CausalLMLogprobs(lm, packed=cfg.packed), state, fsdp=cfg.fsdp)
 
     # --- data -------------------------------------------------------------------------------
     rows = loading.load_rows(cfg.dataset, "sft", n=cfg.num_examples, seed=cfg.seed)
@@ -43,7 +43,8 @@ def run(cfg: SFTConfig) -> dict:
     else:
         collate_fn = lambda ex, idx: loading.collate(ex, tokenizer.pad_token_id)
     stream = BatchStream(examples, collate_fn, batch_size=cfg.batch_size, micro_batch_size=cfg.micro_batch_size,
-                         state=state, seed=cfg.seed)
+                         max_tokens_per_microbatch=cfg.max_tokens_per_microbatch, state=state, seed=cfg.seed,
+                         packed=cfg.packed or cfg.packing)
 
     # --- loss and loop --------------------------------------------------------------------------
     def loss_fn(model, batch):
