@@ -224,10 +224,12 @@ def test_ppo_packed_and_budget_equal_padded(tiny_lm):
         policy.packed = packed
         loss, metrics, forwards = ppo.minibatch_backward(policy, None, FusedLinearPPOLoss(epsilon_low=0.2), rollout,
                                                          idx, advantages, returns, cfg, DistState())
-        out[packed] = (loss, _grads(policy))
+        out[packed] = (loss, _grads(policy), metrics)
         assert forwards > 1 if packed else forwards == 1
         assert metrics["value_loss"] > 0
-    _assert_same(out[True], out[False], 1e-5)
+    _assert_same(out[True][:2], out[False][:2], 1e-5)
+    for k, v in out[False][2].items():  # token means re-weighted, extremes taken over the micro-batches
+        assert v == pytest.approx(out[True][2][k], rel=1e-5, abs=1e-6), k
 
 
 # ------------------------------------------------------------------------------------------ end to end
@@ -245,3 +247,19 @@ def test_sft_run_packed_with_budget_equals_padded(tmp_path):
         assert abs(a["loss"] - b["loss"]) <= 1e-5 * abs(a["loss"])
         assert a["forwards"] == 2 and b["forwards"] >= 2
         assert 0 < b["padding_removed"] < 1 and "padding_removed" not in a
+
+
+def test_grpo_run_packed_with_budget_equals_padded(tmp_path):
+    """The first seeded step of a GRPO run (its rollout is sampled before any update): padded in one forward vs
+    packed token-budget micro-batches give the same loss and entropy; the packed run logs its forwards and the
+    padding it removed."""
+    base = dict(max_steps=1, num_examples=16, num_eval_examples=2, progress=False, threads=1, warmup_steps=0,
+                max_length=48, output_dir=str(tmp_path), batch_size=2, num_generations=4, loss_type="dapo",
+                share_prompt_forward=False)
+    grpo.run(load_config(GRPOConfig, overrides=dict(base, name="padded")))
+    grpo.run(load_config(GRPOConfig, overrides=dict(base, name="packed", packed=True, max_tokens_per_microbatch=40)))
+    (padded,), (packed,) = (read_metrics(tmp_path / n / "metrics.jsonl") for n in ("padded", "packed"))
+    for key in ("loss", "entropy"):
+        assert abs(padded[key] - packed[key]) <= 1e-5 * abs(padded[key]) + 1e-7, key
+    assert padded["forwards"] == 1 and packed["forwards"] > 1
+    assert 0 < packed["padding_removed"] < 1

@@ -251,7 +251,8 @@ def minibatch_backward(policy, critic, policy_loss_fn, rollout: ScoredRollout, i
 
     With ``max_tokens_per_microbatch`` the rows run in token-budget micro-batches (:mod:`fastalign.engine.batching`).
     The policy and value losses are token means over the minibatch, so each micro-batch's loss and metrics weigh
-    by its share of the minibatch's completion tokens: their sum is the minibatch's loss and gradient."""
+    by its share of the minibatch's completion tokens: their sum is the minibatch's loss and gradient (``*_min`` and
+    ``*_max`` metrics take the extreme over the micro-batches)."""
     if not cfg.max_tokens_per_microbatch:
         loss, metrics = minibatch_loss(policy, critic, policy_loss_fn, rollout, idx, advantages, returns, cfg)
         loss.backward()
@@ -268,7 +269,11 @@ def minibatch_backward(policy, critic, policy_loss_fn, rollout: ScoredRollout, i
             loss, metrics = minibatch_loss(policy, critic, policy_loss_fn, rollout, rows, advantages, returns, cfg)
             (loss * share).backward()
         for k, v in metrics.items():
-            sums[k] = sums.get(k, 0.0) + float(v) * float(share)
+            if k.endswith(("_min", "_max")):  # the minibatch's extreme is the extreme over its micro-batches
+                pick = min if k.endswith("_min") else max
+                sums[k] = pick(sums.get(k, float(v)), float(v))
+            else:
+                sums[k] = sums.get(k, 0.0) + float(v) * float(share)
     return sums["loss"], sums, len(groups)
 
 
