@@ -17,7 +17,7 @@ from fastalign.flows import grpo, ppo
 from fastalign.losses import FusedLinearGRPOLoss, FusedLinearPPOLoss
 from fastalign.models.heads import IGNORE_INDEX, CausalLMLogprobs, PolicyValueModel, target_mask
 from fastalign.models.loading import load_causal_lm, load_tokenizer
-from fastalign.models.packed import packed_layout, padding_fraction
+from fastalign.models.packed import forwarded_positions, packed_layout, padding_removed
 
 
 # ------------------------------------------------------------------------------------------ the split
@@ -118,11 +118,18 @@ def test_sft_budget_equals_fixed_micro_batches():
 
 # --------------------------------------------------------------------------------- the packed layout
 def test_packed_layout_positions_restart_per_row():
-    mask = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 1, 1]])
-    flat, pos = packed_layout(mask)
-    assert flat.tolist() == [0, 1, 2, 4, 8, 9, 10, 11]
-    assert pos.tolist() == [[0, 1, 2, 0, 0, 1, 2, 3]]
-    assert padding_fraction(mask) == pytest.approx(1 - 8 / 12)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 1, 1], [1, 1, 0, 0]])
+    # sdpa/eager: rows as long as the longest (4), first-fit longest first; an unfilled tail is its own sequence.
+    source, pos = packed_layout(mask, "sdpa")
+    assert source.tolist() == [[8, 9, 10, 11], [0, 1, 2, 4], [12, 13, -1, -1]]
+    assert pos.tolist() == [[0, 1, 2, 3], [0, 1, 2, 0], [0, 1, 0, 1]]
+    assert forwarded_positions(mask, "sdpa") == 12
+    assert padding_removed(mask, "sdpa") == pytest.approx(1 - 12 / 16)
+    # flash_attention_2 (varlen): every token in one row.
+    source, pos = packed_layout(mask, "flash_attention_2")
+    assert source.tolist() == [[8, 9, 10, 11, 0, 1, 2, 12, 13, 4]]
+    assert pos.tolist() == [[0, 1, 2, 3, 0, 1, 2, 0, 1, 0]]
+    assert padding_removed(mask, "flash_attention_2") == pytest.approx(1 - 10 / 16)
 
 
 def _rows(n, vocab, rng, *, min_prompt=2, max_len=14):
@@ -193,7 +200,7 @@ def test_grpo_packed_and_budget_equal_padded(tiny_lm, loss_type):
         stream.pending, stream.uses_left = batch, 1
         micro = stream.next()
         metrics, _ = accumulate_gradients(PolicyValueModel(tiny_lm, packed=packed), micro, loss_fn, weight_fn,
-                                          DistState(), packed=packed)
+                                          DistState(), packed_attention="sdpa" if packed else None)
         out[packed] = (metrics["loss"], _grads(tiny_lm))
         if packed:
             assert metrics["forwards"] > 1 and 0 < metrics["padding_removed"] < 1
@@ -262,4 +269,5 @@ def test_grpo_run_packed_with_budget_equals_padded(tmp_path):
     for key in ("loss", "entropy"):
         assert abs(padded[key] - packed[key]) <= 1e-5 * abs(padded[key]) + 1e-7, key
     assert padded["forwards"] == 1 and packed["forwards"] > 1
-    assert 0 < packed["padding_removed"] < 1
+    # Near-equal rollout rows leave nothing to pack into rows as long as the longest (sdpa): 0 is the honest value.
+    assert 0 <= packed["padding_removed"] < 1 and "padding_removed" not in padded

@@ -20,6 +20,8 @@ from typing import Callable
 
 import torch
 
+from fastalign.models.packed import forwarded_positions
+
 from . import checkpoint as ckpt
 from .batching import process_microbatches
 from .distributed import DistState, all_reduce_sum, no_sync, unwrap
@@ -121,18 +123,20 @@ def _grad_norm(params, max_norm):
     return torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
 
 
-def accumulate_gradients(model, micro_batches, loss_fn, weight_fn, state: DistState, packed: bool = False):
+def accumulate_gradients(model, micro_batches, loss_fn, weight_fn, state: DistState,
+                         packed_attention: str | None = None):
     """Backward over this process's micro-batches so the gradients equal those of the global mean loss.
 
     Returns the global metrics (sums divided by the global unit count, plus ``forwards``: this process's number of
-    micro-batches, and with ``packed`` ``padding_removed``: the global share of the padded batches' positions the
-    packed forward did not run) and this process's token count.
+    micro-batches, and when the model's forward is packed — ``packed_attention`` names its attention implementation
+    — ``padding_removed``: the global share of the padded batches' positions the packed forward did not run) and
+    this process's token count.
     """
     units = all_reduce_sum(float(sum(weight_fn(b) for b in micro_batches)), state)
     if units <= 0:
         raise ValueError("the global batch has no loss units (no target tokens or pairs)")
     sums: dict = {}
-    tokens = padded_positions = 0
+    tokens = padded_positions = forwarded = 0
     for i, batch in enumerate(micro_batches):
         batch = batch.to(state.device)
         with no_sync(model, skip=i < len(micro_batches) - 1):
@@ -144,13 +148,16 @@ def accumulate_gradients(model, micro_batches, loss_fn, weight_fn, state: DistSt
             sums[k] = sums.get(k, 0.0) + torch.as_tensor(v).detach().double()
         tokens += _num_tokens(batch)
         padded_positions += batch.input_ids.numel()
+        if packed_attention:  # rows packed by the collate function already have no mask
+            forwarded += (forwarded_positions(batch.attention_mask, packed_attention)
+                          if batch.attention_mask is not None else batch.input_ids.numel())
     keys = sorted(sums)
     totals = all_reduce_sum(torch.stack([torch.as_tensor(sums[k]).cpu() for k in keys]
-                                        + [torch.tensor(float(tokens), dtype=torch.float64),
+                                        + [torch.tensor(float(forwarded), dtype=torch.float64),
                                            torch.tensor(float(padded_positions), dtype=torch.float64)]), state)
     metrics = {k: float(v) / units for k, v in zip(keys, totals)}
     metrics["forwards"] = len(micro_batches)
-    if packed:
+    if packed_attention:
         metrics["padding_removed"] = 1.0 - float(totals[-2]) / max(float(totals[-1]), 1.0)
     return metrics, tokens
 
@@ -272,10 +279,12 @@ def train(*, cfg, run_dir, model, optimizer, scheduler, stream: BatchStream, los
     trainer = Trainer(cfg=cfg, run_dir=run_dir, model=model, optimizer=optimizer, scheduler=scheduler,
                       stream=stream, state=state, desc=desc)
 
+    packed_attention = cfg.attn_implementation if getattr(cfg, "packed", False) else None
+
     def step_fn(step):
         try:
             metrics, tokens = accumulate_gradients(model, stream.next(), loss_fn, weight_fn, state,
-                                                   packed=getattr(cfg, "packed", False))
+                                                   packed_attention=packed_attention)
         except ValueError as e:
             raise ValueError(f"step {step}: {e}") from None
         metrics["grad_norm"] = trainer.optimizer_step(metrics["loss"])

@@ -74,7 +74,7 @@ from fastalign.models.heads import (
 )
 from fastalign.models.loading import load_from_config, load_tokenizer, module_bytes, save_pretrained
 from fastalign.models.offload import OffloadedModel
-from fastalign.models.packed import padding_fraction
+from fastalign.models.packed import padding_removed
 from fastalign.models.reference import build_reference
 
 
@@ -421,7 +421,8 @@ def run(cfg: PPOConfig) -> dict:
                                                                         advantages, returns, cfg, state)
                 metrics["grad_norm"] = trainer.optimizer_step(loss, f" (PPO epoch {epoch + 1}, update {updates + 1})")
                 if cfg.packed:
-                    metrics["padding_removed"] = padding_fraction(rollout.batch.attention_mask[idx])
+                    metrics["padding_removed"] = padding_removed(rollout.batch.attention_mask[idx],
+                                                                 cfg.attn_implementation)
                 updates += 1
                 tokens += int(rollout.batch.attention_mask[idx].sum())
                 for k, v in metrics.items():
