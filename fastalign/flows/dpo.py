@@ -3,7 +3,8 @@
 Supports: every reference strategy of :mod:`fastalign.models.reference` (``frozen_copy`` with
 optional bf16/offload, ``adapter`` for LoRA policies, ``precomputed`` on disk, ``shared_trunk``);
 built-in tasks or prompt/chosen/rejected datasets (plain or conversational); DDP/FSDP2 under
-torchrun; gradient accumulation; exact resume.
+torchrun; gradient accumulation (``micro_batch_size`` or ``max_tokens_per_microbatch``); the padding-free
+packed forward (``packed``); exact resume.
 
 Assumptions: the policy and the reference start from the same weights (``init_from``, else
 ``model``); IPO uses length-averaged log-probs as TRL does, the others sequence sums; the loss is

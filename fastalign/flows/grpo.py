@@ -14,7 +14,8 @@ Supports: ``beta = 0`` loads no reference model at all; ``beta > 0`` holds the r
 reference log-probs are read once per rollout. ``num_iterations > 1`` uses the sampling log-probs stored
 with the rollout as the old log-probs (recomputed by the policy when vLLM sampled). DDP under torchrun
 (each process samples whole groups for its share of the prompts; the ``batch`` std and dapo's token
-count are global); gradient accumulation (``micro_batch_size``); checkpoints and exact resume through
+count are global); gradient accumulation (``micro_batch_size`` or ``max_tokens_per_microbatch``); the
+padding-free packed forward (``packed``, in place of the shared-prompt forward); checkpoints and exact resume through
 the engine trainer (the pending rollout and the sampling RNG are part of the checkpoint).
 
 This year's objectives (TRL 1.16's names): ``importance_sampling_level`` (GSPO, GSPO-token), ``loss_type:

@@ -4,7 +4,9 @@ Each step samples one completion per prompt from the policy (a rollout), scores 
 model, folds a per-token KL penalty against the reference into the rewards (``kl_estimator`` k1 or k3;
 β fixed, or adapted after each rollout by Ziegler et al.'s controller when ``kl_target > 0``),
 estimates advantages with ``ops.gae`` and whitens them with ``ops.whiten``, then trains ``ppo_epochs``
-passes over the rollout in minibatches of ``mini_batch_size`` completions, one optimizer step each:
+passes over the rollout in minibatches of ``mini_batch_size`` completions, one optimizer step each
+(a minibatch runs in one forward, or in token-budget micro-batches with ``max_tokens_per_microbatch``;
+``packed`` runs it padding-free):
 the clipped policy loss (:class:`fastalign.losses.FusedLinearPPOLoss`, from hidden states and the LM
 head, never the logits) plus ``vf_coef`` times the clipped value loss (``ops.value_loss``).
 

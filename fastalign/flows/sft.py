@@ -1,8 +1,9 @@
 """Supervised fine-tuning: next-token loss on completions, prompts masked.
 
 Supports: ``model=tiny`` (the built-in default), local folders and hub ids; built-in tasks, JSONL /
-Parquet / hub datasets in prompt/completion or messages format; padding-free packing; LoRA; DDP and
-FSDP2 under torchrun; gradient accumulation; exact resume (``--resume``).
+Parquet / hub datasets in prompt/completion or messages format; padding-free training (``packed``, or
+``packing`` at collate time); LoRA; DDP and FSDP2 under torchrun; gradient accumulation (``micro_batch_size``
+or ``max_tokens_per_microbatch``); exact resume (``--resume``).
 
 Assumptions: the loss is the mean NLL over all target tokens of the global batch (each token
 weighs the same, whatever its sequence's length); no evaluation during training — the held-out
