@@ -109,7 +109,6 @@ def test_sft_budget_equals_fixed_micro_batches():
         micro = stream.next()
         metrics, _ = accumulate_gradients(model, micro, loss_fn, lambda b: b.num_target_tokens(), DistState())
         results[name] = (metrics["loss"], _grads(model))
-        assert metrics["forwards"] == len(micro)
         if name == "budget":
             assert len(micro) > 4  # the budget, not the row count, decided the split
             assert all(b.input_ids.numel() <= 60 for b in micro)
@@ -203,7 +202,7 @@ def test_grpo_packed_and_budget_equal_padded(tiny_lm, loss_type):
                                           DistState(), packed_attention="sdpa" if packed else None)
         out[packed] = (metrics["loss"], _grads(tiny_lm))
         if packed:
-            assert metrics["forwards"] > 1 and 0 < metrics["padding_removed"] < 1
+            assert len(micro) > 1 and 0 < metrics["padding_removed"] < 1
     _assert_same(out[True], out[False], 1e-5)
 
 

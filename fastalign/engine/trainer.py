@@ -127,10 +127,9 @@ def accumulate_gradients(model, micro_batches, loss_fn, weight_fn, state: DistSt
                          packed_attention: str | None = None):
     """Backward over this process's micro-batches so the gradients equal those of the global mean loss.
 
-    Returns the global metrics (sums divided by the global unit count, plus ``forwards``: this process's number of
-    micro-batches, and when the model's forward is packed — ``packed_attention`` names its attention implementation
-    — ``padding_removed``: the global share of the padded batches' positions the packed forward did not run) and
-    this process's token count.
+    Returns the global metrics (sums divided by the global unit count, plus, when the model's forward is packed —
+    ``packed_attention`` names its attention implementation — ``padding_removed``: the global share of the padded
+    batches' positions the packed forward did not run) and this process's token count.
     """
     units = all_reduce_sum(float(sum(weight_fn(b) for b in micro_batches)), state)
     if units <= 0:
@@ -156,7 +155,6 @@ def accumulate_gradients(model, micro_batches, loss_fn, weight_fn, state: DistSt
                                         + [torch.tensor(float(forwarded), dtype=torch.float64),
                                            torch.tensor(float(padded_positions), dtype=torch.float64)]), state)
     metrics = {k: float(v) / units for k, v in zip(keys, totals)}
-    metrics["forwards"] = len(micro_batches)
     if packed_attention:
         metrics["padding_removed"] = 1.0 - float(totals[-2]) / max(float(totals[-1]), 1.0)
     return metrics, tokens
@@ -283,11 +281,13 @@ def train(*, cfg, run_dir, model, optimizer, scheduler, stream: BatchStream, los
 
     def step_fn(step):
         try:
-            metrics, tokens = accumulate_gradients(model, stream.next(), loss_fn, weight_fn, state,
+            micro_batches = stream.next()
+            metrics, tokens = accumulate_gradients(model, micro_batches, loss_fn, weight_fn, state,
                                                    packed_attention=packed_attention)
         except ValueError as e:
             raise ValueError(f"step {step}: {e}") from None
         metrics["grad_norm"] = trainer.optimizer_step(metrics["loss"])
+        metrics["forwards"] = int(all_reduce_sum(float(len(micro_batches)), state))  # over all processes
         return metrics, tokens
 
     return trainer.fit(step_fn, on_step=on_step)

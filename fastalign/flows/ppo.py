@@ -419,8 +419,9 @@ def run(cfg: PPOConfig) -> dict:
         for epoch in range(cfg.ppo_epochs):
             order = torch.randperm(len(rollout.rows), generator=generator).to(state.device)
             for idx in order.split(cfg.mini_batch_size):
-                loss, metrics, metrics["forwards"] = minibatch_backward(policy, critic, policy_loss_fn, rollout, idx,
-                                                                        advantages, returns, cfg, state)
+                loss, metrics, forwards = minibatch_backward(policy, critic, policy_loss_fn, rollout, idx,
+                                                             advantages, returns, cfg, state)
+                metrics["forwards"] = forwards * state.world_size  # logged as a mean over processes: the total
                 metrics["grad_norm"] = trainer.optimizer_step(loss, f" (PPO epoch {epoch + 1}, update {updates + 1})")
                 if cfg.packed:
                     metrics["padding_removed"] = padding_removed(rollout.batch.attention_mask[idx],

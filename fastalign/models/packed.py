@@ -68,6 +68,8 @@ def packed_hidden_states(trunk, input_ids: torch.Tensor, attention_mask: torch.T
     """The trunk's last hidden states ``[B, T, H]`` from a packed forward over the real tokens (0 at padding)."""
     rows, width = input_ids.shape
     source, position_ids = packed_layout(attention_mask, trunk.config._attn_implementation)
+    if source.shape[0] == rows:  # no two rows share a packed row: nothing to remove, the padded forward is as fast
+        return trunk(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
     real = source >= 0
     tokens = torch.where(real, input_ids.reshape(-1)[source.clamp(min=0)], torch.zeros_like(source))
     hidden = trunk(input_ids=tokens, attention_mask=None, position_ids=position_ids, use_cache=False).last_hidden_state
