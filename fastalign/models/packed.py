@@ -4,8 +4,9 @@ Rows are concatenated with ``position_ids`` restarting at 0 at each row and no a
 that layout as packed sequences and keeps attention within each row (``find_packed_sequence_indices`` builds the
 block-diagonal causal mask for sdpa/eager; ``flash_attention_2`` takes the varlen path from the same position ids).
 With flash_attention_2 all rows go into one sequence. sdpa and eager compute the dense ``N × N`` scores under that
-mask, so one sequence of every token would cost far more attention than the padded batch (measured: 3.7× slower
-on 64 DPO rows): there the rows are packed first-fit into rows as long as the longest one.
+mask, so one sequence of every token would cost far more attention than the padded batch (64 DPO rows: 10160²
+scores against 64 × 47²): there the rows are packed first-fit into rows as long as the longest one, and when no
+two rows fit together the padded forward runs (nothing to remove).
 The trunk's hidden states are then put back at their padded places (zeros at padding), so everything after the
 trunk — the fused log-prob and policy losses over hidden states and the LM head, value heads — runs unchanged and
 no ``tokens × vocabulary`` tensor is built. Only right-padded rows are equal to their padded forward (the padded
