@@ -66,7 +66,7 @@ RESUME_ALIASES = {"true": "true", "1": "true", "yes": "true", "on": "true", "fal
 # Any other difference from the checkpoint's config is refused (engine.runs.resume_changes).
 RESUME_APPLIED = frozenset({"max_steps", "lr", "warmup_steps", "min_lr_ratio", "max_grad_norm", "save_every",
                             "keep_checkpoints", "log_every", "progress", "tensorboard", "threads", "eval_batch_size",
-                            "micro_batch_size"})
+                            "micro_batch_size", "max_tokens_per_microbatch"})
 # What names the run rather than shapes it.
 RESUME_IGNORED = frozenset({"name", "output_dir", "resume", "overwrite"})
 
@@ -111,6 +111,9 @@ class TrainConfig:
     max_steps: int = knob(100, "optimizer steps", minimum=1)
     batch_size: int = knob(32, "global batch in sequences (pairs for preference flows)", minimum=1)
     micro_batch_size: int = knob(0, "per-process micro-batch (0 = batch_size / world size)", minimum=0)
+    max_tokens_per_microbatch: int = knob(0, "micro-batches filled up to this many forwarded tokens per process, "
+                                             "balanced by sum of length^2 (0 = off; replaces micro_batch_size)",
+                                          minimum=0)
     lr: float = knob(1e-3, "peak learning rate", minimum=0)
     weight_decay: float = knob(0.0, "AdamW weight decay", minimum=0)
     adam_beta1: float = knob(0.9, minimum=0, maximum=1)
@@ -146,6 +149,9 @@ class TrainConfig:
                 raise ValueError(f"config key {f.name!r} must be >= {meta['min']}, got {value!r}")
             if meta.get("max") is not None and value > meta["max"]:
                 raise ValueError(f"config key {f.name!r} must be <= {meta['max']}, got {value!r}")
+        if self.max_tokens_per_microbatch and self.micro_batch_size:
+            raise ValueError(f"config keys 'micro_batch_size' and 'max_tokens_per_microbatch' are two ways to split a "
+                             f"batch: set one, got {self.micro_batch_size} and {self.max_tokens_per_microbatch}")
         return self
 
 
@@ -153,6 +159,8 @@ class TrainConfig:
 class SFTConfig(TrainConfig):
     lr: float = knob(3e-3, "peak learning rate", minimum=0)
     batch_size: int = knob(128, "global batch in sequences", minimum=1)
+    packed: bool = knob(False, "padding-free training forward: each micro-batch's rows run as one sequence, "
+                               "attention kept within each row")
 
 
 @dataclass
@@ -175,6 +183,8 @@ class DPOConfig(TrainConfig):
     reference_offload: bool = knob(False, "frozen_copy lives on CPU between uses")
     trainable_top_layers: int = knob(1, "shared_trunk: how many top layers the policy trains", minimum=1)
     lr: float = knob(5e-4, "peak learning rate", minimum=0)
+    packed: bool = knob(False, "padding-free training forward: each micro-batch's rows run as one sequence, "
+                               "attention kept within each row")
 
 
 @dataclass
@@ -220,6 +230,14 @@ class D2OConfig(ReferenceOptions, TrainConfig):
     batch_size: int = knob(16, "prompts per step (x (K + 1) sequences)", minimum=1)
     lr: float = knob(5e-4, "peak learning rate", minimum=0)
 
+    def validate(self):
+        super().validate()
+        if self.max_tokens_per_microbatch:
+            raise ValueError(f"config key 'max_tokens_per_microbatch' does not apply to d2o: its K samples are drawn "
+                             f"when a micro-batch is built, so their lengths are unknown when rows are split "
+                             f"(use micro_batch_size), got {self.max_tokens_per_microbatch}")
+        return self
+
 
 @dataclass
 class KTOConfig(ReferenceOptions, TrainConfig):
@@ -230,6 +248,14 @@ class KTOConfig(ReferenceOptions, TrainConfig):
     desirable_weight: float = knob(1.0, "λ_D", minimum=0)
     undesirable_weight: float = knob(1.0, "λ_U", minimum=0)
     lr: float = knob(5e-4, "peak learning rate", minimum=0)
+
+    def validate(self):
+        super().validate()
+        if self.max_tokens_per_microbatch:
+            raise ValueError(f"config key 'max_tokens_per_microbatch' does not apply to kto: its KL pairs match each "
+                             f"completion with another row of the same micro-batch, so the split changes the loss "
+                             f"(use micro_batch_size), got {self.max_tokens_per_microbatch}")
+        return self
 
 
 @dataclass
@@ -290,6 +316,8 @@ class PPOConfig(TrainConfig):
     warmup_steps: int = knob(0, "linear warmup, in rollouts", minimum=0)
     min_lr_ratio: float = knob(1.0, "cosine decay floor over the rollouts (1 = constant lr)", minimum=0, maximum=1)
     log_every: int = knob(1, "rollouts between metric lines", minimum=1)
+    packed: bool = knob(False, "padding-free training forward: each micro-batch's rows run as one sequence, "
+                               "attention kept within each row")
 
     def validate(self):
         super().validate()
@@ -373,6 +401,8 @@ class GRPOConfig(TrainConfig):
                                    minimum=0)
     share_prompt_forward: bool = knob(True, "the training forward runs each distinct prompt once for its G samples "
                                             "(off, or under gradient checkpointing: prompt + completion per row)")
+    packed: bool = knob(False, "padding-free training forward: the micro-batch's rows run as one sequence, attention "
+                               "kept within each row (replaces share_prompt_forward)")
     reference: str = choice("frozen_copy", ("frozen_copy", "adapter", "shared_trunk"),
                             "how the reference model is held when beta > 0 (see fastalign.models.reference)")
     reference_dtype: str = choice("", ("", "float32", "bfloat16"), "frozen_copy dtype (default: the policy's)")
@@ -426,6 +456,18 @@ class GRPOConfig(TrainConfig):
         if self.advantage == "reinforce_pp_baseline" and self.num_generations < 2:
             raise ValueError("config key 'advantage' reinforce_pp_baseline needs num_generations >= 2")
         check_fsdp_roles(self, "grpo")
+        if self.max_tokens_per_microbatch and self.loss_type == "bnpo":
+            raise ValueError("config key 'max_tokens_per_microbatch' does not apply to loss_type bnpo: its normalizer "
+                             "is each micro-batch's token count, so the split changes the loss (use dapo, grpo or "
+                             f"dr_grpo, or micro_batch_size), got {self.max_tokens_per_microbatch}")
+        if self.max_tokens_per_microbatch and self.entropy_coef and self.loss_type in ("grpo", "dr_grpo"):
+            raise ValueError(f"config key 'max_tokens_per_microbatch' does not apply with entropy_coef > 0 and "
+                             f"loss_type {self.loss_type}: that entropy bonus is a token mean over each micro-batch, "
+                             f"so the split changes the loss (use dapo), got {self.max_tokens_per_microbatch}")
+        if self.max_tokens_per_microbatch and self.top_entropy_quantile < 1:
+            raise ValueError("config key 'max_tokens_per_microbatch' does not apply with top_entropy_quantile < 1: the "
+                             "entropy quantile is taken over each micro-batch, so the split changes the loss, got "
+                             f"{self.max_tokens_per_microbatch}")
         return self
 
 

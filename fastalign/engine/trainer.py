@@ -20,7 +20,10 @@ from typing import Callable
 
 import torch
 
+from fastalign.models.packed import forwarded_positions
+
 from . import checkpoint as ckpt
+from .batching import process_microbatches
 from .distributed import DistState, all_gather_object, all_reduce_sum, no_sync, unwrap
 from .logging import RunLogger
 from .runs import commit_run
@@ -32,9 +35,12 @@ class TrainingDiverged(RuntimeError):
 
 class BatchStream:
     """Deterministic global batches: a seeded permutation per epoch, this process's contiguous slice,
-    split into micro-batches. ``state_dict`` is the data position a checkpoint stores."""
+    split into micro-batches (``micro_batch_size`` rows each, or up to ``max_tokens_per_microbatch`` forwarded
+    tokens each: :mod:`fastalign.engine.batching`; ``packed`` says the forward runs no padding). ``state_dict`` is
+    the data position a checkpoint stores."""
 
-    def __init__(self, examples, collate_fn, *, batch_size, micro_batch_size=0, state: DistState, seed=0):
+    def __init__(self, examples, collate_fn, *, batch_size, micro_batch_size=0, state: DistState, seed=0,
+                 max_tokens_per_microbatch=0, packed=False):
         if batch_size % state.world_size:
             raise ValueError(f"batch_size must be divisible by the world size {state.world_size}, got {batch_size}")
         per_rank = batch_size // state.world_size
@@ -45,7 +51,8 @@ class BatchStream:
             raise ValueError(f"batch_size ({batch_size}) is larger than the dataset ({len(examples)} rows)")
         self.examples, self.collate_fn = examples, collate_fn
         self.batch_size, self.per_rank, self.micro = batch_size, per_rank, micro
-        self.rank, self.seed = state.rank, seed
+        self.rank, self.seed, self.state = state.rank, seed, state
+        self.max_tokens, self.packed = max_tokens_per_microbatch, packed
         self.epoch, self.position = 0, 0
         self._order = None
 
@@ -62,11 +69,25 @@ class BatchStream:
         batch = order[self.position:self.position + self.batch_size]
         self.position += self.batch_size
         mine = batch[self.rank * self.per_rank:(self.rank + 1) * self.per_rank]
+        if self.max_tokens:
+            groups = process_microbatches([self._sequence_lengths(i) for i in mine], self.max_tokens,
+                                          packed=self.packed, state=self.state)
+            return [self.collate_fn([self.examples[mine[j]] for j in g], [mine[j] for j in g]) for g in groups]
         if self.micro < self.per_rank:
             # Micro-batches of similar lengths pad less; the step's gradient (a sum over them) is unchanged.
             mine = sorted(mine, key=self._length)
         return [self.collate_fn([self.examples[i] for i in mine[j:j + self.micro]], mine[j:j + self.micro])
                 for j in range(0, len(mine), self.micro)]
+
+    def _sequence_lengths(self, i) -> list[int]:
+        """The lengths of the sequences dataset row ``i`` forwards (one for SFT, chosen and rejected for a pair)."""
+        ex = self.examples[i]
+        if isinstance(ex, dict) and "input_ids" in ex:
+            return [len(ex["input_ids"])]
+        if isinstance(ex, dict) and "chosen" in ex:
+            return [len(ex["chosen"]["input_ids"]), len(ex["rejected"]["input_ids"])]
+        raise ValueError(f"max_tokens_per_microbatch needs encoded rows (input_ids, or chosen and rejected), got row "
+                         f"{i} with keys {sorted(ex) if isinstance(ex, dict) else type(ex).__name__}")
 
     def _length(self, i):
         ex = self.examples[i]
@@ -102,16 +123,19 @@ def _grad_norm(params, max_norm):
     return torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
 
 
-def accumulate_gradients(model, micro_batches, loss_fn, weight_fn, state: DistState):
+def accumulate_gradients(model, micro_batches, loss_fn, weight_fn, state: DistState,
+                         packed_attention: str | None = None):
     """Backward over this process's micro-batches so the gradients equal those of the global mean loss.
 
-    Returns the global metrics (sums divided by the global unit count) and this process's token count.
+    Returns the global metrics (sums divided by the global unit count, plus, when the model's forward is packed —
+    ``packed_attention`` names its attention implementation — ``padding_removed``: the global share of the padded
+    batches' positions the packed forward did not run) and this process's token count.
     """
     units = all_reduce_sum(float(sum(weight_fn(b) for b in micro_batches)), state)
     if units <= 0:
         raise ValueError("the global batch has no loss units (no target tokens or pairs)")
     sums: dict = {}
-    tokens = 0
+    tokens = padded_positions = forwarded = 0
     for i, batch in enumerate(micro_batches):
         batch = batch.to(state.device)
         with no_sync(model, skip=i < len(micro_batches) - 1):
@@ -122,9 +146,18 @@ def accumulate_gradients(model, micro_batches, loss_fn, weight_fn, state: DistSt
         for k, v in metric_sums.items():
             sums[k] = sums.get(k, 0.0) + torch.as_tensor(v).detach().double()
         tokens += _num_tokens(batch)
+        padded_positions += batch.input_ids.numel()
+        if packed_attention:  # rows packed by the collate function already have no mask
+            forwarded += (forwarded_positions(batch.attention_mask, packed_attention)
+                          if batch.attention_mask is not None else batch.input_ids.numel())
     keys = sorted(sums)
-    totals = all_reduce_sum(torch.stack([torch.as_tensor(sums[k]).cpu() for k in keys]), state)
-    return {k: float(v) / units for k, v in zip(keys, totals)}, tokens
+    totals = all_reduce_sum(torch.stack([torch.as_tensor(sums[k]).cpu() for k in keys]
+                                        + [torch.tensor(float(forwarded), dtype=torch.float64),
+                                           torch.tensor(float(padded_positions), dtype=torch.float64)]), state)
+    metrics = {k: float(v) / units for k, v in zip(keys, totals)}
+    if packed_attention:
+        metrics["padding_removed"] = 1.0 - float(totals[-2]) / max(float(totals[-1]), 1.0)
+    return metrics, tokens
 
 
 class Trainer:
@@ -254,12 +287,17 @@ def train(*, cfg, run_dir, model, optimizer, scheduler, stream: BatchStream, los
     trainer = Trainer(cfg=cfg, run_dir=run_dir, model=model, optimizer=optimizer, scheduler=scheduler,
                       stream=stream, state=state, desc=desc)
 
+    packed_attention = cfg.attn_implementation if getattr(cfg, "packed", False) else None
+
     def step_fn(step):
         try:
-            metrics, tokens = accumulate_gradients(model, stream.next(), loss_fn, weight_fn, state)
+            micro_batches = stream.next()
+            metrics, tokens = accumulate_gradients(model, micro_batches, loss_fn, weight_fn, state,
+                                                   packed_attention=packed_attention)
         except ValueError as e:
             raise ValueError(f"step {step}: {e}") from None
         metrics["grad_norm"] = trainer.optimizer_step(metrics["loss"])
+        metrics["forwards"] = int(all_reduce_sum(float(len(micro_batches)), state))  # over all processes
         return metrics, tokens
 
     return trainer.fit(step_fn, on_step=on_step)

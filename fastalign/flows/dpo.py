@@ -3,7 +3,8 @@
 Supports: every reference strategy of :mod:`fastalign.models.reference` (``frozen_copy`` with
 optional bf16/offload, ``adapter`` for LoRA policies, ``precomputed`` on disk, ``shared_trunk``);
 built-in tasks or prompt/chosen/rejected datasets (plain or conversational); DDP/FSDP2 under
-torchrun; gradient accumulation; exact resume.
+torchrun; gradient accumulation (``micro_batch_size`` or ``max_tokens_per_microbatch``); the padding-free
+packed forward (``packed``); exact resume.
 
 Assumptions: the policy and the reference start from the same weights (``init_from``, else
 ``model``); IPO uses length-averaged log-probs as TRL does, the others sequence sums; the loss is
@@ -35,14 +36,15 @@ def run(cfg: DPOConfig) -> dict:
 
     # --- models: policy, tokenizer ------------------------------------------------------------
     tokenizer = load_tokenizer(cfg.tokenizer or start)
-    policy = CausalLMLogprobs(load_from_config(cfg, start, device=state.device))
+    policy = CausalLMLogprobs(load_from_config(cfg, start, device=state.device), packed=cfg.packed)
 
     # --- data -------------------------------------------------------------------------------
     rows = loading.load_rows(cfg.dataset, "preferences", n=cfg.num_examples, seed=cfg.seed)
     pairs = [loading.encode_preference(tokenizer, r, cfg.max_length) for r in rows]
     collate_fn = lambda ex, idx: loading.collate_preferences(ex, tokenizer.pad_token_id, idx)
     stream = BatchStream(pairs, collate_fn, batch_size=cfg.batch_size, micro_batch_size=cfg.micro_batch_size,
-                         state=state, seed=cfg.seed)
+                         max_tokens_per_microbatch=cfg.max_tokens_per_microbatch, state=state, seed=cfg.seed,
+                         packed=cfg.packed)
 
     # --- reference (before wrapping: shared_trunk decides which layers train) -------------------
     reference = build_reference(cfg.reference, policy, cfg, pairs=pairs, collate_fn=collate_fn)

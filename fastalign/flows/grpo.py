@@ -16,9 +16,10 @@ with the rollout as the old log-probs (recomputed by the policy when vLLM sample
 (each process samples whole groups for its share of the prompts; the ``batch`` std and dapo's token
 count are global); FSDP2 (``fsdp``: the policy and the frozen_copy reference sharded, the reference
 resharded after each forward, ``fsdp_offload`` for CPU offload; generation gathers the policy once per
-rollout and the loss reads the gathered LM head); gradient accumulation (``micro_batch_size``); checkpoints
-and exact resume through the engine trainer (the pending rollout and the sampling RNG are part of the
-checkpoint; the weights and optimizer state load at any world size).
+rollout and the loss reads the gathered LM head); gradient accumulation (``micro_batch_size`` or
+``max_tokens_per_microbatch``); the padding-free packed forward (``packed``, in place of the shared-prompt
+forward); checkpoints and exact resume through the engine trainer (the pending rollout and the sampling RNG
+are part of the checkpoint; the weights and optimizer state load at any world size).
 
 This year's objectives (TRL 1.16's names): ``importance_sampling_level`` (GSPO, GSPO-token), ``loss_type:
 cispo``, ``delta``, ``ratio_clip_c``, ``use_bias_correction_kl`` (on by default, as TRL, when ``beta > 0``),
@@ -51,6 +52,7 @@ import torch.distributed as dist
 from fastalign import ops
 from fastalign.data import loading
 from fastalign.engine import evaluation
+from fastalign.engine.batching import process_microbatches
 from fastalign.engine.config import GRPOConfig
 from fastalign.engine.distributed import (
     DistState,
@@ -241,7 +243,8 @@ def grpo_loss_fn(loss_module: FusedLinearGRPOLoss, cfg: GRPOConfig):
     itself happens once, in ``ops.policy.spec.row_scale`` and the trainer's division."""
     loss_type = cfg.loss_type
     # Gradient checkpointing recomputes layers without a KV cache, so the shared-prompt forward is off there.
-    share_prompts = cfg.share_prompt_forward and not cfg.gradient_checkpointing
+    # The packed forward already runs no padding; it replaces the shared-prompt forward.
+    share_prompts = cfg.share_prompt_forward and not cfg.gradient_checkpointing and not cfg.packed
 
     token_sums = loss_type in ("dapo", "cispo")
 
@@ -285,13 +288,16 @@ def prompt_lengths(batch: GRPOBatch) -> torch.Tensor:
 class RolloutStream:
     """What the engine trainer pulls each step: the micro-batches of the current rollout, a new rollout (of the
     next prompt batch of ``prompts``, by ``sample_fn(rows, generator) -> (GRPOBatch, metrics)``) every
-    ``num_iterations`` steps. Its ``state_dict`` (prompt position, sampling RNG, pending rollout) makes resume
-    exact."""
+    ``num_iterations`` steps. The micro-batches hold ``micro_batch_size`` rows, or with
+    ``max_tokens_per_microbatch`` up to that many forwarded tokens (:mod:`fastalign.engine.batching`). Its
+    ``state_dict`` (prompt position, sampling RNG, pending rollout) makes resume exact."""
 
     def __init__(self, prompts: BatchStream, sample_fn, *, num_iterations: int, micro_batch_size: int,
-                 generator: torch.Generator):
+                 generator: torch.Generator, max_tokens_per_microbatch: int = 0, packed: bool = False,
+                 state: DistState | None = None):
         self.prompts, self.sample_fn, self.generator = prompts, sample_fn, generator
         self.num_iterations, self.micro_batch_size = num_iterations, micro_batch_size
+        self.max_tokens, self.packed, self.state = max_tokens_per_microbatch, packed, state or DistState()
         self.pending: GRPOBatch | None = None
         self.uses_left = 0
         self.metrics: dict = {}
@@ -305,6 +311,10 @@ class RolloutStream:
             self.uses_left = self.num_iterations
         self.uses_left -= 1
         n = self.pending.input_ids.shape[0]
+        if self.max_tokens:
+            lengths = [[int(k)] for k in self.pending.attention_mask.sum(1)]
+            groups = process_microbatches(lengths, self.max_tokens, packed=self.packed, state=self.state)
+            return [self.pending.rows(torch.tensor(g)) for g in groups]
         micro = self.micro_batch_size or n
         return [self.pending.rows(torch.arange(s, min(s + micro, n))) for s in range(0, n, micro)]
 
@@ -443,7 +453,7 @@ def run(cfg: GRPOConfig) -> dict:
     reference = build_reference(cfg.reference, CausalLMLogprobs(lm), cfg) if cfg.beta > 0 else None
     if cfg.fsdp and state.distributed and getattr(reference, "model", None) is not None:
         shard(reference.model, frozen=True, offload=cfg.fsdp_offload)  # frozen_copy: resharded after each forward
-    policy = wrap_model(PolicyValueModel(lm), state, fsdp=cfg.fsdp, offload=cfg.fsdp_offload)
+    policy = wrap_model(PolicyValueModel(lm, packed=cfg.packed), state, fsdp=cfg.fsdp, offload=cfg.fsdp_offload)
     rewards = build_rewards(cfg.rewards, cfg.reward_weights, tokenizer=tokenizer, device=state.device,
                             dtype=cfg.dtype)
     sampler = make_sampler(cfg.generation_backend, lm, tokenizer, model_path=resolve_model_path(start))
@@ -461,6 +471,7 @@ def run(cfg: GRPOConfig) -> dict:
                           seed=cfg.seed)
     stream = RolloutStream(prompts, make_rollout(policy, sampler, rewards, reference, tokenizer, cfg, state),
                            num_iterations=cfg.num_iterations, micro_batch_size=cfg.micro_batch_size,
+                           max_tokens_per_microbatch=cfg.max_tokens_per_microbatch, packed=cfg.packed, state=state,
                            generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + 7919 * state.rank))
 
     # --- loss and loop --------------------------------------------------------------------------

@@ -39,7 +39,7 @@ def run(cfg: ORPOConfig) -> dict:
     pairs = [loading.encode_preference(tokenizer, r, cfg.max_length) for r in rows]
     collate_fn = lambda ex, idx: loading.collate_preferences(ex, tokenizer.pad_token_id, idx)
     stream = BatchStream(pairs, collate_fn, batch_size=cfg.batch_size, micro_batch_size=cfg.micro_batch_size,
-                         state=state, seed=cfg.seed)
+                         max_tokens_per_microbatch=cfg.max_tokens_per_microbatch, state=state, seed=cfg.seed)
 
     # --- loss and loop --------------------------------------------------------------------------
     def loss_fn(model, batch):

@@ -4,7 +4,9 @@ Each step samples one completion per prompt from the policy (a rollout), scores 
 model, folds a per-token KL penalty against the reference into the rewards (``kl_estimator`` k1 or k3;
 β fixed, or adapted after each rollout by Ziegler et al.'s controller when ``kl_target > 0``),
 estimates advantages with ``ops.gae`` and whitens them with ``ops.whiten``, then trains ``ppo_epochs``
-passes over the rollout in minibatches of ``mini_batch_size`` completions, one optimizer step each:
+passes over the rollout in minibatches of ``mini_batch_size`` completions, one optimizer step each
+(a minibatch runs in one forward, or in token-budget micro-batches with ``max_tokens_per_microbatch``;
+``packed`` runs it padding-free):
 the clipped policy loss (:class:`fastalign.losses.FusedLinearPPOLoss`, from hidden states and the LM
 head, never the logits) plus ``vf_coef`` times the clipped value loss (``ops.value_loss``).
 
@@ -41,6 +43,7 @@ from __future__ import annotations
 
 import itertools
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -48,8 +51,9 @@ import torch
 from fastalign import ops
 from fastalign.data import loading, tasks
 from fastalign.engine import evaluation
+from fastalign.engine.batching import process_microbatches
 from fastalign.engine.config import PPOConfig
-from fastalign.engine.distributed import full_model, gathered, shard, shutdown, unwrap, wrap_model
+from fastalign.engine.distributed import full_model, gathered, no_sync, shard, shutdown, unwrap, wrap_model
 from fastalign.engine.generation import decode, gathered_for_generation, generate, sample
 from fastalign.engine.optim import build_optimizer, build_scheduler
 from fastalign.engine.rollouts import (
@@ -74,6 +78,7 @@ from fastalign.models.heads import (
 )
 from fastalign.models.loading import load_from_config, load_tokenizer, module_bytes, save_pretrained
 from fastalign.models.offload import OffloadedModel
+from fastalign.models.packed import padding_removed
 from fastalign.models.reference import build_reference
 
 
@@ -251,6 +256,38 @@ def minibatch_loss(policy, critic, policy_loss_fn, rollout: ScoredRollout, idx, 
     return loss, metrics
 
 
+def minibatch_backward(policy, critic, policy_loss_fn, rollout: ScoredRollout, idx, advantages, returns,
+                       cfg: PPOConfig, state) -> tuple[float, dict, int]:
+    """Backward of :func:`minibatch_loss` on the rows ``idx``; returns ``(loss, metrics, forwards)``.
+
+    With ``max_tokens_per_microbatch`` the rows run in token-budget micro-batches (:mod:`fastalign.engine.batching`).
+    The policy and value losses are token means over the minibatch, so each micro-batch's loss and metrics weigh
+    by its share of the minibatch's completion tokens: their sum is the minibatch's loss and gradient (``*_min`` and
+    ``*_max`` metrics take the extreme over the micro-batches)."""
+    if not cfg.max_tokens_per_microbatch:
+        loss, metrics = minibatch_loss(policy, critic, policy_loss_fn, rollout, idx, advantages, returns, cfg)
+        loss.backward()
+        return float(loss.detach()), {k: float(v) for k, v in metrics.items()}, 1
+    lengths = [[int(n)] for n in rollout.batch.attention_mask[idx].sum(1)]
+    groups = process_microbatches(lengths, cfg.max_tokens_per_microbatch, packed=cfg.packed, state=state)
+    total = rollout.mask[idx].sum()
+    sums: dict = {}
+    for j, group in enumerate(groups):
+        rows = idx[torch.tensor(group, device=idx.device)]
+        share = rollout.mask[rows].sum() / total
+        last = j == len(groups) - 1
+        with no_sync(policy, skip=not last), (no_sync(critic, skip=not last) if critic is not None else nullcontext()):
+            loss, metrics = minibatch_loss(policy, critic, policy_loss_fn, rollout, rows, advantages, returns, cfg)
+            (loss * share).backward()
+        for k, v in metrics.items():
+            if k.endswith(("_min", "_max")):  # the minibatch's extreme is the extreme over its micro-batches
+                pick = min if k.endswith("_min") else max
+                sums[k] = pick(sums.get(k, float(v)), float(v))
+            else:
+                sums[k] = sums.get(k, 0.0) + float(v) * float(share)
+    return sums["loss"], sums, len(groups)
+
+
 def rollout_metrics(rollout: ScoredRollout, kl, kl_coef, state) -> dict:
     """Learned reward, true (verifier) reward per task, KL per completion (global means over processes)."""
     n, seq_kl = len(rollout.rows), kl.sum(1)
@@ -331,14 +368,15 @@ def run(cfg: PPOConfig) -> dict:
     # --- roles: policy (+ value head), reference, reward model, value model ----------------------
     tokenizer = load_tokenizer(cfg.tokenizer or start)
     lm = load_from_config(cfg, start, device=state.device)
-    policy = PolicyValueModel(lm, value_head=cfg.value_model == "policy_trunk").to(state.device)
+    policy = PolicyValueModel(lm, value_head=cfg.value_model == "policy_trunk", packed=cfg.packed).to(state.device)
     # Before wrapping: shared_trunk decides which layers train.
     reference = build_reference(cfg.reference, CausalLMLogprobs(lm), cfg)
     reward_model = OffloadedModel(ScalarHeadModel.load(cfg.reward_model, dtype=cfg.dtype), state.device,
                                   cfg.reward_offload)
     critic = None
     if cfg.value_model == "separate":
-        critic = TokenValueModel(ScalarHeadModel.load(cfg.reward_model, dtype=cfg.dtype)).to(state.device)
+        critic = TokenValueModel(ScalarHeadModel.load(cfg.reward_model, dtype=cfg.dtype),
+                                 packed=cfg.packed).to(state.device)
     memory = {"policy": module_bytes(lm) / 2**20,
               "value_model": module_bytes(critic if critic is not None else policy.value_head) / 2**20,
               "reference": _reference_bytes(reference) / 2**20,
@@ -392,10 +430,13 @@ def run(cfg: PPOConfig) -> dict:
         for epoch in range(cfg.ppo_epochs):
             order = torch.randperm(len(rollout.rows), generator=generator).to(state.device)
             for idx in order.split(cfg.mini_batch_size):
-                loss, metrics = minibatch_loss(policy, critic, policy_loss_fn, rollout, idx, advantages, returns, cfg)
-                loss.backward()
-                metrics["grad_norm"] = trainer.optimizer_step(float(loss.detach()),
-                                                              f" (PPO epoch {epoch + 1}, update {updates + 1})")
+                loss, metrics, forwards = minibatch_backward(policy, critic, policy_loss_fn, rollout, idx,
+                                                             advantages, returns, cfg, state)
+                metrics["forwards"] = forwards * state.world_size  # logged as a mean over processes: the total
+                metrics["grad_norm"] = trainer.optimizer_step(loss, f" (PPO epoch {epoch + 1}, update {updates + 1})")
+                if cfg.packed:
+                    metrics["padding_removed"] = padding_removed(rollout.batch.attention_mask[idx],
+                                                                 cfg.attn_implementation)
                 updates += 1
                 tokens += int(rollout.batch.attention_mask[idx].sum())
                 for k, v in metrics.items():

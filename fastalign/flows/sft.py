@@ -1,8 +1,9 @@
 """Supervised fine-tuning: next-token loss on completions, prompts masked.
 
 Supports: ``model=tiny`` (the built-in default), local folders and hub ids; built-in tasks, JSONL /
-Parquet / hub datasets in prompt/completion or messages format; padding-free packing; LoRA; DDP and
-FSDP2 under torchrun; gradient accumulation; exact resume (``--resume``).
+Parquet / hub datasets in prompt/completion or messages format; padding-free training (``packed``, or
+``packing`` at collate time); LoRA; DDP and FSDP2 under torchrun; gradient accumulation (``micro_batch_size``
+or ``max_tokens_per_microbatch``); exact resume (``--resume``).
 
 Assumptions: the loss is the mean NLL over all target tokens of the global batch (each token
 weighs the same, whatever its sequence's length); no evaluation during training — the held-out
@@ -33,7 +34,7 @@ def run(cfg: SFTConfig) -> dict:
     # --- model and tokenizer ------------------------------------------------------------------
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.model)
     lm = load_from_config(cfg, device=state.device)
-    model = wrap_model(CausalLMLogprobs(lm), state, fsdp=cfg.fsdp)
+    model = wrap_model(CausalLMLogprobs(lm, packed=cfg.packed), state, fsdp=cfg.fsdp)
 
     # --- data -------------------------------------------------------------------------------
     rows = loading.load_rows(cfg.dataset, "sft", n=cfg.num_examples, seed=cfg.seed)
@@ -43,7 +44,8 @@ def run(cfg: SFTConfig) -> dict:
     else:
         collate_fn = lambda ex, idx: loading.collate(ex, tokenizer.pad_token_id)
     stream = BatchStream(examples, collate_fn, batch_size=cfg.batch_size, micro_batch_size=cfg.micro_batch_size,
-                         state=state, seed=cfg.seed)
+                         max_tokens_per_microbatch=cfg.max_tokens_per_microbatch, state=state, seed=cfg.seed,
+                         packed=cfg.packed or cfg.packing)
 
     # --- loss and loop --------------------------------------------------------------------------
     def loss_fn(model, batch):

@@ -15,6 +15,7 @@ from torch import nn
 from fastalign import ops
 
 from .loading import base_causal_lm
+from .packed import packed_hidden_states
 
 IGNORE_INDEX = -100
 
@@ -32,13 +33,17 @@ def lm_head(lm) -> nn.Module:
 class CausalLMLogprobs(nn.Module):
     """``forward(input_ids, attention_mask, labels)`` → ``logp [B, T-1]`` of ``labels[:, 1:]`` (0 where ignored), at
     ``temperature`` (the logits divided by it) when given. Everything happens inside ``forward``, so an FSDP2 root
-    has its parameters (the LM head included) gathered there."""
+    has its parameters (the LM head included) gathered there.
 
-    def __init__(self, lm):
+    ``packed=True`` runs the trunk padding-free over right-padded rows (:mod:`fastalign.models.packed`)."""
+
+    def __init__(self, lm, packed: bool = False):
         super().__init__()
-        self.lm = lm
+        self.lm, self.packed = lm, packed
 
     def hidden_states(self, input_ids, attention_mask=None, position_ids=None):
+        if self.packed and attention_mask is not None and position_ids is None:
+            return packed_hidden_states(decoder(self.lm), input_ids, attention_mask)
         out = decoder(self.lm)(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                use_cache=False)
         return out.last_hidden_state
@@ -113,12 +118,12 @@ class PolicyValueModel(nn.Module):
     ``[B, T]`` from a ``Linear(H, 1)`` on the same trunk (one model, two heads: no separate critic).
 
     The value head starts at zero, so the first values are 0 and the first value loss is the returns'
-    mean square.
+    mean square. ``packed=True`` runs the trunk padding-free (:mod:`fastalign.models.packed`).
     """
 
-    def __init__(self, lm, value_head: bool = False):
+    def __init__(self, lm, value_head: bool = False, packed: bool = False):
         super().__init__()
-        self.lm = lm
+        self.lm, self.packed = lm, packed
         self.value_head = None
         if value_head:
             hidden = base_causal_lm(lm).config.hidden_size
@@ -136,8 +141,11 @@ class PolicyValueModel(nn.Module):
                 raise ValueError("prompt_lengths (the shared-prompt forward) gives no values: the model has a value "
                                  "head, call it without prompt_lengths")
             return completion_hidden_states(self.lm, input_ids, attention_mask, prompt_lengths), None
-        hidden = decoder(self.lm)(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                  use_cache=False).last_hidden_state
+        if self.packed and attention_mask is not None and position_ids is None:
+            hidden = packed_hidden_states(decoder(self.lm), input_ids, attention_mask)
+        else:
+            hidden = decoder(self.lm)(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                      use_cache=False).last_hidden_state
         values = None if self.value_head is None else self.value_head(hidden).squeeze(-1).float()
         return hidden, values
 
@@ -215,13 +223,16 @@ class TokenValueModel(nn.Module):
     values; the LM head stays frozen (unused).
     """
 
-    def __init__(self, scalar_model: ScalarHeadModel):
+    def __init__(self, scalar_model: ScalarHeadModel, packed: bool = False):
         super().__init__()
-        self.lm, self.score = scalar_model.lm, scalar_model.score
+        self.lm, self.score, self.packed = scalar_model.lm, scalar_model.score, packed
 
     def forward(self, input_ids, attention_mask=None, position_ids=None):
-        hidden = decoder(self.lm)(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                  use_cache=False).last_hidden_state
+        if self.packed and attention_mask is not None and position_ids is None:
+            hidden = packed_hidden_states(decoder(self.lm), input_ids, attention_mask)
+        else:
+            hidden = decoder(self.lm)(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                      use_cache=False).last_hidden_state
         values = self.score(hidden).squeeze(-1).float()
         # FSDP2 warns about (and cannot hook in-place ops on) a returned view; [B, T] floats are cheap to copy.
         return values.clone() if values._base is not None else values
