@@ -76,7 +76,8 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     from fastalign.engine.plan import plan_command
 
     try:
-        plan = plan_command(args.flow, args.config, args.overrides, world_size=args.world_size)
+        plan = plan_command(args.flow, args.config, args.overrides, world_size=args.world_size,
+                            gpu_gib=args.gpu_gib)
     except (ValueError, TypeError, OSError) as e:
         print(f"fastalign plan: error: {one_line(e)}", file=sys.stderr)
         return 1
@@ -94,6 +95,8 @@ def _add_plan_command(sub) -> None:
     p.add_argument("--flow", required=True, help="the flow to plan (sft, dpo, grpo, ppo, ...)")
     p.add_argument("--config", default=None, help="the flow's YAML config file (see configs/)")
     p.add_argument("--world_size", type=_positive_int, default=1, help="processes (GPUs); FSDP2 shards over them")
+    p.add_argument("--gpu_gib", type=_positive_float, default=0.0,
+                   help="memory of one GPU in GiB (e.g. 80): sizes a colocated vLLM engine and says whether it fits")
     p.add_argument("--json", default=None, help="also write the plan as JSON to this file")
     p.set_defaults(func=_cmd_plan, takes_overrides=True)
 
@@ -105,6 +108,16 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
     return value
 
 

@@ -225,6 +225,7 @@ class Plan:
     training_gather: int = 0  # FSDP2: layers and the LM head gathered whole during the training forward
     kv_cache: int = 0
     generation_gather: int = 0
+    gpu_bytes: int = 0  # the device's memory, when given: the plan says whether the peak fits
     assumptions: list = field(default_factory=list)
 
     @property
@@ -244,11 +245,15 @@ class Plan:
     def peak(self) -> int:
         return self.resident + max(self.training_phase, self.generation_phase)
 
+    @property
+    def fits(self) -> bool | None:
+        return None if not self.gpu_bytes else self.peak <= self.gpu_bytes
+
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)
         out["roles"] = [dict(dataclasses.asdict(r), total=r.total) for r in self.roles]
         out.update(resident=self.resident, training_phase=self.training_phase,
-                   generation_phase=self.generation_phase, peak=self.peak)
+                   generation_phase=self.generation_phase, peak=self.peak, fits=self.fits)
         return out
 
     def format(self) -> str:
@@ -287,6 +292,8 @@ class Plan:
         lines += ["",
                   f"  peak per process: {_gib(self.peak)} = resident {_gib(self.resident)} + max(training "
                   f"{_gib(self.training_phase)}, generation {_gib(self.generation_phase)})",
+                  *([f"  fits in {_gib(self.gpu_bytes)} per GPU: {'yes' if self.fits else 'NO'} "
+                     f"({_gib(self.gpu_bytes - self.peak)} left)"] if self.gpu_bytes else []),
                   "  assumes:"] + [f"    - {a}" for a in self.assumptions]
         return "\n".join(lines)
 
@@ -300,11 +307,12 @@ def _ceil_div(a: int, b: int) -> int:
 
 
 def plan_memory(flow: str, cfg, world_size: int = 1, shape: ModelShape | None = None,
-                value_shape: ModelShape | None = None) -> Plan:
+                value_shape: ModelShape | None = None, gpu_bytes: int = 0) -> Plan:
     """The :class:`Plan` of ``flow`` run with ``cfg`` (its flow's config dataclass) on ``world_size`` processes.
 
     ``shape`` defaults to ``cfg.init_from or cfg.model``'s; ``value_shape`` (PPO's reward and value models) to
-    ``cfg.reward_model``'s when that folder exists, else the policy's."""
+    ``cfg.reward_model``'s when that folder exists, else the policy's. ``gpu_bytes`` (the device's memory, 0 =
+    unknown) sizes a colocated vLLM engine and says whether the peak fits."""
     from fastalign.ops.logprobs.chunked import default_mem_budget
 
     if flow not in FLOWS_PLANNED:
@@ -341,7 +349,11 @@ def plan_memory(flow: str, cfg, world_size: int = 1, shape: ModelShape | None = 
 
     # --- roles -----------------------------------------------------------------------------------------------
     roles = [_policy_role(flow, cfg, shape, width, shards, world_size, fsdp, offload_fsdp, assumptions)]
-    ref = _reference_role(flow, cfg, shape, width, shards, assumptions)
+    # Issue 18 item 1 shards GRPO's and PPO's reference with FSDP2; the other flows keep a full frozen copy per process.
+    ref_shards = shards if flow in ("grpo", "ppo") else 1
+    if fsdp and ref_shards == 1 and _has_reference(flow, cfg):
+        assumptions.append(f"{flow}'s frozen reference is not sharded: a full copy on every process")
+    ref = _reference_role(flow, cfg, shape, width, ref_shards, assumptions)
     if ref is not None:
         roles.append(ref)
     vshape = shape
@@ -385,9 +397,17 @@ def plan_memory(flow: str, cfg, world_size: int = 1, shape: ModelShape | None = 
         if fsdp:
             gather = shape.params() * width - shape.params() * width // shards
         backend = getattr(cfg, "generation_backend", "hf")
-        assumptions.append("generation with transformers generate, every completion of a process in one batch"
-                           + ("; vLLM (generation_backend vllm/auto on GPU) reserves its own "
-                              "gpu_memory_utilization fraction instead" if backend != "hf" else ""))
+        if backend == "vllm" and gpu_bytes:
+            share = vllm_memory_share()
+            roles.append(Role("vLLM engine", int(share * gpu_bytes),
+                              note=f"colocated: gpu_memory_utilization {share} of the GPU (its weights + KV cache)"))
+            kv_cache = 0
+            assumptions.append("generation on a colocated vLLM engine (its KV cache lives in its reserved share; "
+                               "under FSDP2 the weights it loads each rollout are gathered whole first)")
+        else:
+            assumptions.append("generation with transformers generate, every completion of a process in one batch"
+                               + ("; with vLLM (generation_backend vllm, or auto on a GPU with vLLM installed) give "
+                                  "--gpu_gib to count its reserved share instead" if backend != "hf" else ""))
     assumptions.append("AdamW states in the parameters' dtype; gradients counted whole for the step (an upper "
                        "bound: fastalign frees them after each optimizer step)")
     if cfg.attn_implementation != "flash_attention_2":
@@ -398,7 +418,17 @@ def plan_memory(flow: str, cfg, world_size: int = 1, shape: ModelShape | None = 
                 scored_tokens_per_microbatch=scored, activations=activations, activations_checkpointed=checkpointed,
                 gradient_checkpointing=bool(cfg.gradient_checkpointing), logits_fastalign=logits_kept,
                 logits_materialized=logits_materialized, head_buffers=head_buffers, training_gather=training_gather,
-                kv_cache=kv_cache, generation_gather=gather, assumptions=assumptions)
+                kv_cache=kv_cache, generation_gather=gather, gpu_bytes=gpu_bytes,
+                assumptions=assumptions)
+
+
+def vllm_memory_share() -> float:
+    """The fraction of the GPU the colocated vLLM engine reserves (``VLLMSampler``'s default)."""
+    import inspect
+
+    from fastalign.engine.generation import VLLMSampler
+
+    return inspect.signature(VLLMSampler.__init__).parameters["gpu_memory_utilization"].default
 
 
 def _round_to_rows(budget: int, vocab: int) -> int:
@@ -522,7 +552,8 @@ def _ppo_roles(cfg, vshape, width, shards, world_size, fsdp, assumptions) -> lis
 
 
 # ------------------------------------------------------------------------------------------------ the command
-def plan_command(flow: str, config_path: str | None, overrides: list, world_size: int = 1) -> Plan:
+def plan_command(flow: str, config_path: str | None, overrides: list, world_size: int = 1,
+                 gpu_gib: float = 0.0) -> Plan:
     """Load ``flow``'s config like the flow itself (YAML, then ``--key value``; an unknown key is an error), check
     its field ranges, and plan it. The flow's own run-time checks (a reward model folder, FSDP support) are not
     applied: a plan is made before those exist."""
@@ -542,4 +573,4 @@ def plan_command(flow: str, config_path: str | None, overrides: list, world_size
     cfgmod._apply(cfgmod.parse_overrides(overrides), cls, "command line", resolved)
     cfg = cls(**resolved)
     cfgmod.TrainConfig.validate(cfg)  # ranges and choices of every key
-    return plan_memory(flow, cfg, world_size)
+    return plan_memory(flow, cfg, world_size, gpu_bytes=int(gpu_gib * GiB))
