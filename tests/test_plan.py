@@ -148,3 +148,9 @@ def test_cli_world_size_must_be_positive(capsys):
 def test_local_folder_without_config_is_named(tmp_path, capsys):
     assert main(["plan", "--flow", "sft", "--model", str(tmp_path)]) == 1
     assert f"model folder {str(tmp_path)!r} has no config.json" in capsys.readouterr().err
+
+
+def test_keys_the_plan_does_not_read_are_named(capsys):
+    # dynamic_sampling draws extra prompts: the plan does not model it, and says so; lr and loss_type need no memory
+    assert main(["plan", "--flow", "grpo", "--dynamic_sampling", "true", "--lr", "1e-5", "--loss_type", "grpo"]) == 0
+    assert "not modelled (taken not to change memory): dynamic_sampling\n" in capsys.readouterr().out

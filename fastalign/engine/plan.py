@@ -573,4 +573,34 @@ def plan_command(flow: str, config_path: str | None, overrides: list, world_size
     cfgmod._apply(cfgmod.parse_overrides(overrides), cls, "command line", resolved)
     cfg = cls(**resolved)
     cfgmod.TrainConfig.validate(cfg)  # ranges and choices of every key
-    return plan_memory(flow, cfg, world_size, gpu_bytes=int(gpu_gib * GiB))
+    plan = plan_memory(flow, cfg, world_size, gpu_bytes=int(gpu_gib * GiB))
+    unread = unmodelled_keys(cls, resolved)
+    if unread:
+        plan.assumptions.append(f"not modelled (taken not to change memory): {', '.join(unread)}")
+    return plan
+
+
+# What the plan reads. Packing and padding are covered by its full-length worst case.
+MODELLED_KEYS = frozenset({
+    "model", "init_from", "dtype", "attn_implementation", "gradient_checkpointing", "lora_r", "lora_alpha",
+    "lora_dropout", "lora_target_modules", "fsdp", "fsdp_offload", "dataset", "max_length", "packing", "packed",
+    "batch_size", "micro_batch_size", "max_tokens_per_microbatch", "num_generations", "max_new_tokens", "beta",
+    "reference", "reference_dtype", "reference_offload", "trainable_top_layers", "reward_model", "value_model",
+    "reward_offload", "mini_batch_size", "share_prompt_forward", "generation_backend", "num_iterations"})
+# Run, optimizer, logging and objective knobs: no memory of their own.
+MEMORY_FREE_KEYS = frozenset({
+    "warmup_steps", "loss_type", "advantage", "importance_sampling_level", "objective", "kl_estimator", "top_k",
+    "ppo_epochs", "whiten_advantages", "use_bias_correction_kl", "rollout_is_correction", "overlong_buffer",
+    "name", "output_dir", "seed", "threads", "tokenizer", "eval_dataset", "num_examples", "num_eval_examples",
+    "max_steps", "log_every", "save_every", "keep_checkpoints", "resume", "overwrite", "tensorboard", "progress",
+    "eval_batch_size", "rewards", "reward_weights", "stop_strings"})
+
+
+def unmodelled_keys(cls, given: dict) -> list:
+    """The keys of ``given`` the plan neither reads nor knows to be memory-free (coefficients, floats, are taken as
+    memory-free): e.g. a key another branch added to the flow."""
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    known = MODELLED_KEYS | MEMORY_FREE_KEYS
+    return sorted(k for k in given if k not in known and hints.get(k) is not float)
