@@ -9,8 +9,9 @@ per process:
   what it shards by the world size, DDP adds its gradient buckets; offloaded roles take nothing;
 * the **training forward's saved activations**, with and without gradient checkpointing, from a
   per-token count of what a Llama-style decoder layer saves for the backward (measured on
-  transformers' ``LlamaDecoderLayer`` with sdpa: 6·H + 4·kv + 4·I elements per token and layer, plus
-  one attention-mask row of T elements per token and layer unless flash-attention runs);
+  transformers' ``LlamaDecoderLayer``: 8·H + 2·kv + 4·I elements per token and layer; under sdpa or
+  eager with a padding mask the keys and values are repeated to all heads (kv = q heads x head dim) and
+  one attention-mask row of T elements is kept per token and layer);
 * the **LM head**: the logits fastalign keeps (one chunk, ≤ ``FASTALIGN_MEM_BUDGET``) against the
   ``tokens × vocabulary`` float32 logits and log-softmax a materialized head would hold;
 * the **KV cache** of a rollout's generation (transformers ``generate``: every completion of a
@@ -34,7 +35,7 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 ADAM_STATES = 2  # exp_avg and exp_avg_sq, in the parameter's dtype (torch.optim.AdamW)
 FLOWS_PLANNED = ("sft", "reward", "dpo", "simpo", "orpo", "cpo", "kto", "grpo", "ppo")
 # Tokens per layer saved for the backward, in elements per token (see the module docstring; a test measures it).
-SAVED_PER_HIDDEN, SAVED_PER_KV, SAVED_PER_INTERMEDIATE = 6, 4, 4
+SAVED_PER_HIDDEN, SAVED_PER_KV, SAVED_PER_INTERMEDIATE = 8, 2, 4
 SAVED_OUTSIDE_LAYERS = 3  # embeddings output, final norm input and output: x H per token
 
 # Well-known shapes, used when a hub id is not in the local Hugging Face cache (this machine may be offline).
@@ -121,9 +122,11 @@ class ModelShape:
         per_layer = sum(r * sum(sizes[t]) for t in targets if t in sizes)
         return per_layer * self.num_hidden_layers
 
-    def saved_per_token_layer(self) -> int:
-        """Elements one decoder layer saves for the backward per token (attention mask row not included)."""
-        return (SAVED_PER_HIDDEN * self.hidden_size + SAVED_PER_KV * self.kv_dim
+    def saved_per_token_layer(self, repeated_kv: bool = False) -> int:
+        """Elements one decoder layer saves for the backward per token (attention mask row not included);
+        ``repeated_kv``: the attention keeps keys and values repeated to every query head (sdpa/eager with a mask)."""
+        kv = self.q_dim if repeated_kv else self.kv_dim
+        return (SAVED_PER_HIDDEN * self.hidden_size + SAVED_PER_KV * kv
                 + SAVED_PER_INTERMEDIATE * self.intermediate_size)
 
 
@@ -364,12 +367,13 @@ def plan_memory(flow: str, cfg, world_size: int = 1, shape: ModelShape | None = 
     # --- training forward: activations and the LM head -------------------------------------------------------
     trained_layers = (cfg.trainable_top_layers if getattr(cfg, "reference", "") == "shared_trunk"
                       and ref is not None else shape.num_hidden_layers)
-    mask_row = 0 if cfg.attn_implementation == "flash_attention_2" else seq_len
-    per_layer = (shape.saved_per_token_layer() + mask_row) * tokens * width
+    masked = cfg.attn_implementation != "flash_attention_2"  # padded batches pass a mask to sdpa/eager
+    mask_row = seq_len if masked else 0
+    per_layer = (shape.saved_per_token_layer(masked) + mask_row) * tokens * width
     activations = trained_layers * per_layer + SAVED_OUTSIDE_LAYERS * shape.hidden_size * tokens * width
     checkpointed = trained_layers * shape.hidden_size * tokens * width + per_layer  # layer inputs + one recomputed
     if flow == "ppo" and cfg.value_model == "separate":
-        value_per_layer = (vshape.saved_per_token_layer() + mask_row) * tokens * width
+        value_per_layer = (vshape.saved_per_token_layer(masked) + mask_row) * tokens * width
         activations += vshape.num_hidden_layers * value_per_layer
         checkpointed += vshape.num_hidden_layers * vshape.hidden_size * tokens * width + value_per_layer
     if flow == "reward":
@@ -411,8 +415,8 @@ def plan_memory(flow: str, cfg, world_size: int = 1, shape: ModelShape | None = 
     assumptions.append("AdamW states in the parameters' dtype; gradients counted whole for the step (an upper "
                        "bound: fastalign frees them after each optimizer step)")
     if cfg.attn_implementation != "flash_attention_2":
-        assumptions.append(f"{cfg.attn_implementation} attention keeps one mask row of T elements per token and layer "
-                           "(flash_attention_2 does not)")
+        assumptions.append(f"{cfg.attn_implementation} attention keeps keys and values repeated to every head and one "
+                           "mask row of T elements per token and layer (flash_attention_2 does not)")
     return Plan(flow=flow, model=model, shape=shape, world_size=world_size, fsdp=fsdp, dtype=cfg.dtype,
                 roles=roles, rows_per_microbatch=rows, tokens_per_microbatch=tokens, tokens_per_step=tokens_per_step,
                 scored_tokens_per_microbatch=scored, activations=activations, activations_checkpointed=checkpointed,
