@@ -348,7 +348,7 @@ def plan_memory(flow: str, cfg, world_size: int = 1, shape: ModelShape | None = 
         rows = max(1, max(budget, seq_len) // per_row)
         tokens, scored = rows * per_row, rows * (scored // max(1, rows))
         assumptions.append(f"max_tokens_per_microbatch {budget}: {rows} sequences per training forward")
-    tokens_per_step = _tokens_per_step(flow, cfg, seq_len, prompt_len, completion_len)
+    tokens_per_step = _tokens_per_step(flow, cfg, seq_len)
 
     # --- roles -----------------------------------------------------------------------------------------------
     roles = [_policy_role(flow, cfg, shape, width, shards, world_size, fsdp, offload_fsdp, assumptions)]
@@ -356,13 +356,13 @@ def plan_memory(flow: str, cfg, world_size: int = 1, shape: ModelShape | None = 
     ref_shards = shards if flow in ("grpo", "ppo") else 1
     if fsdp and ref_shards == 1 and _has_reference(flow, cfg):
         assumptions.append(f"{flow}'s frozen reference is not sharded: a full copy on every process")
-    ref = _reference_role(flow, cfg, shape, width, ref_shards, assumptions)
+    ref = _reference_role(flow, cfg, shape, width, ref_shards)
     if ref is not None:
         roles.append(ref)
     vshape = shape
     if flow == "ppo":
         vshape = value_shape or _reward_shape(cfg, shape, assumptions)
-        roles += _ppo_roles(cfg, vshape, width, shards, world_size, fsdp, assumptions)
+        roles += _ppo_roles(cfg, vshape, width, shards, world_size, fsdp)
 
     # --- training forward: activations and the LM head -------------------------------------------------------
     trained_layers = (cfg.trainable_top_layers if getattr(cfg, "reference", "") == "shared_trunk"
@@ -475,7 +475,7 @@ def _sequence_shape(flow, cfg, world_size):
     return 0, cfg.max_length, rows, False, 1
 
 
-def _tokens_per_step(flow, cfg, seq_len, prompt_len, completion_len) -> int:
+def _tokens_per_step(flow, cfg, seq_len) -> int:
     if flow == "grpo":
         return cfg.batch_size * cfg.num_generations * seq_len // cfg.num_iterations
     if flow == "ppo":
@@ -516,7 +516,7 @@ def _has_reference(flow, cfg) -> bool:
     return flow == "grpo" and cfg.beta > 0
 
 
-def _reference_role(flow, cfg, shape, width, shards, assumptions) -> Role | None:
+def _reference_role(flow, cfg, shape, width, shards) -> Role | None:
     if not _has_reference(flow, cfg):
         return None
     kind = cfg.reference
@@ -541,7 +541,7 @@ def _reward_shape(cfg, policy_shape, assumptions) -> ModelShape:
     return policy_shape
 
 
-def _ppo_roles(cfg, vshape, width, shards, world_size, fsdp, assumptions) -> list:
+def _ppo_roles(cfg, vshape, width, shards, world_size, fsdp) -> list:
     roles = []
     if cfg.value_model == "separate":
         trainable = vshape.params() - vshape.head_params() + vshape.hidden_size + 1  # LM head frozen, scalar head
