@@ -154,3 +154,12 @@ def test_keys_the_plan_does_not_read_are_named(capsys):
     # dynamic_sampling draws extra prompts: the plan does not model it, and says so; lr and loss_type need no memory
     assert main(["plan", "--flow", "grpo", "--dynamic_sampling", "true", "--lr", "1e-5", "--loss_type", "grpo"]) == 0
     assert "not modelled (taken not to change memory): dynamic_sampling\n" in capsys.readouterr().out
+
+
+def test_token_budget_cuts_the_training_forward():
+    # max_tokens_per_microbatch (issue 18 item 2, read when the config has it): 8 rows of 100 tokens, budget 250
+    cfg = load_config(SFTConfig, batch_size=8, max_length=100)
+    cfg.max_tokens_per_microbatch = 250
+    plan = plan_memory("sft", cfg, 1, shape=SMALL)
+    assert (plan.rows_per_microbatch, plan.tokens_per_microbatch, plan.scored_tokens_per_microbatch) == (2, 200, 198)
+    assert plan.tokens_per_step == 800

@@ -344,9 +344,9 @@ def plan_memory(flow: str, cfg, world_size: int = 1, shape: ModelShape | None = 
     budget = getattr(cfg, "max_tokens_per_microbatch", 0) or 0  # issue 18 item 2 adds the key
     if budget and tokens > max(budget, seq_len):
         # a token budget cuts the forward into micro-batches of at most max(budget, one row) tokens
-        per_row = max(1, tokens // rows)
+        per_row, scored_per_row = max(1, tokens // rows), scored // rows
         rows = max(1, max(budget, seq_len) // per_row)
-        tokens, scored = rows * per_row, rows * (scored // max(1, rows))
+        tokens, scored = rows * per_row, rows * scored_per_row
         assumptions.append(f"max_tokens_per_microbatch {budget}: {rows} sequences per training forward")
     tokens_per_step = _tokens_per_step(flow, cfg, seq_len)
 
