@@ -152,17 +152,47 @@ def worker(model_name: str, flow: str, work: Path) -> dict:
             "whole_run_bytes": whole_run, "whole_run_ratio": plan.peak / whole_run, "plan": plan.to_dict()}
 
 
+def replan(path: Path) -> int:
+    """Recompute the predictions of a results file with the current planner; the measurements stay."""
+    from fastalign.engine.plan import plan_memory
+
+    out = json.loads(path.read_text())
+    with tempfile.TemporaryDirectory(prefix="plan-vs-measured-") as tmp:
+        for r in out["results"]:
+            assert r["config"] == RUNS[r["model"]][r["flow"]], f"{r['model']}/{r['flow']}: the run's shape changed"
+            plan = plan_memory(r["flow"], config_for(r["model"], r["flow"], Path(tmp)), 1)
+            r.update(predicted_bytes=plan.peak, ratio=plan.peak / r["measured_bytes"],
+                     whole_run_ratio=plan.peak / r["whole_run_bytes"], plan=plan.to_dict())
+            report(r)
+    path.write_text(json.dumps(out, indent=2, default=str))
+    print(f"wrote {path}")
+    return 0 if all(abs(r["ratio"] - 1) <= TOLERANCE for r in out["results"]) else 1
+
+
+def report(r: dict):
+    ok = abs(r["ratio"] - 1) <= TOLERANCE
+    print(f"{r['model']:<5} {r['flow']:<5} predicted {r['predicted_bytes'] / 2**20:8.1f} MiB  measured "
+          f"{r['measured_bytes'] / 2**20:8.1f} MiB  ratio {r['ratio']:.2f}  {'within' if ok else 'OUTSIDE'} "
+          f"{TOLERANCE:.0%}  (whole run with the checkpoint write {r['whole_run_bytes'] / 2**20:.1f} MiB, "
+          f"ratio {r['whole_run_ratio']:.2f})", flush=True)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="tiny,head")
     parser.add_argument("--flows", default="sft,dpo,grpo,ppo")
     parser.add_argument("--json", default=str(HERE.parent / "results" / "cpu-plan.json"))
+    parser.add_argument("--replan", action="store_true",
+                        help="keep the measurements in --json and recompute only the predictions (after a planner "
+                             "change; memory measurements do not change with it)")
     parser.add_argument("--worker", nargs=3, metavar=("MODEL", "FLOW", "WORKDIR"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         model_name, flow, work = args.worker
         print("RESULT " + json.dumps(worker(model_name, flow, Path(work)), default=str))
         return 0
+    if args.replan:
+        return replan(Path(args.json))
 
     results = []
     with tempfile.TemporaryDirectory(prefix="plan-vs-measured-") as tmp:
@@ -181,11 +211,7 @@ def main(argv=None) -> int:
                     raise SystemExit(f"{model_name}/{flow}: the worker failed (exit {proc.returncode})")
                 r = json.loads(line[0][len("RESULT "):])
                 results.append(r)
-                ok = abs(r["ratio"] - 1) <= TOLERANCE
-                print(f"{model_name:<5} {flow:<5} predicted {r['predicted_bytes'] / 2**20:8.1f} MiB  measured "
-                      f"{r['measured_bytes'] / 2**20:8.1f} MiB  ratio {r['ratio']:.2f}  "
-                      f"{'within' if ok else 'OUTSIDE'} {TOLERANCE:.0%}  (whole run with the checkpoint write "
-                      f"{r['whole_run_bytes'] / 2**20:.1f} MiB, ratio {r['whole_run_ratio']:.2f})", flush=True)
+                report(r)
     out = {"machine": f"{os.cpu_count()}-core CPU, torch threads 1, fp32", "tolerance": TOLERANCE,
            "measure": "VmHWM - VmRSS after imports and warm-up (/proc/self/status) when the training steps are done "
                           "(whole_run_*: after the final checkpoint's write too), one process per run, glibc "

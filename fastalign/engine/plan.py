@@ -229,16 +229,29 @@ class Plan:
     kv_cache: int = 0
     generation_gather: int = 0
     gpu_bytes: int = 0  # the device's memory, when given: the plan says whether the peak fits
+    accumulating: bool = False  # several training forwards per optimizer step: gradients live through them
+    head_gradient: int = 0  # the LM head's gradient, made first in the backward while the activations still live
     assumptions: list = field(default_factory=list)
 
     @property
+    def gradients(self) -> int:
+        return sum(r.gradients for r in self.roles)
+
+    @property
     def resident(self) -> int:
-        return sum(r.total for r in self.roles)
+        """Weights and AdamW states: they live through the whole step (gradients are freed after each update)."""
+        return sum(r.weights + r.optimizer for r in self.roles)
 
     @property
     def training_phase(self) -> int:
         acts = self.activations_checkpointed if self.gradient_checkpointing else self.activations
-        return acts + self.logits_fastalign + self.head_buffers + self.training_gather
+        grads = self.gradients if self.accumulating else self.head_gradient
+        return acts + self.logits_fastalign + self.head_buffers + self.training_gather + grads
+
+    @property
+    def optimizer_phase(self) -> int:
+        """The update: gradients plus AdamW's foreach temporaries (one more gradient-sized buffer at most)."""
+        return 2 * self.gradients
 
     @property
     def generation_phase(self) -> int:
@@ -246,7 +259,7 @@ class Plan:
 
     @property
     def peak(self) -> int:
-        return self.resident + max(self.training_phase, self.generation_phase)
+        return self.resident + max(self.training_phase, self.optimizer_phase, self.generation_phase)
 
     @property
     def fits(self) -> bool | None:
@@ -255,8 +268,9 @@ class Plan:
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)
         out["roles"] = [dict(dataclasses.asdict(r), total=r.total) for r in self.roles]
-        out.update(resident=self.resident, training_phase=self.training_phase,
-                   generation_phase=self.generation_phase, peak=self.peak, fits=self.fits)
+        out.update(gradients=self.gradients, resident=self.resident, training_phase=self.training_phase,
+                   optimizer_phase=self.optimizer_phase, generation_phase=self.generation_phase, peak=self.peak,
+                   fits=self.fits)
         return out
 
     def format(self) -> str:
@@ -278,7 +292,8 @@ class Plan:
             lines.append(f"  {r.name:<22}{_gib(r.weights):>11}{_gib(r.gradients):>11}{_gib(r.optimizer):>11}"
                          f"{_gib(r.total):>11}" + (f"  {r.note}" if r.note else ""))
         ckpt = "on" if self.gradient_checkpointing else "off"
-        lines += [f"  {'resident':<22}{'':>33}{_gib(self.resident):>11}",
+        lines += [f"  {'sum':<22}{_gib(sum(r.weights for r in self.roles)):>11}{_gib(self.gradients):>11}"
+                  f"{_gib(sum(r.optimizer for r in self.roles)):>11}{_gib(self.resident + self.gradients):>11}",
                   "",
                   f"  activations saved for the backward: {_gib(self.activations)} without gradient checkpointing, "
                   f"{_gib(self.activations_checkpointed)} with (checkpointing {ckpt})",
@@ -293,8 +308,12 @@ class Plan:
                          + (f" + parameters gathered from the shards {_gib(self.generation_gather)}"
                             if self.generation_gather else ""))
         lines += ["",
-                  f"  peak per process: {_gib(self.peak)} = resident {_gib(self.resident)} + max(training "
-                  f"{_gib(self.training_phase)}, generation {_gib(self.generation_phase)})",
+                  f"  peak per process: {_gib(self.peak)} = weights + optimizer states {_gib(self.resident)} + "
+                  f"max(training {_gib(self.training_phase)}, optimizer step {_gib(self.optimizer_phase)}, "
+                  f"generation {_gib(self.generation_phase)})",
+                  "    training = activations + head + " + ("all gradients (they accumulate over "
+                                                              "micro-batches)" if self.accumulating else
+                                                              "the LM head's gradient (one forward per update)"),
                   *([f"  fits in {_gib(self.gpu_bytes)} per GPU: {'yes' if self.fits else 'NO'} "
                      f"({_gib(self.gpu_bytes - self.peak)} left)"] if self.gpu_bytes else []),
                   "  assumes:"] + [f"    - {a}" for a in self.assumptions]
@@ -341,12 +360,14 @@ def plan_memory(flow: str, cfg, world_size: int = 1, shape: ModelShape | None = 
     else:
         tokens = rows * seq_len
         scored = rows * (seq_len - 1)
+    accumulating = _forwards_per_update(flow, cfg, world_size, rows) > 1
     budget = getattr(cfg, "max_tokens_per_microbatch", 0) or 0  # issue 18 item 2 adds the key
     if budget and tokens > max(budget, seq_len):
         # a token budget cuts the forward into micro-batches of at most max(budget, one row) tokens
         per_row, scored_per_row = max(1, tokens // rows), scored // rows
         rows = max(1, max(budget, seq_len) // per_row)
         tokens, scored = rows * per_row, rows * scored_per_row
+        accumulating = True
         assumptions.append(f"max_tokens_per_microbatch {budget}: {rows} sequences per training forward")
     tokens_per_step = _tokens_per_step(flow, cfg, seq_len)
 
@@ -384,6 +405,8 @@ def plan_memory(flow: str, cfg, world_size: int = 1, shape: ModelShape | None = 
     if scored and width != 4 and cfg.lora_r == 0:
         head_grad_buffer = shape.vocab_size * shape.hidden_size * 4  # float32 d(weight), cast once at the end
     head_buffers = scored * shape.hidden_size * 4 + head_grad_buffer
+    head_trains = scored and cfg.lora_r == 0 and not (getattr(cfg, "reference", "") == "shared_trunk" and ref)
+    head_gradient = shape.vocab_size * shape.hidden_size * width if head_trains else 0
     training_gather = 0
     if fsdp:
         training_gather = (2 * shape.layer_params() + shape.vocab_size * shape.hidden_size) * width
@@ -412,8 +435,8 @@ def plan_memory(flow: str, cfg, world_size: int = 1, shape: ModelShape | None = 
             assumptions.append("generation with transformers generate, every completion of a process in one batch"
                                + ("; with vLLM (generation_backend vllm, or auto on a GPU with vLLM installed) give "
                                   "--gpu_gib to count its reserved share instead" if backend != "hf" else ""))
-    assumptions.append("AdamW states in the parameters' dtype; gradients counted whole for the step (an upper "
-                       "bound: fastalign frees them after each optimizer step)")
+    assumptions.append("AdamW states in the parameters' dtype; gradients live from the backward to the update "
+                       "(set to None after it), through every micro-batch when several make one update")
     if cfg.attn_implementation != "flash_attention_2":
         assumptions.append(f"{cfg.attn_implementation} attention keeps keys and values repeated to every head and one "
                            "mask row of T elements per token and layer (flash_attention_2 does not)")
@@ -423,6 +446,7 @@ def plan_memory(flow: str, cfg, world_size: int = 1, shape: ModelShape | None = 
                 gradient_checkpointing=bool(cfg.gradient_checkpointing), logits_fastalign=logits_kept,
                 logits_materialized=logits_materialized, head_buffers=head_buffers, training_gather=training_gather,
                 kv_cache=kv_cache, generation_gather=gather, gpu_bytes=gpu_bytes,
+                accumulating=accumulating, head_gradient=head_gradient,
                 assumptions=assumptions)
 
 
@@ -473,6 +497,16 @@ def _sequence_shape(flow, cfg, world_size):
     if flow in ("dpo", "simpo", "orpo", "cpo", "reward"):
         rows *= 2  # chosen and rejected rows of each pair
     return 0, cfg.max_length, rows, False, 1
+
+
+def _forwards_per_update(flow, cfg, world_size, rows) -> int:
+    """Training forwards of one process per optimizer step (before any token budget)."""
+    if flow == "ppo":
+        return 1  # one mini-batch per update
+    if flow == "grpo":
+        return _ceil_div(_completions_per_process(flow, cfg, world_size), rows)
+    pairs = 2 if flow in ("dpo", "simpo", "orpo", "cpo", "reward") else 1
+    return _ceil_div(_ceil_div(cfg.batch_size, world_size) * pairs, rows)
 
 
 def _tokens_per_step(flow, cfg, seq_len) -> int:
