@@ -35,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_ops)
     _add_flow_commands(sub)
     _add_bench_command(sub)
+    _add_plan_command(sub)
     return parser
 
 
@@ -67,6 +68,57 @@ def _add_bench_command(sub) -> None:
     p.add_argument("suite", help="benchmark suite: a module of fastalign.bench (logprobs, losses, ...)")
     p.add_argument("suite_args", nargs=argparse.REMAINDER, help="arguments of the suite (see its --help)")
     p.set_defaults(func=_cmd_bench, takes_overrides=True)
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    import json
+
+    from fastalign.engine.plan import plan_command
+
+    try:
+        plan = plan_command(args.flow, args.config, args.overrides, world_size=args.world_size,
+                            gpu_gib=args.gpu_gib)
+    except (ValueError, TypeError, OSError) as e:
+        print(f"fastalign plan: error: {one_line(e)}", file=sys.stderr)
+        return 1
+    print(plan.format())
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(plan.to_dict(), f, indent=2, default=str)
+    return 0
+
+
+def _add_plan_command(sub) -> None:
+    p = sub.add_parser("plan", help="memory per GPU of each role of a flow (weights, gradients, optimizer, "
+                                    "activations, logits, KV cache): plan --flow grpo [--config cfg.yaml] "
+                                    "[--key value ...] [--world_size N]")
+    p.add_argument("--flow", required=True, help="the flow to plan (sft, dpo, grpo, ppo, ...)")
+    p.add_argument("--config", default=None, help="the flow's YAML config file (see configs/)")
+    p.add_argument("--world_size", type=_positive_int, default=1, help="processes (GPUs); FSDP2 shards over them")
+    p.add_argument("--gpu_gib", type=_positive_float, default=0.0,
+                   help="memory of one GPU in GiB (e.g. 80): sizes a colocated vLLM engine and says whether it fits")
+    p.add_argument("--json", default=None, help="also write the plan as JSON to this file")
+    p.set_defaults(func=_cmd_plan, takes_overrides=True)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
+    return value
 
 
 class _FlowParser(argparse.ArgumentParser):
