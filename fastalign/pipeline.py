@@ -9,7 +9,10 @@ decoding, PICLe demonstrations, an IROTE-style reflection). Every row is measure
 held-out prompts: ``arith`` exact match, ``pronoun`` neutral-language and stereotype rates, the
 mean reward the pipeline's reward model gives the greedy completions (learned reward) and the
 mean verifier reward of the same completions, and KL to the SFT model.
-Writes ``<output_dir>/<name>/results.json`` and ``report.md`` (table + training curves).
+Each seed (``--seed S``, or ``--seeds N`` for 0..N-1: its own data, model initialisation and sampling) runs in
+``<output_dir>/<name>/seed<s>/`` and writes its ``results.json`` and ``report.md`` (table + training curves) there;
+``<output_dir>/<name>/`` gets the table over seeds (mean ± sd and each seed's value), ``report.md`` and
+``results.json`` (``{"seeds": {"seed<s>": rows}, "mean": rows, "sd": rows}``).
 
 Each stage runs the registered flow (:data:`fastalign.flows.FLOWS`) with the config :data:`DEFAULTS` (then
 :data:`QUICK`, then the YAML file) sets on top of the flow's defaults; every stage writes its resolved
