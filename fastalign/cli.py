@@ -165,7 +165,7 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
         print(f"fastalign pipeline: error: unknown arguments {args.overrides}", file=sys.stderr)
         return 2
     try:
-        run_pipeline(name=args.name, output_dir=args.output_dir, quick=args.quick, seed=args.seed,
+        run_pipeline(name=args.name, output_dir=args.output_dir, quick=args.quick, seed=args.seed, seeds=args.seeds,
                      threads=args.threads, config=args.config, overwrite=args.overwrite)
     except (ValueError, TypeError, OSError) as e:
         print(f"fastalign pipeline: error: {one_line(e)}", file=sys.stderr)
@@ -186,7 +186,10 @@ def _add_flow_commands(sub) -> None:
     p.add_argument("--name", default="pipeline", help="run folder name under --output_dir")
     p.add_argument("--output_dir", default="runs")
     p.add_argument("--quick", action="store_true", help="a few steps per stage (smoke test)")
-    p.add_argument("--seed", type=int, default=0)
+    seeding = p.add_mutually_exclusive_group()
+    seeding.add_argument("--seed", type=int, default=0, help="run the pipeline for this one seed")
+    seeding.add_argument("--seeds", type=int, default=None,
+                         help="run it for seeds 0..N-1 and report mean ± sd and each seed's value")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     p.add_argument("--config", default=None, help="YAML of per-stage overrides: {sft: {max_steps: 300}, ...}")
     p.add_argument("--overwrite", action="store_true", help="replace the stages of an existing pipeline folder")

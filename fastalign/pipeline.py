@@ -9,7 +9,10 @@ decoding, PICLe demonstrations, an IROTE-style reflection). Every row is measure
 held-out prompts: ``arith`` exact match, ``pronoun`` neutral-language and stereotype rates, the
 mean reward the pipeline's reward model gives the greedy completions (learned reward) and the
 mean verifier reward of the same completions, and KL to the SFT model.
-Writes ``<output_dir>/<name>/results.json`` and ``report.md`` (table + training curves).
+Each seed (``--seed S``, or ``--seeds N`` for 0..N-1: its own data, model initialisation and sampling) runs in
+``<output_dir>/<name>/seed<s>/`` and writes its ``results.json`` and ``report.md`` (table + training curves) there;
+``<output_dir>/<name>/`` gets the table over seeds (mean ± sd and each seed's value), ``report.md`` and
+``results.json`` (``{"seeds": {"seed<s>": rows}, "mean": rows, "sd": rows}``).
 
 Each stage runs the registered flow (:data:`fastalign.flows.FLOWS`) with the config :data:`DEFAULTS` (then
 :data:`QUICK`, then the YAML file) sets on top of the flow's defaults; every stage writes its resolved
@@ -165,32 +168,126 @@ def format_table(rows: dict) -> str:
     return "\n".join(lines)
 
 
-def run_pipeline(*, name="pipeline", output_dir="runs", quick=False, seed=0, threads=0, config=None,
+def run_pipeline(*, name="pipeline", output_dir="runs", quick=False, seed=0, seeds=None, threads=0, config=None,
                  overwrite=False) -> dict:
-    """Run every stage and write the report; returns ``{"rows": {stage: metrics}, "report": path, ...}``.
+    """Run every stage for each seed and write the reports; returns ``{"seeds": {"seed<s>": rows}, "mean": rows,
+    "sd": rows, "report": path, "table": str}``.
 
-    An existing ``<output_dir>/<name>`` is refused unless ``overwrite`` (each stage then replaces its own run)."""
+    ``seeds=N`` runs seeds 0..N-1, else the one ``seed``; seed ``s`` runs in ``<output_dir>/<name>/seed<s>/`` (its
+    stages, its own table and report.md) and ``<output_dir>/<name>/`` gets the table over seeds (mean ± sd and each
+    seed's value), ``report.md`` and ``results.json``. An existing ``<output_dir>/<name>`` is refused unless
+    ``overwrite`` (each stage then replaces its own run)."""
     import torch
 
-    from fastalign import rewards
     from fastalign.engine.runs import holds_run
-    from fastalign.flows import icl
 
+    if seeds is not None and (isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1):
+        raise ValueError(f"seeds must be a whole number >= 1, got {seeds!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be a whole number >= 0, got {seed!r}")
+    seed_list = list(range(seeds)) if seeds is not None else [seed]
     if threads:
         torch.set_num_threads(threads)
-    configs = _stage_configs(name, output_dir, quick, seed, threads, config, overwrite)
     root = Path(output_dir) / name
     if holds_run(root) and not overwrite:
         raise ValueError(f"pipeline folder {root} already holds a pipeline run; pass --overwrite to replace its "
                          "stages, or choose another --name")
     root.mkdir(parents=True, exist_ok=True)
+    _read_overrides(config)  # a bad file fails before the first stage runs
+
+    per_seed, timings = {}, {}
+    for s in seed_list:
+        result = run_seed(name=f"{name}/seed{s}", output_dir=output_dir, quick=quick, seed=s, threads=threads,
+                          config=config, overwrite=overwrite)
+        per_seed[f"seed{s}"], timings[f"seed{s}"] = result["rows"], result["timings_s"]
+    mean, sd = aggregate(per_seed)
+    table = format_seed_table(per_seed, mean, sd)
+    report = write_seed_report(root, table, per_seed, timings)
+    write_json(root / "results.json", {"seeds": per_seed, "mean": mean, "sd": sd})
+    print("\n" + table + f"\n\nreport: {report}")
+    return {"seeds": per_seed, "mean": mean, "sd": sd, "report": str(report), "table": table}
+
+
+def aggregate(per_seed: dict) -> tuple[dict, dict]:
+    """Per stage and measurement, the mean and the sample standard deviation (n - 1) over seeds; the sd is None
+    with one seed. A measurement counts only where every seed has a number for it."""
+    import statistics
+
+    first = next(iter(per_seed.values()))
+    mean, sd = {}, {}
+    for stage in first:
+        keys = [k for k, v in first[stage].items()
+                if all(isinstance(rows.get(stage, {}).get(k), (int, float)) for rows in per_seed.values())
+                and isinstance(v, (int, float))]
+        values = {k: [rows[stage][k] for rows in per_seed.values()] for k in keys}
+        mean[stage] = {k: statistics.fmean(v) for k, v in values.items()}
+        sd[stage] = {k: statistics.stdev(v) if len(v) > 1 else None for k, v in values.items()}
+    return mean, sd
+
+
+def format_seed_table(per_seed: dict, mean: dict, sd: dict) -> str:
+    """The Markdown table over seeds: each cell ``mean ± sd (seed0, seed1, ...)``; one seed's table is
+    :func:`format_table`'s."""
+    if len(per_seed) == 1:
+        return format_table(next(iter(per_seed.values())))
+    head = "| stage | " + " | ".join(title for _, title in COLUMNS) + " |"
+    lines = [head, "|---|" + "---|" * len(COLUMNS)]
+    for stage in mean:
+        cells = []
+        for k, _ in COLUMNS:
+            if k not in mean[stage]:
+                cells.append("—")
+                continue
+            each = ", ".join(f"{rows[stage][k]:.3f}" for rows in per_seed.values())
+            cells.append(f"{mean[stage][k]:.3f} ± {sd[stage][k]:.3f} ({each})")
+        lines.append(f"| {stage} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_seed_report(root: Path, table: str, per_seed: dict, timings: dict) -> Path:
+    seeds = ", ".join(per_seed)
+    lines = ["# fastalign pipeline report over seeds", "",
+             f"The whole pipeline (data, model initialisation and sampling seeded) once per seed ({seeds}); each cell "
+             "is the mean ± the sample standard deviation over seeds, then every seed's value in seed order. Each "
+             "seed's own report (stage configs, training curves, in-context plots) is in its folder.", "",
+             table, "", "## Each seed", ""]
+    for seed_name in per_seed:
+        total = timings[seed_name].get("total")
+        lines.append(f"- [{seed_name}]({seed_name}/report.md): {total:.0f} s" if total is not None
+                     else f"- [{seed_name}]({seed_name}/report.md)")
+    path = root / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def seeded_init(folder: Path, seed: int) -> str:
+    """The tiny model freshly initialised from ``seed`` (seed 0 is the cached ``tiny`` model's initialisation),
+    saved in ``folder``: the start of this seed's SFT and its ``untrained`` row."""
+    from fastalign.models import tiny
+
+    tokenizer = load_tokenizer("tiny")
+    tiny.build_model(len(tokenizer), seed=seed).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+def run_seed(*, name, output_dir, quick, seed, threads, config, overwrite) -> dict:
+    """Every stage for one seed in ``<output_dir>/<name>``: returns ``{"rows": {stage: metrics}, "timings_s": ...,
+    "report": path, "table": str}`` and writes that folder's ``results.json`` and ``report.md``."""
+    from fastalign import rewards
+    from fastalign.flows import icl
+
+    configs = _stage_configs(name, output_dir, quick, seed, threads, config, overwrite)
+    root = Path(output_dir) / name
+    root.mkdir(parents=True, exist_ok=True)
     n_eval = configs["sft"].num_eval_examples
     timings, rows = {}, {}
     t_all = time.time()
 
-    # --- baseline and SFT --------------------------------------------------------------------------
+    # --- baseline and SFT, from this seed's initialisation -----------------------------------------
     tokenizer = load_tokenizer("tiny")
-    untrained_lm = load_causal_lm("tiny")
+    configs["sft"].model = seeded_init(root / "init", seed)
+    untrained_lm = load_causal_lm(configs["sft"].model)
     t = time.time()
     FLOWS["sft"].run(configs["sft"])
     timings["sft"] = time.time() - t
