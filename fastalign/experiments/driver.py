@@ -119,6 +119,25 @@ def line_plot(path: Path, panels: dict, results: dict, *, xlabel: str, title: st
     return Path(path)
 
 
+def bar_plot(path: Path, panels: dict, results: dict, *, title: str) -> Path:
+    """``panels``: ``{panel title: {bar label: metric}}``; each bar is the metric's mean ± sd, each seed a dot."""
+    plt = pyplot()
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
+    for ax, (name, bars) in zip(axes[0], panels.items()):
+        for i, metric in enumerate(bars.values()):
+            ax.bar(i, results["mean"][metric], yerr=results["sd"][metric], capsize=4, color="tab:blue", alpha=0.7)
+            values = [s[metric] for s in results["seeds"].values()]
+            ax.scatter([i] * len(values), values, s=10, color="black", zorder=3)
+        ax.set_xticks(range(len(bars)), list(bars), rotation=15, ha="right", fontsize=8)
+        ax.set_title(name, fontsize=9)
+        ax.grid(axis="y", alpha=0.3)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return Path(path)
+
+
 def fmt(mean: float, sd: float) -> str:
     return f"{mean:.3f} ± {sd:.3f}"
 
