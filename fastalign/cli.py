@@ -75,7 +75,7 @@ def _cmd_experiment(args: argparse.Namespace) -> int:
 
     try:
         run_experiment(args.name, quick=args.quick, seeds=args.seeds, threads=args.threads,
-                       output_dir=args.output_dir, overwrite=args.overwrite)
+                       output_dir=args.output_dir, overwrite=args.overwrite, report_only=args.report_only)
     except (ValueError, TypeError, OSError, ImportError) as e:
         print(f"fastalign experiment: error: {one_line(e)}", file=sys.stderr)
         return 1
@@ -94,6 +94,8 @@ def _add_experiment_command(sub) -> None:
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     p.add_argument("--output_dir", default="runs/experiments", help="the experiment writes <output_dir>/<name>/")
     p.add_argument("--overwrite", action="store_true", help="replace an existing experiment folder")
+    p.add_argument("--report_only", action="store_true",
+                   help="run nothing: report.md and plots from the seeds in an existing results.json (a stopped run)")
     p.set_defaults(func=_cmd_experiment)
 
 

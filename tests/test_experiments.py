@@ -44,6 +44,16 @@ def test_task_diversity_quick_two_seeds_train_on_different_data(tmp_path):
     held = set(families.heldout_family_names())
     assert all(r["family"] not in held for rows in data.values() for r in rows)
     assert len({r["family"] for r in data["seed0"]}) == 8
+    assert "Machine: " in (root / "report.md").read_text()
+
+    # A stopped run's results.json (seed0 only, no aggregate yet): --report_only renders what it measured.
+    saved = {k: v for k, v in results.items() if k not in ("mean", "sd")}
+    saved["seeds"], saved["timings_s"] = {"seed0": results["seeds"]["seed0"]}, {"seed0": 1.0}
+    (root / "results.json").write_text(json.dumps(saved))
+    assert cli.main(["experiment", "task-diversity", "--report_only", "--output_dir", str(tmp_path)]) == 0
+    again = json.loads((root / "results.json").read_text())
+    assert again["mean"] == results["seeds"]["seed0"] and "| seed0 |" in (root / "report.md").read_text()
+    assert "seed1" not in (root / "report.md").read_text()
 
 
 @pytest.mark.slow
@@ -80,4 +90,6 @@ def test_bad_arguments_and_an_existing_folder_are_refused(tmp_path, capsys):
     (tmp_path / "selection" / "results.json").write_text("{}")
     assert cli.main(["experiment", "selection", "--quick", "--output_dir", str(tmp_path)]) == 1
     assert "already holds a run; pass --overwrite" in capsys.readouterr().err
+    assert cli.main(["experiment", "forgetting", "--report_only", "--output_dir", str(tmp_path)]) == 1
+    assert "forgetting/results.json does not exist" in capsys.readouterr().err
     assert (tmp_path / "selection" / "results.json").read_text() == "{}"

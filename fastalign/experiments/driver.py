@@ -14,6 +14,7 @@ the tiny model's initial weights are the same for every seed (it is built once f
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
@@ -143,21 +144,22 @@ def fmt(mean: float, sd: float) -> str:
 
 
 def run_experiment(name: str, *, quick: bool = False, seeds: int = 3, threads: int = 0,
-                   output_dir: str = "runs/experiments", overwrite: bool = False) -> dict:
-    """Run experiment ``name`` for seeds 0..seeds-1; returns what ``results.json`` holds plus ``"report"``."""
+                   output_dir: str = "runs/experiments", overwrite: bool = False, report_only: bool = False) -> dict:
+    """Run experiment ``name`` for seeds 0..seeds-1; returns what ``results.json`` holds plus ``"report"``.
+
+    ``report_only``: run nothing; write ``report.md`` and the plots from the seeds an existing ``results.json``
+    holds (it is rewritten after every seed, so a stopped run keeps what it measured)."""
     import torch
 
-    from fastalign.experiments import EXPERIMENTS
-
-    if name not in EXPERIMENTS:
-        raise ValueError(f"experiment must be one of {', '.join(EXPERIMENTS)}, got {name!r}")
+    module = _experiment_module(name)
     if seeds < 1:
         raise ValueError(f"--seeds must be >= 1, got {seeds}")
     if threads < 0:
         raise ValueError(f"--threads must be >= 0, got {threads}")
-    module = EXPERIMENTS[name].load()
     pyplot()  # no plotting library: say so before minutes of training, not after
     root = Path(output_dir) / name
+    if report_only:
+        return _report_from_saved(root, name, module)
     if holds_run(root) and not overwrite:
         raise ValueError(f"experiment folder {root} already holds a run; pass --overwrite to replace it, or choose "
                          "another --output_dir")
@@ -169,31 +171,67 @@ def run_experiment(name: str, *, quick: bool = False, seeds: int = 3, threads: i
     if threads:
         torch.set_num_threads(threads)
 
-    per_seed, timings = {}, {}
-    t_all = time.time()
+    saved = {"experiment": name, "quick": quick, "threads": threads, "machine": machine(), "seeds": {},
+             "timings_s": {}}
     for seed in range(seeds):
         t = time.time()
-        per_seed[f"seed{seed}"] = module.run_seed(SeedRun(seed=seed, quick=quick, threads=threads, root=root))
-        timings[f"seed{seed}"] = round(time.time() - t, 1)
-        # Written after every seed, so a long run that is stopped keeps what it measured.
-        write_json(root / "results.json", {"experiment": name, "quick": quick, "seeds": per_seed})
-    timings["total"] = round(time.time() - t_all, 1)
-    mean, sd = aggregate(per_seed)
-    results = {"experiment": name, "claim": module.CLAIM, "quick": quick, "seeds": per_seed, "mean": mean, "sd": sd,
-               "timings_s": timings}
+        saved["seeds"][f"seed{seed}"] = module.run_seed(SeedRun(seed=seed, quick=quick, threads=threads, root=root))
+        saved["timings_s"][f"seed{seed}"] = round(time.time() - t, 1)
+        write_json(root / "results.json", saved)  # after every seed: a stopped run keeps what it measured
+    return finish(root, name, module, saved)
+
+
+def _experiment_module(name: str):
+    from fastalign.experiments import EXPERIMENTS
+
+    if name not in EXPERIMENTS:
+        raise ValueError(f"experiment must be one of {', '.join(EXPERIMENTS)}, got {name!r}")
+    return EXPERIMENTS[name].load()
+
+
+def _report_from_saved(root: Path, name: str, module) -> dict:
+    path = root / "results.json"
+    if not path.is_file():
+        raise ValueError(f"--report_only: {path} does not exist (run the experiment first)")
+    saved = json.loads(path.read_text())
+    if saved.get("experiment") != name or not saved.get("seeds"):
+        raise ValueError(f"--report_only: {path} holds no measured seed of experiment {name!r}")
+    return finish(root, name, module, saved)
+
+
+def finish(root: Path, name: str, module, saved: dict) -> dict:
+    """Aggregate the seeds in ``saved``, rewrite ``results.json`` with mean and sd, plot, write ``report.md``."""
+    mean, sd = aggregate(saved["seeds"])
+    results = dict(saved, claim=module.CLAIM, mean=mean, sd=sd)
     write_json(root / "results.json", results)
     plots = module.plot(results, root)
-    report = write_report(root, name, module, results, plots, quick=quick, threads=threads)
+    report = write_report(root, name, module, results, plots)
     for line in module.findings(results):
         print(line)
-    print(f"report: {report}  (total {timings['total']:.0f} s)")
+    print(f"report: {report}")
     return dict(results, report=str(report))
 
 
-def write_report(root: Path, name: str, module, results: dict, plots: list, *, quick: bool, threads: int) -> Path:
+def machine() -> str:
+    """The CPU model, core count and torch version: the README says which machine produced its numbers."""
+    import platform
+
+    import torch
+
+    model = platform.processor() or platform.machine()
+    try:
+        model = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                     if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{model}, {os.cpu_count()} cores, torch {torch.__version__}"
+
+
+def write_report(root: Path, name: str, module, results: dict, plots: list) -> Path:
     seeds = list(results["seeds"])
-    command = f"fastalign experiment {name}" + (" --quick" if quick else "") + f" --seeds {len(seeds)}" + (
-        f" --threads {threads}" if threads else "")
+    threads = results.get("threads")
+    command = f"fastalign experiment {name}" + (" --quick" if results.get("quick") else "") + (
+        f" --seeds {len(seeds)}") + (f" --threads {threads}" if threads else "")
     lines = [f"# Experiment: {name}", "", f"**Claim** (lecture): {module.CLAIM}", "", f"Command: `{command}`", "",
              "## Findings", ""] + [f"- {line}" for line in module.findings(results)]
     lines += ["", "## Measurements (mean ± sd over seeds, then each seed)", "",
@@ -204,7 +242,8 @@ def write_report(root: Path, name: str, module, results: dict, plots: list, *, q
     lines += ["", "## Plots", ""] + [f"![{Path(p).stem}]({Path(p).name})" for p in plots]
     lines += ["", "## Runs", "", "Each seed's flow runs (config, metrics, curves, model) are in `seed<k>/<stage>/`. "
               "Seeds set the data draw, batch order and sampling; the tiny model's initial weights are the same for "
-              "every seed.", "", "Time per seed (s): " + ", ".join(f"{k} {v}" for k, v in results["timings_s"].items())]
+              "every seed.", "", f"Machine: {results.get('machine', 'not recorded')}.", "",
+              "Time per seed (s): " + ", ".join(f"{k} {v}" for k, v in results.get("timings_s", {}).items())]
     path = root / "report.md"
     path.write_text("\n".join(lines) + "\n")
     return path
