@@ -57,11 +57,18 @@ def test_task_diversity_quick_two_seeds_train_on_different_data(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", [n for n in EXPERIMENTS if n != "task-diversity"])
-def test_every_other_experiment_runs_end_to_end_at_quick_size(tmp_path, name):
-    root, results = _run(tmp_path, name)
-    assert all(0 <= v <= 1 for k, v in results["mean"].items() if k != "alignment_tax")
-    assert (root / "seed0").is_dir()
+def test_the_other_experiments_run_end_to_end_at_quick_size_and_share_the_sft_model(tmp_path, capsys):
+    others = [n for n in EXPERIMENTS if n != "task-diversity"]
+    assert others[0] == "selection"
+    for name in others:
+        root, results = _run(tmp_path, name)
+        assert all(0 <= v <= 1 for k, v in results["mean"].items() if k != "alignment_tax")
+        out = capsys.readouterr().out
+        if name == "selection":
+            assert (root / "seed0" / "sft" / "eval.json").exists() and "reusing" not in out
+        else:  # the pipeline's SFT stage, same config and seed: trained once, by the first experiment
+            assert f"sft: reusing the finished run {tmp_path / 'selection' / 'seed0' / 'sft'}" in out
+            assert not (root / "seed0" / "sft").exists()
 
 
 def test_aggregate_is_the_mean_and_sample_sd_of_the_seeds():

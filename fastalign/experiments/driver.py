@@ -56,11 +56,36 @@ class SeedRun:
 
     def pipeline_stage(self, stage: str, flow: str | None = None, **changes) -> tuple[dict, str]:
         """A stage of ``fastalign pipeline`` with the pipeline's config for it (its ``QUICK`` one with
-        ``--quick``), ``changes`` on top."""
+        ``--quick``), ``changes`` on top. A finished run of the same config and seed in a sibling experiment's
+        folder (the SFT model several experiments start from) is reused instead of trained again."""
         from fastalign import pipeline
 
         values = dict(pipeline.DEFAULTS[stage], **(pipeline.QUICK[stage] if self.quick else {}), **changes)
-        return self.flow(flow or pipeline.STAGE_FLOW.get(stage, stage), stage, values)
+        flow = flow or pipeline.STAGE_FLOW.get(stage, stage)
+        done = self.finished_run(flow, stage, values)
+        if done is not None:
+            print(f"{stage}: reusing the finished run {done} (same config and seed)")
+            return json.loads((done / "eval.json").read_text()), str(done / "model")
+        return self.flow(flow, stage, values)
+
+    def finished_run(self, flow: str, stage: str, values: dict) -> Path | None:
+        """``<output_dir>/<other experiment>/seed<k>/<stage>`` when it finished (``eval.json`` is written last) with
+        the config this stage would run (its folder, name and progress aside)."""
+        import yaml
+
+        from fastalign.engine.config import config_dict, load_config
+        from fastalign.flows import FLOWS
+
+        ignored = ("name", "output_dir", "overwrite", "progress")
+        cfg = load_config(FLOWS[flow].config_class(), overrides=dict(values, seed=self.seed, threads=self.threads))
+        wanted = {k: v for k, v in config_dict(cfg).items() if k not in ignored}
+        for other in sorted(self.root.parent.glob(f"*/seed{self.seed}/{stage}")):
+            if other.parent.parent == self.root or not (other / "eval.json").is_file():
+                continue
+            saved = yaml.safe_load((other / "config.yaml").read_text()) or {}
+            if {k: v for k, v in saved.items() if k not in ignored} == wanted:
+                return other
+        return None
 
 
 def aggregate(per_seed: dict) -> tuple[dict, dict]:
