@@ -155,6 +155,7 @@ def bar_plot(path: Path, panels: dict, results: dict, *, title: str) -> Path:
             values = [s[metric] for s in results["seeds"].values()]
             ax.scatter([i] * len(values), values, s=10, color="black", zorder=3)
         ax.set_xticks(range(len(bars)), list(bars), rotation=15, ha="right", fontsize=8)
+        ax.set_ylim(bottom=min(0.0, *(min(s[m] for s in results["seeds"].values()) for m in bars.values())))
         ax.set_title(name, fontsize=9)
         ax.grid(axis="y", alpha=0.3)
     fig.suptitle(title, fontsize=10)
