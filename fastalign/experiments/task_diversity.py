@@ -73,8 +73,8 @@ def answer_nll(lm, tokenizer, rows) -> float:
 
 
 def plot(results, root) -> list:
-    panels = {"held-out families: exact match": {"held-out families": "heldout_exact_match",
-                                                 "trained families, new inputs": "seen_exact_match"},
+    panels = {"exact match (greedy)": {"held-out families": "heldout_exact_match",
+                                       "trained families, new inputs": "seen_exact_match"},
               "held-out families: NLL per answer token (lower is better)": {"held-out families": "heldout_nll"}}
     budget = int(series(results, "examples_per_family")[0][1] * series(results, "examples_per_family")[0][0])
     return [line_plot(root / "task_diversity.png", panels, results, xlabel="N task families (M = budget / N)",
