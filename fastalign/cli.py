@@ -36,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_flow_commands(sub)
     _add_bench_command(sub)
     _add_plan_command(sub)
+    _add_experiment_command(sub)
     return parser
 
 
@@ -119,6 +120,35 @@ def _positive_float(text: str) -> float:
     if not value > 0 or value == float("inf"):
         raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
     return value
+
+
+def _cmd_experiment(args: argparse.Namespace) -> int:
+    from fastalign.experiments.driver import run_experiment
+
+    try:
+        run_experiment(args.name, quick=args.quick, seeds=args.seeds, threads=args.threads,
+                       output_dir=args.output_dir, overwrite=args.overwrite, report_only=args.report_only)
+    except (ValueError, TypeError, OSError, ImportError) as e:
+        print(f"fastalign experiment: error: {one_line(e)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _add_experiment_command(sub) -> None:
+    from fastalign.experiments import EXPERIMENTS
+
+    p = sub.add_parser("experiment", help="a lecture claim measured over seeds: report.md, results.json, plots",
+                       epilog="experiments:\n" + "\n".join(f"  {e.name:<16} {e.help}" for e in EXPERIMENTS.values()),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("name", choices=list(EXPERIMENTS), metavar="name", help="one of: " + ", ".join(EXPERIMENTS))
+    p.add_argument("--quick", action="store_true", help="a few steps per run (smoke test)")
+    p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 (default 3)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    p.add_argument("--output_dir", default="runs/experiments", help="the experiment writes <output_dir>/<name>/")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing experiment folder")
+    p.add_argument("--report_only", action="store_true",
+                   help="run nothing: report.md and plots from the seeds in an existing results.json (a stopped run)")
+    p.set_defaults(func=_cmd_experiment)
 
 
 class _FlowParser(argparse.ArgumentParser):

@@ -117,7 +117,7 @@ def test_every_registered_flow_is_a_command_with_its_config_keys(capsys):
     assert cli.main([]) == 2
     listing = capsys.readouterr().out
     commands = {line.split()[0] for line in listing.splitlines() if line.startswith("    ") and line[4] != " "}
-    assert set(FLOWS) | {"ops", "bench", "pipeline", "plan"} == commands
+    assert set(FLOWS) | {"ops", "bench", "pipeline", "plan", "experiment"} == commands
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["ppo", "--help"])
     assert exit_info.value.code == 0
