@@ -14,11 +14,9 @@ that silently does nothing fails. GRPO and RLOO sample their completions, from m
 from __future__ import annotations
 
 import json
-import math
 import os
 import subprocess
 import sys
-import tempfile
 import textwrap
 
 import pytest
@@ -28,44 +26,19 @@ trl = pytest.importorskip("trl")
 transformers = pytest.importorskip("transformers")
 datasets = pytest.importorskip("datasets")
 
+import trl_support  # noqa: E402
+from trl_support import BF16_TOL, PROMPTS, TOL, assert_same_logs, log_errors, lora_config, reward, training_args  # noqa: E402
+
 import fastalign.integrations.trl as fa_trl  # noqa: E402
 from fastalign import ops  # noqa: E402
 from fastalign.models.tiny import build_tokenizer  # noqa: E402
+
+tiny_dir, one_thread_unpatched = trl_support.tiny_dir, trl_support.one_thread_unpatched  # the shared fixtures
 
 datasets.disable_progress_bars()
 transformers.logging.set_verbosity_error()
 
 STEPS = 5
-TOL = 1e-5
-BF16_TOL = 2e-2
-TIMING = ("step_time", "train_runtime", "train_samples_per_second", "train_steps_per_second")
-PROMPTS = ["1+2=", "3+4=", "5+5=", "9+1=", "2+7=", "8+8=", "6+3=", "4+4="]
-
-
-@pytest.fixture(scope="module")
-def tiny_dir():
-    """A 1-layer Llama (hidden 32) with fastalign's character tokenizer, saved like a hub model."""
-    tok = build_tokenizer()
-    cfg = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                   num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128,
-                                   pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = transformers.LlamaForCausalLM(cfg)
-    path = tempfile.mkdtemp(prefix="fa-trl-tiny-")
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
-
-
-@pytest.fixture(autouse=True)
-def one_thread_unpatched():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    fa_trl.unpatch()
-    yield
-    fa_trl.unpatch()
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture
@@ -82,22 +55,12 @@ def spy(monkeypatch):
     return calls
 
 
-def _reward(completions, **kw):
-    # shaped, so groups are not all equal: length and the count of "1"
-    return [len(c) / 8 + c.count("1") for c in completions]
-
-
 def train(kind, path, patched, *, bf16=False, peft=False, **overrides):
     """Train ``kind`` for STEPS steps from ``path``; returns the per-step log dicts."""
     (fa_trl.patch if patched else fa_trl.unpatch)()
-    common = dict(output_dir=tempfile.mkdtemp(prefix="fa-trl-run-"), max_steps=STEPS, logging_steps=1,
-                  report_to="none", save_strategy="no", bf16=bf16, use_cpu=True, seed=0, learning_rate=1e-2,
-                  disable_tqdm=True, activation_checkpointing=False, per_device_train_batch_size=4)
+    common = training_args(STEPS, bf16=bf16)
     tok = build_tokenizer()
-    peft_config = None
-    if peft:
-        import peft as peft_lib
-        peft_config = peft_lib.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
+    peft_config = lora_config(peft)
     prompts = PROMPTS * 2
     answers = [str(eval(p[:-1])) for p in prompts]
     if kind == "sft":
@@ -119,7 +82,7 @@ def train(kind, path, patched, *, bf16=False, peft=False, **overrides):
         ds = datasets.Dataset.from_dict({"prompt": prompts})
         cls, cfg = (trl.GRPOTrainer, trl.GRPOConfig) if kind == "grpo" else (trl.RLOOTrainer, trl.RLOOConfig)
         args = cfg(**{**common, "num_generations": 4, "max_completion_length": 8, **overrides})
-        trainer = cls(model=path, reward_funcs=_reward, args=args, train_dataset=ds, processing_class=tok,
+        trainer = cls(model=path, reward_funcs=reward, args=args, train_dataset=ds, processing_class=tok,
                       peft_config=peft_config)
     else:
         raise AssertionError(kind)
@@ -129,33 +92,12 @@ def train(kind, path, patched, *, bf16=False, peft=False, **overrides):
     return logs
 
 
-def log_errors(want, got, what):
-    """[(scaled error, description)] over every step and logged number."""
-    errors = []
-    for step, (a, b) in enumerate(zip(want, got), 1):
-        assert set(a) == set(b), f"{what} step {step}: logged keys differ"
-        for key, x in a.items():
-            if key in TIMING or not isinstance(x, (int, float)) or isinstance(x, bool):
-                continue
-            y = b[key]
-            assert math.isfinite(y) == math.isfinite(x), f"{what} step {step} {key}: {y} vs {x}"
-            if math.isfinite(x):
-                scale = max(abs(x), abs(y), 1e-3 if key == "grad_norm" else 1.0)
-                errors.append((abs(x - y) / scale, f"{what} step {step} {key}: patched {y!r} vs TRL {x!r}"))
-    return errors
-
-
-def assert_same_logs(want, got, tol, what):
-    worst = max(log_errors(want, got, what))
-    assert worst[0] <= tol, f"{worst[1]} (scaled error {worst[0]:.2e} > {tol:g})"
-
-
 def check_parity(kind, path, spy, tol=TOL, **kw):
     want = train(kind, path, False, **kw)
     assert not spy, "fastalign ran while TRL was unpatched"
     got = train(kind, path, True, **kw)
     assert spy, "patch() did not route TRL's fused head through fastalign"
-    assert_same_logs(want, got, tol, f"{kind} {kw}")
+    assert_same_logs(want, got, f"{kind} {kw}", tol, "patched")
     return spy
 
 
@@ -168,7 +110,7 @@ def trl_self_drift(kind, path, **kw):
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(utils, "_CHUNKED_LOGPROB_CHUNK_SIZE", 16)
         got = train(kind, path, False, **kw)
-    return want, max(log_errors(want, got, "TRL vs TRL"))[0]
+    return want, max(log_errors(want, got, "TRL vs TRL", "TRL"))[0]
 
 
 # ------------------------------------------------------------------------------------------- trainers
@@ -195,7 +137,7 @@ def test_dpo_parity_discopop_within_trls_own_float32_drift(tiny_dir, spy):
     assert not spy
     got = train("dpo", tiny_dir, True, loss_type=["discopop"])
     assert spy
-    assert_same_logs(want, got, max(TOL, 3 * floor), "dpo discopop")
+    assert_same_logs(want, got, "dpo discopop", max(TOL, 3 * floor), "patched")
 
 
 def test_dpo_parity_wpo_weighting_reads_log_sum_p2(tiny_dir, spy):
@@ -356,7 +298,7 @@ def test_two_gloo_processes_patched_equal_one_process_of_trl(tiny_dir, tmp_path)
     one, two = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
     assert (one["world"], two["world"]) == (1, 2)
     assert len(one["logs"]) == len(two["logs"]) == 3
-    assert_same_logs(one["logs"], two["logs"], TOL, "DDP patched vs one process TRL")
+    assert_same_logs(one["logs"], two["logs"], "DDP patched vs one process TRL", TOL, "patched")
 
 
 def test_all_masked_microbatch_gives_a_differentiable_zero():

@@ -10,56 +10,28 @@ that agree to ~1e-7, so both sides draw the same completions.
 from __future__ import annotations
 
 import json
-import math
-import tempfile
 import textwrap
 import warnings
 
 import pytest
-import torch
 
 trl = pytest.importorskip("trl")
 transformers = pytest.importorskip("transformers")
 datasets = pytest.importorskip("datasets")
 
+import trl_support  # noqa: E402
+from trl_support import BF16_TOL, PROMPTS, TOL, assert_same_logs, lora_config, reward, training_args  # noqa: E402
+
 import fastalign.integrations.trl as fa_trl  # noqa: E402
 from fastalign import losses  # noqa: E402
 from fastalign.models.tiny import build_tokenizer  # noqa: E402
+
+tiny_dir, one_thread_unpatched = trl_support.tiny_dir, trl_support.one_thread_unpatched  # the shared fixtures
 
 datasets.disable_progress_bars()
 transformers.logging.set_verbosity_error()
 
 STEPS = 3
-TOL = 1e-5
-BF16_TOL = 2e-2
-TIMING = ("step_time", "train_runtime", "train_samples_per_second", "train_steps_per_second")
-PROMPTS = ["1+2=", "3+4=", "5+5=", "9+1=", "2+7=", "8+8=", "6+3=", "4+4="]
-
-
-@pytest.fixture(scope="module")
-def tiny_dir():
-    """A 1-layer Llama (hidden 32) with fastalign's character tokenizer, saved like a hub model."""
-    tok = build_tokenizer()
-    cfg = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                   num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128,
-                                   pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = transformers.LlamaForCausalLM(cfg)
-    path = tempfile.mkdtemp(prefix="fa-trl-sub-")
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
-
-
-@pytest.fixture(autouse=True)
-def one_thread_unpatched():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    fa_trl.unpatch()
-    yield
-    fa_trl.unpatch()
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture
@@ -77,20 +49,11 @@ def fused_calls(monkeypatch):
     return calls
 
 
-def _reward(completions, **kw):
-    return [len(c) / 8 + c.count("1") for c in completions]
-
-
 def train(kind, path, cls, *, peft=False, **overrides):
     """Train with ``cls`` (TRL's trainer or fastalign's subclass) for STEPS steps; the per-step log dicts."""
-    common = dict(output_dir=tempfile.mkdtemp(prefix="fa-trl-sub-run-"), max_steps=STEPS, logging_steps=1,
-                  report_to="none", save_strategy="no", bf16=False, use_cpu=True, seed=0, learning_rate=1e-2,
-                  disable_tqdm=True, activation_checkpointing=False, per_device_train_batch_size=4)
+    common = training_args(STEPS)
     tok = build_tokenizer()
-    peft_config = None
-    if peft:
-        import peft as peft_lib
-        peft_config = peft_lib.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
+    peft_config = lora_config(peft)
     prompts = PROMPTS * 2
     answers = [str(eval(p[:-1])) for p in prompts]
     if kind == "dpo":
@@ -99,7 +62,7 @@ def train(kind, path, cls, *, peft=False, **overrides):
                       peft_config=peft_config)
     else:
         args = trl.GRPOConfig(**{**common, "num_generations": 4, "max_completion_length": 8, **overrides})
-        trainer = cls(model=path, reward_funcs=_reward, args=args, train_dataset=ds_prompts(prompts),
+        trainer = cls(model=path, reward_funcs=reward, args=args, train_dataset=ds_prompts(prompts),
                       processing_class=tok, peft_config=peft_config)
     trainer.train()
     logs = [h for h in trainer.state.log_history if "loss" in h]
@@ -109,21 +72,6 @@ def train(kind, path, cls, *, peft=False, **overrides):
 
 def ds_prompts(prompts):
     return datasets.Dataset.from_dict({"prompt": prompts})
-
-
-def assert_same_logs(want, got, what, tol=TOL):
-    worst = (0.0, "")
-    for step, (a, b) in enumerate(zip(want, got), 1):
-        assert set(a) == set(b), f"{what} step {step}: logged keys differ: {sorted(set(a) ^ set(b))}"
-        for key, x in a.items():
-            if key in TIMING or not isinstance(x, (int, float)) or isinstance(x, bool):
-                continue
-            y = b[key]
-            assert math.isfinite(y) == math.isfinite(x), f"{what} step {step} {key}: {y} vs {x}"
-            if math.isfinite(x):
-                err = abs(x - y) / max(abs(x), abs(y), 1e-3 if key == "grad_norm" else 1.0)
-                worst = max(worst, (err, f"{what} step {step} {key}: fastalign {y!r} vs TRL {x!r}"))
-    assert worst[0] <= tol, f"{worst[1]} (scaled error {worst[0]:.2e} > {tol:g})"
 
 
 def check_parity(kind, path, calls, tol=TOL, **overrides):
