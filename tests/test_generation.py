@@ -161,6 +161,19 @@ def test_greedy_sample_equals_generate_and_stop_strings_cut(tiny, cache_kind):
         assert t.endswith(stop) or short == full
 
 
+def test_a_generated_pad_token_is_kept():
+    """A model may emit the pad id: the completion mask, not the token, ends a completion (generate once dropped
+    every pad token, so it disagreed with sample() whenever an untrained model's argmax was the pad id)."""
+    lm, tok = load_causal_lm("tiny"), load_tokenizer("tiny")
+    with torch.no_grad():
+        lm.get_output_embeddings().weight.zero_()  # every logit ties: greedy takes token 0, the pad id
+    assert tok.pad_token_id == 0 and tok.eos_token_id != 0
+    prompts = _prompts(tok, 2)
+    want = [[tok.pad_token_id] * 5] * 2
+    assert sample(lm, tok, prompts, max_new_tokens=5, temperature=0.0).completions() == want
+    assert generate(lm, tok, prompts, max_new_tokens=5) == want
+
+
 def test_generator_makes_sampling_repeatable(tiny):
     lm, tok = tiny
     prompts = _prompts(tok, 3)

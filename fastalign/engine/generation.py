@@ -29,10 +29,9 @@ def generate(model, tokenizer, prompt_ids, *, max_new_tokens, temperature=0.0, b
     Returns a list of completion token-id lists, cut after the first EOS (EOS kept). The decoding is
     :func:`sample`'s, without the log-probs.
     """
-    rollout = sample(model, tokenizer, prompt_ids, max_new_tokens=max_new_tokens, temperature=temperature,
-                     batch_size=batch_size, generator=generator)
-    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
-    return [[t for t in c if t != pad or t == eos] for c in rollout.completions()]
+    # The completion mask, not the pad id, says where a completion ends: a model may emit the pad token.
+    return sample(model, tokenizer, prompt_ids, max_new_tokens=max_new_tokens, temperature=temperature,
+                  batch_size=batch_size, generator=generator).completions()
 
 
 def decode(tokenizer, completions):
