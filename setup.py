@@ -61,7 +61,8 @@ def _extensions():
 
     openmp = ["-fopenmp"] if sys.platform != "darwin" else []
     cxx_flags = ["-O3", "-std=c++17", *openmp]
-    sources = ["csrc/bindings.cpp", *sorted(glob("csrc/cpu/*.cpp"))]
+    # csrc/ops/<op>.cpp: an op's loops and its own registration (TORCH_LIBRARY_FRAGMENT), one file per op.
+    sources = ["csrc/bindings.cpp", *sorted(glob("csrc/cpu/*.cpp")), *sorted(glob("csrc/ops/*.cpp"))]
     define_macros = []
     if build_cuda:
         sources += ["csrc/cuda_bindings.cpp", *sorted(glob("csrc/cuda/*.cu"))]

@@ -1,6 +1,7 @@
-// Registers every fastalign op with the PyTorch dispatcher (TORCH_LIBRARY), so the ops are torch
+// Registers the fastalign ops with the PyTorch dispatcher (TORCH_LIBRARY), so the ops are torch
 // custom ops that autograd wrappers and torch.compile can call. The kernels themselves are
 // torch-free (csrc/cpu, csrc/cuda); this file only checks tensors and hands over raw pointers.
+// A newer op lives whole in csrc/ops/<op>.cpp (its loops and a TORCH_LIBRARY_FRAGMENT of its own).
 #include <Python.h>
 
 #include <algorithm>
@@ -14,27 +15,13 @@
 
 #include "common/advantages_row.h"
 #include "cpu/kernels.h"
+#include "ops/checks.h"
 
 namespace fastalign {
 namespace {
 
 using at::Tensor;
-
-// Kind codes come from the Python enums (fastalign/ops/*/spec.py); one the kernels do not know is an
-// error here, never some other formula in a switch's default branch.
-int check_code(int64_t code, int count, const char* name) {
-  TORCH_CHECK(code >= 0 && code < count, "fastalign: ", name, " must be a code in [0, ", count, "), got ", code);
-  return static_cast<int>(code);
-}
-
-void check_cpu(const Tensor& t, const char* name) {
-  TORCH_CHECK(t.device().is_cpu(), "fastalign: ", name, " must be a CPU tensor, got ", t.device());
-  TORCH_CHECK(t.is_contiguous(), "fastalign: ", name, " must be contiguous");
-}
-
-void check_float32(const Tensor& t, const char* name) {
-  TORCH_CHECK(t.scalar_type() == at::kFloat, "fastalign: ", name, " must be float32, got ", t.scalar_type());
-}
+using namespace checks;  // check_code, check_cpu, check_f32, ... (ops/checks.h, shared with csrc/ops/)
 
 // Calls fn with the kernel storage type matching the tensor's dtype.
 template <typename Fn>
@@ -154,17 +141,8 @@ std::tuple<Tensor, Tensor> gae_cpu(const Tensor& rewards, const Tensor& values, 
 }
 
 // ---- RL and preference ops. Inputs are float32 (the Python wrappers upcast [B, T]-sized bf16/fp16
-// tensors); masks are float weights. Forward and backward are separate ops; autograd lives in
-// fastalign/ops/native_rl.py.
-void check_f32(const Tensor& t, const char* name) {
-  check_cpu(t, name);
-  check_float32(t, name);
-}
-
-void check_numel(const Tensor& t, int64_t numel, const char* name) {
-  TORCH_CHECK(t.numel() == numel, "fastalign: ", name, " must have ", numel, " elements, got ", t.numel());
-}
-
+// tensors); masks are float weights. Forward and backward are separate ops; autograd lives in each op's
+// fastalign/ops/<family>/cpu.py.
 const float* optional_f32(const std::optional<Tensor>& t, int64_t numel, const char* name) {
   if (!t.has_value() || !t->defined()) return nullptr;
   check_f32(*t, name);
@@ -400,14 +378,6 @@ Tensor value_loss_bwd_cpu(const Tensor& grad_loss, const Tensor& values, const T
   return d_values;
 }
 
-void check_pairs(std::initializer_list<const Tensor*> ts) {
-  const int64_t n = (*ts.begin())->numel();
-  for (const Tensor* t : ts) {
-    check_f32(*t, "pair input");
-    check_numel(*t, n, "pair input");
-  }
-}
-
 std::tuple<Tensor, Tensor, Tensor> dpo_fwd_cpu(const Tensor& pc, const Tensor& pr, const Tensor& rc, const Tensor& rr,
                                                double beta, int64_t loss_type, double label_smoothing) {
   check_pairs({&pc, &pr, &rc, &rr});
@@ -522,23 +492,7 @@ std::tuple<Tensor, Tensor> orpo_bwd_cpu(const Tensor& grad, const Tensor& chosen
   return {d_chosen, d_rejected};
 }
 
-Tensor cpo_fwd_cpu(const Tensor& chosen, const Tensor& rejected, double beta, double label_smoothing) {
-  check_pairs({&chosen, &rejected});
-  Tensor losses = at::empty_like(chosen);
-  cpu::cpo_forward(chosen.data_ptr<float>(), rejected.data_ptr<float>(), chosen.numel(), static_cast<float>(beta),
-                   static_cast<float>(label_smoothing), losses.data_ptr<float>());
-  return losses;
-}
-
-Tensor cpo_bwd_cpu(const Tensor& grad, const Tensor& chosen, const Tensor& rejected, double beta,
-                   double label_smoothing) {
-  check_pairs({&grad, &chosen, &rejected});
-  Tensor d_chosen = at::empty_like(chosen);
-  cpu::cpo_backward(grad.data_ptr<float>(), chosen.data_ptr<float>(), rejected.data_ptr<float>(), chosen.numel(),
-                    static_cast<float>(beta), static_cast<float>(label_smoothing), d_chosen.data_ptr<float>());
-  return d_chosen;
-}
-// ---- end D2O, KTO, ORPO, CPO
+// ---- end D2O, KTO, ORPO
 
 std::tuple<Tensor, Tensor> bradley_terry_fwd_cpu(const Tensor& chosen, const Tensor& rejected,
                                                  const std::optional<Tensor>& margin, double margin_scalar,
@@ -566,7 +520,6 @@ std::tuple<Tensor, Tensor> bradley_terry_bwd_cpu(const Tensor& grad_loss, const 
                               d_chosen.data_ptr<float>(), d_rejected.data_ptr<float>());
   return {d_chosen, d_rejected};
 }
-
 
 // ---- steer_logits: inference only (no backward). Row strides are passed through, so slices such as
 // logits[:, -1, :] need no copy; columns must be contiguous.
@@ -672,8 +625,6 @@ TORCH_LIBRARY(fastalign, m) {
         "float desirable_weight, float undesirable_weight) -> Tensor");
   m.def("orpo_fwd(Tensor chosen, Tensor rejected, float beta) -> (Tensor, Tensor)");
   m.def("orpo_bwd(Tensor grad, Tensor chosen, Tensor rejected, float beta) -> (Tensor, Tensor)");
-  m.def("cpo_fwd(Tensor chosen, Tensor rejected, float beta, float label_smoothing) -> Tensor");
-  m.def("cpo_bwd(Tensor grad, Tensor chosen, Tensor rejected, float beta, float label_smoothing) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(fastalign, CPU, m) {
@@ -711,8 +662,6 @@ TORCH_LIBRARY_IMPL(fastalign, CPU, m) {
   m.impl("kto_bwd", &fastalign::kto_bwd_cpu);
   m.impl("orpo_fwd", &fastalign::orpo_fwd_cpu);
   m.impl("orpo_bwd", &fastalign::orpo_bwd_cpu);
-  m.impl("cpo_fwd", &fastalign::cpo_fwd_cpu);
-  m.impl("cpo_bwd", &fastalign::cpo_bwd_cpu);
 }
 
 // The Python module: importing fastalign._C runs the registrations above.

@@ -261,3 +261,24 @@ def test_gae_mask_dtypes_and_bf16():
         assert adv.dtype == torch.float32
         assert_rel(adv, exp_adv, TOL[torch.bfloat16], "advantages")
         assert_rel(ret, exp_ret, TOL[torch.bfloat16], "returns")
+
+
+def test_an_op_in_csrc_ops_is_one_file_that_registers_itself():
+    """The layout behind the README's cost of a new op: csrc/ops/<op>.cpp defines and implements its ops with a
+    TORCH_LIBRARY_FRAGMENT of its own, and no shared C++ file (bindings, kernel headers) names them."""
+    import re
+    from pathlib import Path
+
+    csrc = Path(__file__).resolve().parents[1] / "csrc"
+    shared = "".join(p.read_text() for p in (csrc / "bindings.cpp", csrc / "cuda_bindings.cpp",
+                                             csrc / "cpu" / "kernels.h"))
+    files = sorted((csrc / "ops").glob("*.cpp"))
+    assert files, "csrc/ops/ holds no op"
+    for path in files:
+        text = path.read_text()
+        defined = re.findall(r'm\.def\("(\w+)\(', text)
+        implemented = re.findall(r'm\.impl\("(\w+)"', text)
+        assert "TORCH_LIBRARY_FRAGMENT(fastalign, m)" in text and defined and sorted(defined) == sorted(implemented)
+        for name in defined:
+            assert hasattr(torch.ops.fastalign, name), f"{name} ({path.name}) is not registered"
+            assert not re.search(rf"\b{name}\b", shared), f"{name} ({path.name}) is also named in a shared file"

@@ -110,11 +110,6 @@ void kto_backward(const float* grad, const float* policy, const float* ref, cons
 void orpo_forward(const float* chosen, const float* rejected, int64_t n, float beta, float* losses, float* log_odds);
 void orpo_backward(const float* grad, const float* chosen, const float* rejected, int64_t n, float beta,
                    float* d_chosen, float* d_rejected);
-void cpo_forward(const float* chosen, const float* rejected, int64_t n, float beta, float label_smoothing,
-                 float* losses);
-void cpo_backward(const float* grad, const float* chosen, const float* rejected, int64_t n, float beta,
-                  float label_smoothing, float* d_chosen);
-
 // ---- steer_logits (steering.cpp). Rows of value/base/negatives have unit column stride and the
 // given row strides (negatives: branch k, row i at negatives + k * neg_stride_k + i * neg_stride_b);
 // betas[num_neg]; out [batch, vocab] float32. top_p >= 1 means no mask.

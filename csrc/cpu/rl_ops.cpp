@@ -524,8 +524,8 @@ void bradley_terry_backward(const float* grad_loss, const float* chosen, const f
   }
 }
 
-// ------------------------------------------------------------------ D2O, KTO, ORPO, CPO (issue 13)
-// Per-example math of fastalign/ops/preference/spec.py (d2o_loss, kto_loss, orpo_loss, cpo_loss);
+// ------------------------------------------------------------------ D2O, KTO, ORPO (issue 13; CPO: csrc/ops/cpo.cpp)
+// Per-example math of fastalign/ops/preference/spec.py (d2o_loss, kto_loss, orpo_loss);
 // derivatives are the analytic ones of those formulas. No kinds: nothing to switch on.
 namespace {
 
@@ -604,24 +604,7 @@ void orpo_backward(const float* grad, const float* chosen, const float* rejected
   }
 }
 
-void cpo_forward(const float* chosen, const float* rejected, int64_t n, float beta, float label_smoothing,
-                 float* losses) {
-#pragma omp parallel for schedule(static) if (n > kParallelMin)
-  for (int64_t i = 0; i < n; ++i) {
-    const float x = beta * (chosen[i] - rejected[i]);
-    losses[i] = -(1.0f - label_smoothing) * log_sigmoid(x) - label_smoothing * log_sigmoid(-x);
-  }
-}
-
-void cpo_backward(const float* grad, const float* chosen, const float* rejected, int64_t n, float beta,
-                  float label_smoothing, float* d_chosen) {
-#pragma omp parallel for schedule(static) if (n > kParallelMin)
-  for (int64_t i = 0; i < n; ++i) {
-    const float x = beta * (chosen[i] - rejected[i]);
-    d_chosen[i] = grad[i] * beta * (-(1.0f - label_smoothing) * sigmoid(-x) + label_smoothing * sigmoid(x));
-  }
-}
-// ------------------------------------------------------------------ end D2O, KTO, ORPO, CPO
+// ------------------------------------------------------------------ end D2O, KTO, ORPO
 
 }  // namespace cpu
 }  // namespace fastalign
