@@ -62,7 +62,8 @@ def test_the_other_experiments_run_end_to_end_at_quick_size_and_share_the_sft_mo
     assert others[0] == "selection"
     for name in others:
         root, results = _run(tmp_path, name)
-        assert all(0 <= v <= 1 for k, v in results["mean"].items() if k != "alignment_tax")
+        rates = {k: v for k, v in results["mean"].items() if "rate" in k or "exact_match" in k or "pass_" in k}
+        assert all(0 <= v <= 1 for v in rates.values()), rates
         out = capsys.readouterr().out
         if name == "selection":
             assert (root / "seed0" / "sft" / "eval.json").exists() and "reusing" not in out
@@ -100,3 +101,29 @@ def test_bad_arguments_and_an_existing_folder_are_refused(tmp_path, capsys):
     assert cli.main(["experiment", "forgetting", "--report_only", "--output_dir", str(tmp_path)]) == 1
     assert "forgetting/results.json does not exist" in capsys.readouterr().err
     assert (tmp_path / "selection" / "results.json").read_text() == "{}"
+
+
+def test_paradigms_counts_the_training_token_passes_of_every_trunk_and_nothing_outside_training(tmp_path):
+    import torch
+    from transformers.models.llama.modeling_llama import LlamaModel
+
+    from fastalign.engine.config import SFTConfig, load_config
+    from fastalign.experiments.paradigms import budget_steps, count_token_passes
+    from fastalign.flows import FLOWS
+    from fastalign.models.loading import load_causal_lm
+
+    original = LlamaModel.forward
+    cfg = load_config(SFTConfig, overrides=dict(dataset="arith", num_examples=16, max_steps=2, batch_size=4,
+                                                  micro_batch_size=2, output_dir=str(tmp_path), name="sft",
+                                                  num_eval_examples=3, threads=1, progress=False))
+    with count_token_passes() as sft:
+        FLOWS["sft"].run(cfg)
+        # A forward outside a trainer's loop (here, after it) is not training compute.
+        load_causal_lm(str(tmp_path / "sft" / "model"))(torch.ones(2, 5, dtype=torch.long))
+    assert LlamaModel.forward is original  # the patch is undone
+    # SFT trains every forward: 2 steps x 4 rows of <= 8 tokens (a 2-digit sum and its answer), no extra forwards.
+    assert sft.backward == sft.forward and 2 * 4 * 5 <= sft.forward <= 2 * 4 * 12
+    assert sft.compute == 3 * sft.forward
+    assert budget_steps(1000, 100) == 10 and budget_steps(1000, 300) == 3 and budget_steps(10, 300) == 1
+    with pytest.raises(ValueError, match="cost_per_step must be > 0"):
+        budget_steps(10, 0)
