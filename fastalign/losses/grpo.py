@@ -128,7 +128,7 @@ def clipped_policy_loss(hidden, weight, labels, *, advantages, mask=None, old_lo
             hidden, weight, labels_eff, advantages, mf, old_logps, bias, ref_hidden if use_ref else None,
             ref_weight, ref_bias, ref_logps if use_ref else None, config, scale_rows, token_weights,
             top_entropy_quantile, entropy_group, float(entropy_coef), entropy_num_items, temperature,
-            ignore_index, chunk_size, mem_budget, keep=keep)
+            ignore_index, chunk_size, mem_budget, keep)
     length = bt[1]
     adv = advantages.detach().float()
     old = None if old_logps is None else old_logps.detach().float()
