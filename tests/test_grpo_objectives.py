@@ -15,6 +15,7 @@ from fastalign.data import loading
 from fastalign.engine.config import GRPOConfig, load_config
 from fastalign.engine.distributed import DistState
 from fastalign.engine.generation import HFSampler
+from fastalign.engine.logging import read_metrics
 from fastalign.flows import grpo
 from fastalign.models.heads import PolicyValueModel
 from fastalign.models.loading import load_causal_lm, load_tokenizer
@@ -120,3 +121,114 @@ def test_reinforce_pp_and_corrections_in_a_rollout():
 def test_bad_options_name_the_option(over, name):
     with pytest.raises(ValueError, match=name):
         load_config(GRPOConfig, overrides=over)
+
+
+# ------------------------------------------------- the entropy mask from the rollout-time policy forward
+class _PrepassCounter:
+    def __init__(self, monkeypatch):
+        from fastalign.losses import grpo as grpo_loss
+
+        self.calls = 0
+        real = grpo_loss.chunked.linear_logprobs_no_grad
+
+        def counted(*args, **kwargs):
+            self.calls += 1
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(grpo_loss.chunked, "linear_logprobs_no_grad", counted)
+
+
+@pytest.mark.parametrize("share_prompts", [True, False], ids=["shared_prompt_forward", "full_rows"])
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_rollout_entropies_give_the_loss_its_mask_without_a_prepass(share_prompts, level, monkeypatch):
+    """Rollout correction + top_entropy_quantile < 1 + one iteration: the rollout's policy forward stores the
+    entropies (0 off the labels; micro-batches, concat and to() carry them), the loss takes the mask from them
+    without its pre-pass, and its loss and gradients equal the pre-pass's."""
+    make, rows, _, cfg = _rollout(dict(rollout_is_correction="token_truncate", top_entropy_quantile=0.4,
+                                       entropy_coef=0.01, num_iterations=1, loss_type="dapo",
+                                       importance_sampling_level=level, share_prompt_forward=share_prompts),
+                                  "test_grpo_objectives:length_reward")
+    batch, _ = make(rows, torch.Generator().manual_seed(2))
+    mask = batch.labels[:, 1:] != -100
+    assert batch.entropies is not None and batch.entropies.shape == mask.shape
+    assert (batch.entropies[~mask] == 0).all() and (batch.entropies[mask] > 0).all()
+    # The entropies are the policy's own at the sampling temperature (the rollout forward ran in eval mode).
+    lm = load_causal_lm("tiny")
+    policy = PolicyValueModel(lm)
+    with torch.no_grad():
+        hidden = policy(batch.input_ids, batch.attention_mask)[0][:, :-1]
+        _, want = grpo.ops.token_logprobs(hidden, lm.get_output_embeddings().weight, batch.labels[:, 1:],
+                                          temperature=cfg.temperature, return_entropy=True)
+    assert (batch.entropies[mask] - want[mask]).abs().max() < 1e-5
+    # The new field travels with the batch.
+    n = batch.input_ids.shape[0]
+    part = batch.rows(torch.arange(0, 5))
+    assert part.entropies.shape == (5, part.input_ids.shape[1] - 1)
+    both = grpo.concat_batches([batch.rows(torch.arange(0, 5)), batch.rows(torch.arange(5, n))], pad_id=0)
+    assert torch.equal(both.entropies[:, :batch.entropies.shape[1]][mask], batch.entropies[mask])
+    assert batch.to("cpu").entropies is not None
+
+    loss_module = grpo.FusedLinearGRPOLoss(loss_type="dapo", top_entropy_quantile=0.4, entropy_coef=0.01,
+                                           importance_sampling_level=level, temperature=cfg.temperature,
+                                           max_completion_length=5)
+    loss_fn, _ = grpo.grpo_loss_fn(loss_module, cfg)
+    counter = _PrepassCounter(monkeypatch)
+
+    def step(b):
+        policy.zero_grad()
+        loss, metrics = loss_fn(policy, b)
+        loss.backward()
+        return loss.detach(), metrics, [p.grad.clone() for p in policy.parameters() if p.grad is not None]
+
+    got = step(batch)
+    assert counter.calls == 0, "the loss ran its pre-pass although the rollout gave entropies"
+    batch.entropies = None
+    want = step(batch)
+    assert counter.calls == 1
+    assert abs(float(got[0]) - float(want[0])) <= 1e-5 * abs(float(want[0])) + 1e-7
+    for k in want[1]:
+        assert abs(float(got[1][k]) - float(want[1][k])) <= 1e-5 * abs(float(want[1][k])) + 1e-7, k
+    for a, b in zip(got[2], want[2]):
+        assert float((a - b).norm()) <= 1e-5 * float(b.norm()) + 1e-10
+
+
+@pytest.mark.parametrize("over", [
+    dict(rollout_is_correction="token_truncate", top_entropy_quantile=0.4, num_iterations=2),  # a changed policy
+    dict(rollout_is_correction="token_truncate", top_entropy_quantile=1.0),                    # no mask
+    dict(top_entropy_quantile=0.4),                                                            # no policy forward
+])
+def test_rollout_stores_no_entropies_otherwise(over):
+    make, rows, _, _ = _rollout(over, "test_grpo_objectives:length_reward")
+    batch, _ = make(rows, torch.Generator().manual_seed(3))
+    assert batch.entropies is None
+
+
+def test_grpo_run_with_rollout_entropies_equals_the_prepass_run(tmp_path, monkeypatch):
+    """Two 2-step runs (rollout correction, entropy mask, one iteration): the loss gets the rollout's entropies,
+    and a run whose loss ignores them (the pre-pass masks) logs the same losses and trains the same weights."""
+    seen = []
+
+    class Recording(grpo.FusedLinearGRPOLoss):
+        drop = False
+
+        def forward(self, *args, entropies=None, **kwargs):
+            seen.append(entropies is not None)
+            return super().forward(*args, entropies=None if self.drop else entropies, **kwargs)
+
+    monkeypatch.setattr(grpo, "FusedLinearGRPOLoss", Recording)
+    over = dict(SMALL, rewards=["test_grpo_objectives:length_reward"], rollout_is_correction="sequence_mask",
+                top_entropy_quantile=0.3, entropy_coef=0.01, num_iterations=1, importance_sampling_level="sequence",
+                output_dir=str(tmp_path))
+    runs = {}
+    for name, drop in (("given", False), ("prepass", True)):
+        Recording.drop = drop
+        seen.clear()
+        grpo.run(load_config(GRPOConfig, overrides=dict(over, name=name)))
+        assert seen and all(seen)  # the rollout gave the loss entropies at every step
+        runs[name] = read_metrics(tmp_path / name / "metrics.jsonl")
+    for a, b in zip(runs["given"], runs["prepass"]):
+        for k in ("loss", "entropy", "grad_norm"):
+            assert abs(a[k] - b[k]) <= 1e-5 * abs(b[k]) + 1e-7, (k, a[k], b[k])
+    given, prepass = (load_causal_lm(str(tmp_path / name / "model")) for name in ("given", "prepass"))
+    for a, b in zip(given.parameters(), prepass.parameters()):
+        assert float((a - b).detach().abs().max()) <= 1e-5

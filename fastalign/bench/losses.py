@@ -17,6 +17,10 @@ skips ignored positions gains most where there are many of them:
   is the same loss with GSPO (``importance_sampling_level="sequence"``), the rollout correction
   (``ops.rollout_is_weights``, sequence_mask, as token weights) and the 20 % entropy mask together;
   ``fastalign_gspo`` the same without the entropy mask (chunks of whole rows, no pre-pass).
+  ``fastalign_objectives_entropies`` is ``fastalign_objectives`` given the policy's ``entropies``
+  (computed once before timing, as the old log-probs are given: in the GRPO flow they come from the
+  rollout-time policy forward the correction needs anyway), so the mask needs no no-grad pre-pass;
+  ``fastalign_objectives`` stays as the cost when nothing supplies them.
 
 Implementations: ``fastalign`` (:mod:`fastalign.losses`), ``liger``
 (``LigerFusedLinearDPOLoss`` / ``LigerFusedLinearGRPOLoss``, ``compiled=False`` unless
@@ -59,10 +63,11 @@ QUICK = {
     "grpo_t1024_all_valid": dict(kind="grpo", rows=8, t=128, h=256, v=4096, layout="all"),
 }
 IMPLS = {"dpo": ("fastalign", "liger", "naive"),
-         "grpo": ("fastalign", "fastalign_objectives", "fastalign_gspo", "liger", "naive", "floor")}
+         "grpo": ("fastalign", "fastalign_objectives", "fastalign_objectives_entropies", "fastalign_gspo", "liger",
+                  "naive", "floor")}
 # naive holds [rows, T, V] fp32 logits: at T=4096 that is 1 GiB per copy, and it adds nothing new.
 SKIP = {"dpo_t512_all_valid": ("naive",), "dpo_t4096_all_valid": ("naive",),
-        "grpo_t1024_all_valid": ("naive", "fastalign_objectives", "fastalign_gspo")}
+        "grpo_t1024_all_valid": ("naive", "fastalign_objectives", "fastalign_objectives_entropies", "fastalign_gspo")}
 TARGETS = [  # (case, numerator, denominator, metric, max ratio); the all-valid rows have no target: reported
     ("dpo_t512", "fastalign", "liger", "seconds", 0.9),
     ("dpo_t512", "fastalign", "liger", "peak_mb", 0.6),
@@ -76,8 +81,10 @@ TARGETS = [  # (case, numerator, denominator, metric, max ratio); the all-valid 
     ("grpo_t1024", "fastalign", "liger", "seconds", None),
     ("grpo_t1024_all_valid", "fastalign", "liger", "seconds", None),
     # Issue 12's target. GSPO runs in one pass (chunks of whole rows); the entropy mask needs every token's
-    # entropy before any gradient, one more no-grad logits GEMM (4 instead of 3): expect about 4/3 with it.
+    # entropy before any gradient, one more no-grad logits GEMM (4 instead of 3): expect about 4/3 with it,
+    # unless the caller gives the entropies (the GRPO flow, from the forward its rollout correction runs).
     ("grpo_t1024", "fastalign_objectives", "fastalign", "seconds", 1.05),
+    ("grpo_t1024", "fastalign_objectives_entropies", "fastalign", "seconds", 1.05),
     ("grpo_t1024", "fastalign_gspo", "fastalign", "seconds", 1.05),
 ]
 BETA = 0.1
@@ -118,18 +125,22 @@ def _step_fn(spec: dict, impl: str, hidden, weight, labels, extra, liger_compile
         loss_fn = FusedLinearGRPOLoss(loss_type="dapo")
         return lambda: loss_fn(hidden, weight, labels, advantages=extra["advantages"], mask=mask,
                                old_logps=extra["old_logps"])[0].backward()
-    if impl in ("fastalign_objectives", "fastalign_gspo"):
+    if impl in ("fastalign_objectives", "fastalign_objectives_entropies", "fastalign_gspo"):
         from fastalign import ops
         from fastalign.losses import FusedLinearGRPOLoss
 
         loss_fn = FusedLinearGRPOLoss(loss_type="dapo", importance_sampling_level="sequence",
-                                      top_entropy_quantile=0.2 if impl == "fastalign_objectives" else 1.0)
+                                      top_entropy_quantile=1.0 if impl == "fastalign_gspo" else 0.2)
         rollout = extra["old_logps"] + 0.01 * torch.randn_like(extra["old_logps"])
+        entropies = None
+        if impl == "fastalign_objectives_entropies":  # the flow's rollout-time forward gives them: not timed
+            with torch.no_grad():
+                _, entropies = ops.token_logprobs(hidden.detach(), weight.detach(), labels, return_entropy=True)
 
         def step():
             weights = ops.rollout_is_weights(extra["old_logps"], rollout, mask, mode="sequence_mask", high=3.0)
             loss_fn(hidden, weight, labels, advantages=extra["advantages"], mask=mask, old_logps=extra["old_logps"],
-                    token_weights=weights)[0].backward()
+                    token_weights=weights, entropies=entropies)[0].backward()
         return step
     if impl == "liger":
         from liger_kernel.chunked_loss import LigerFusedLinearDPOLoss, LigerFusedLinearGRPOLoss
@@ -183,7 +194,7 @@ def _step_fn(spec: dict, impl: str, hidden, weight, labels, extra, liger_compile
                 _ = z @ w              # d_hidden (z standing in for d_logits: same shape and cost)
                 grad_w.addmm_(z.t(), h)  # d_weight
         return step
-    raise ValueError(f"impl must be one of fastalign, liger, naive, floor; got {impl!r}")
+    raise ValueError(f"impl must be one of {', '.join(sorted(set(IMPLS['dpo'] + IMPLS['grpo'])))}; got {impl!r}")
 
 
 def _worker(case: str, impl: str, quick: bool, device: str, liger_compiled: bool, iters: int) -> dict:
@@ -200,9 +211,10 @@ def _worker(case: str, impl: str, quick: bool, device: str, liger_compiled: bool
     with common.PeakMemory(dev) as mem:
         timing = common.time_calls(run, iters, dev, warmup=0)
     # The tokens whose logits the implementation computes: the labelled ones for fastalign and the
-    # floor; every position for naive (and for Liger's DPO, which scores whole sequences).
+    # floor (every fastalign_* variant); every position for naive (and for Liger's DPO, which scores whole
+    # sequences).
     valid = int((labels != -100).sum())
-    computed = valid if impl in ("fastalign", "floor") else labels.numel()
+    computed = valid if impl.startswith("fastalign") or impl == "floor" else labels.numel()
     return {"case": case, "impl": impl, **timing, "peak_mb": mem.peak_mb, "valid_tokens": valid,
             "tokens": labels.numel(), "computed_tokens": computed, **spec}
 
@@ -256,7 +268,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=os.path.join("bench", "results"), help="directory for the JSON report")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--cases", nargs="*", default=None, help=f"subset of {', '.join(FULL)}")
-    parser.add_argument("--impls", nargs="*", default=None, help="subset of fastalign, liger, naive, floor")
+    parser.add_argument("--impls", nargs="*", default=None,
+                        help=f"subset of {', '.join(dict.fromkeys(IMPLS['dpo'] + IMPLS['grpo']))}")
     parser.add_argument("--iters", type=int, default=3, help="timed calls per implementation (median; >= 3)")
     parser.add_argument("--liger-compiled", action="store_true", help="run Liger with compiled=True")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per implementation subprocess")
@@ -283,9 +296,9 @@ def main(argv: list[str] | None = None) -> int:
             r = _run_one(case, impl, args)
             results.append(r)
             if "error" in r:
-                print(f"{case:<20} {impl:<10} error: {r['error']}", flush=True)
+                print(f"{case:<20} {impl:<30} error: {r['error']}", flush=True)
             else:
-                print(f"{case:<20} {impl:<10} {r['seconds']:8.3f} s ({r['cpu_seconds']:8.3f} CPU s)  "
+                print(f"{case:<20} {impl:<30} {r['seconds']:8.3f} s ({r['cpu_seconds']:8.3f} CPU s)  "
                       f"{r['peak_mb']:9.1f} MiB peak growth  ({r['valid_tokens']}/{r['tokens']} tokens labelled, "
                       f"{r['computed_tokens']} computed)",
                       flush=True)

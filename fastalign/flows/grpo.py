@@ -27,6 +27,13 @@ cispo``, ``delta``, ``ratio_clip_c``, ``use_bias_correction_kl`` (on by default,
 ``off_policy_mask_threshold`` become per-token loss weights at rollout time (sampler vs. recomputed policy
 log-probs); ``advantage: reinforce_pp | reinforce_pp_baseline``; DAPO's ``dynamic_sampling`` (at most
 ``max_sampling_rounds``) and ``overlong_buffer``/``overlong_penalty``. Recipes: ``configs/grpo_{gspo,dapo,cispo}.yaml``.
+``top_entropy_quantile < 1`` needs every token's entropy before any gradient, which costs the loss a no-grad
+pre-pass (one more logits GEMM a token); when the rollout already runs the policy's no-grad forward (rollout
+correction or off-policy mask on, or recomputed old log-probs) and ``num_iterations = 1`` (later iterations
+train a changed policy: TRL takes the mask at each forward), that forward also returns the entropies, stored
+with the rollout (``GRPOBatch.entropies``), and the loss takes the mask from them in its one pass (the same
+weights and temperature as the loss's forward, in eval mode like the old log-probs; only float rounding
+between the two forwards can move a token sitting exactly at the quantile).
 
 Assumptions: ``max_steps`` counts optimizer steps (``ceil(max_steps / num_iterations)`` rollouts);
 ``bnpo`` is the token mean of each micro-batch averaged over micro-batches and processes (TRL's
@@ -149,7 +156,7 @@ def concat_batches(batches, pad_id: int) -> GRPOBatch:
 
     return GRPOBatch(cat("input_ids", pad_id, False), cat("attention_mask", 0, False),
                      cat("labels", IGNORE_INDEX, False), cat("advantages", 0.0, True), cat("old_logps", 0.0, True),
-                     cat("ref_logps", 0.0, True), cat("token_weights", 0.0, True))
+                     cat("ref_logps", 0.0, True), cat("token_weights", 0.0, True), cat("entropies", 0.0, True))
 
 
 # ---------------------------------------------------------------------------------- training batch
@@ -165,11 +172,14 @@ class GRPOBatch:
     old_logps: torch.Tensor | None = None
     ref_logps: torch.Tensor | None = None
     token_weights: torch.Tensor | None = None  # [n, W-1] detached loss weights (rollout correction, masks)
+    # [n, W-1] the policy's entropies at rollout time, for the entropy mask (set only when they are the
+    # trained policy's: num_iterations = 1 and a rollout-time policy forward; see make_rollout)
+    entropies: torch.Tensor | None = None
 
     def to(self, device):
         move = lambda t: None if t is None else t.to(device)
         return GRPOBatch(*(move(getattr(self, f)) for f in ("input_ids", "attention_mask", "labels", "advantages",
-                                                            "old_logps", "ref_logps", "token_weights")))
+                                                            "old_logps", "ref_logps", "token_weights", "entropies")))
 
     def rows(self, idx) -> GRPOBatch:
         width = int(self.attention_mask[idx].sum(1).max())  # right padding: trailing pads change nothing
@@ -177,7 +187,7 @@ class GRPOBatch:
         adv = self.advantages[idx] if self.advantages.dim() == 1 else cut(self.advantages, width - 1)
         return GRPOBatch(self.input_ids[idx, :width], self.attention_mask[idx, :width], self.labels[idx, :width],
                          adv, cut(self.old_logps, width - 1), cut(self.ref_logps, width - 1),
-                         cut(self.token_weights, width - 1))
+                         cut(self.token_weights, width - 1), cut(self.entropies, width - 1))
 
     def num_completion_tokens(self) -> int:
         return int((self.labels[:, 1:] != IGNORE_INDEX).sum())
@@ -190,14 +200,17 @@ def token_aligned(rollout: SampledCompletions, values, labels):
     return out
 
 
-def _policy_forward_logps(policy_module: PolicyValueModel, batch, temperature):
+def _policy_forward_logps(policy_module: PolicyValueModel, batch, temperature, return_entropy=False):
     """Per-token log-probs ``[n, W-1]`` through the policy's own forward (where an FSDP2 root gathers its
-    parameters) and its LM head, 0 off the labels."""
+    parameters) and its LM head, 0 off the labels; with ``return_entropy``, ``(logp, entropy)`` (the
+    entropies from the same logits, 0 off the labels)."""
     hidden = policy_module(batch.input_ids, batch.attention_mask)[0]
     head = gathered(policy_module, lm_head(policy_module.lm))
-    logp = ops.token_logprobs(hidden[:, :-1], head.weight, batch.labels[:, 1:], bias=head.bias,
-                              temperature=temperature, ignore_index=IGNORE_INDEX)
-    return torch.where(batch.labels[:, 1:] != IGNORE_INDEX, logp, torch.zeros_like(logp))
+    out = ops.token_logprobs(hidden[:, :-1], head.weight, batch.labels[:, 1:], bias=head.bias,
+                             temperature=temperature, ignore_index=IGNORE_INDEX, return_entropy=return_entropy)
+    on = batch.labels[:, 1:] != IGNORE_INDEX
+    outs = [torch.where(on, x, torch.zeros_like(x)) for x in (out if return_entropy else (out,))]
+    return tuple(outs) if return_entropy else outs[0]
 
 
 @torch.no_grad()
@@ -219,11 +232,12 @@ def reference_logps(reference, policy_module: PolicyValueModel, batch, temperatu
 
 
 @torch.no_grad()
-def policy_logps(policy_module: PolicyValueModel, batch, temperature):
-    """The policy's current per-token log-probs ``[n, W-1]`` (no gradient), as the loss computes them."""
+def policy_logps(policy_module: PolicyValueModel, batch, temperature, return_entropy=False):
+    """The policy's current per-token log-probs ``[n, W-1]`` (no gradient), as the loss computes them; with
+    ``return_entropy``, ``(logp, entropy)`` from the same forward (what the loss's entropy mask needs)."""
     was_training = policy_module.training
     policy_module.eval()
-    out = _policy_forward_logps(policy_module, batch, temperature)
+    out = _policy_forward_logps(policy_module, batch, temperature, return_entropy=return_entropy)
     policy_module.train(was_training)
     return out
 
@@ -250,11 +264,12 @@ def grpo_loss_fn(loss_module: FusedLinearGRPOLoss, cfg: GRPOConfig):
 
     def loss_fn(model, batch: GRPOBatch):
         labels, old, ref, tw = batch.labels[:, 1:], batch.old_logps, batch.ref_logps, batch.token_weights
+        ent = batch.entropies  # the rollout-time policy's, when stored: the entropy mask without a pre-pass
         adv = batch.advantages if batch.advantages.dim() == 2 else None  # per token (REINFORCE++)
         if share_prompts:
             plen = prompt_lengths(batch)
             hidden, _ = model(batch.input_ids, batch.attention_mask, prompt_lengths=plen)
-            labels, old, ref, tw, adv = completion_aligned(plen, hidden.shape[1], labels, old, ref, tw, adv)
+            labels, old, ref, tw, adv, ent = completion_aligned(plen, hidden.shape[1], labels, old, ref, tw, adv, ent)
         else:
             hidden, _ = model(batch.input_ids, batch.attention_mask)
             hidden = hidden[:, :-1]
@@ -266,7 +281,7 @@ def grpo_loss_fn(loss_module: FusedLinearGRPOLoss, cfg: GRPOConfig):
                                               if loss_type in ("grpo", "dr_grpo") else None)
         loss, metrics = loss_module(hidden, head.weight, labels, advantages=batch.advantages if adv is None else adv,
                                     old_logps=old, ref_logps=ref, bias=head.bias, token_weights=tw,
-                                    num_items=1, num_sequences=1, entropy_num_items=entropy_items)
+                                    num_items=1, num_sequences=1, entropy_num_items=entropy_items, entropies=ent)
         n = weight_fn(batch)
         return loss, {k: v.detach() * n for k, v in metrics.items()}
 
@@ -334,6 +349,10 @@ def make_rollout(policy, sampler, rewards, reference, tokenizer, cfg: GRPOConfig
     """``sample(rows, generator) -> (GRPOBatch, metrics)``: sample, score, advantages, stored log-probs."""
     new_tokens = max_new_tokens(cfg)
     recompute_old = cfg.num_iterations > 1 and not hasattr(sampler, "model")  # vLLM log-probs are the engine's
+    corrected = cfg.rollout_is_correction != "none" or cfg.off_policy_mask_threshold >= 0
+    # The entropy mask from the rollout-time policy forward, when one runs and trains this very policy (one
+    # iteration): the loss then skips its no-grad pre-pass. Later iterations' policies differ (TRL remasks).
+    store_entropies = cfg.top_entropy_quantile < 1 and (recompute_old or corrected) and cfg.num_iterations == 1
 
     def sample_once(rows, generator):
         policy_module = unwrap(policy)
@@ -359,12 +378,16 @@ def make_rollout(policy, sampler, rewards, reference, tokenizer, cfg: GRPOConfig
             batch.advantages = reinforce_pp_token_advantages(total, batch, cfg.advantage, cfg.num_generations)
         else:
             batch.advantages = compute_advantages(total, cfg.num_generations, cfg.advantage, state).to(state.device)
-        corrected = cfg.rollout_is_correction != "none" or cfg.off_policy_mask_threshold >= 0
         if cfg.num_iterations > 1 or corrected:
             sampling = token_aligned(rollout, rollout.logprobs, labels).to(state.device)
             # The correction compares the sampler's log-probs with the policy's own, so those are recomputed.
-            batch.old_logps = policy_logps(policy_module, batch, cfg.temperature) if recompute_old or corrected \
-                else sampling
+            if store_entropies:
+                batch.old_logps, batch.entropies = policy_logps(policy_module, batch, cfg.temperature,
+                                                                return_entropy=True)
+            elif recompute_old or corrected:
+                batch.old_logps = policy_logps(policy_module, batch, cfg.temperature)
+            else:
+                batch.old_logps = sampling
             if corrected:
                 batch.token_weights = correction_weights(batch, sampling, cfg)
         if reference is not None:

@@ -29,7 +29,8 @@ def clipped_policy_loss(hidden, weight, labels, *, advantages, mask=None, old_lo
                         kl_kind="k3", epsilon_low=0.2, epsilon_high=None, loss_type="dapo", max_completion_length=None,
                         temperature=1.0, entropy_coef=0.0, ignore_index=-100, chunk_size=None, mem_budget=None,
                         importance_sampling_level="token", delta=None, ratio_clip_c=None, kl_bias_correction=False,
-                        token_weights=None, top_entropy_quantile=1.0, entropy_group=None, entropy_num_items=None):
+                        token_weights=None, top_entropy_quantile=1.0, entropy_group=None, entropy_num_items=None,
+                        entropies=None):
     """The GRPO/PPO policy loss (see :class:`FusedLinearGRPOLoss`); returns ``(loss, metrics)``.
 
     Each chunk's log-probs go through the same backend token pass as :func:`fastalign.ops.policy_loss`
@@ -41,6 +42,14 @@ def clipped_policy_loss(hidden, weight, labels, *, advantages, mask=None, old_lo
     quantile of every valid token's entropy, and a row longer than a chunk cannot be held whole: then
     a no-grad pass computes all log-probs and entropies first (one extra logits GEMM per token, 4
     instead of 3), the token pass runs once over whole rows, and the gradient pass reuses its d logp.
+
+    ``entropies [B, T]`` (float, detached; any value off the valid tokens) are the current policy's
+    per-token entropies at ``temperature``, from a forward the caller runs anyway (the GRPO flow's
+    rollout-time policy forward). With ``top_entropy_quantile < 1`` the mask then comes from them
+    (:func:`fastalign.ops.entropy_mask`, same ``entropy_group``) and no pre-pass runs unless GSPO's rows
+    do not fit a chunk: 3 GEMMs a token, the same loss, gradients and metrics as the pre-pass (the
+    ``entropy`` metric and the bonus's gradient use the in-pass entropies). With
+    ``top_entropy_quantile == 1`` they are validated and unused.
 
     The entropy bonus is ``entropy_coef`` times the mean entropy of the trained tokens (TRL's); a caller
     that sums token terms over micro-batches (dapo with ``num_items=1``) passes ``entropy_num_items=1`` to
@@ -80,6 +89,10 @@ def clipped_policy_loss(hidden, weight, labels, *, advantages, mask=None, old_lo
             or not 0.0 < top_entropy_quantile <= 1.0:
         raise ValueError(f"top_entropy_quantile must be a number in (0, 1] (the fraction of valid tokens kept), "
                          f"got {top_entropy_quantile!r}")
+    if entropies is not None:  # no finiteness check: positions off the valid tokens may hold anything
+        v.tensor("entropies", entropies, dtypes=v.FLOAT_DTYPES)
+        v.same_shape("entropies", entropies, bt, ref="labels")
+        v.same_device("entropies", entropies, hidden, "hidden")
 
     config = policy.PolicyConfig(float(beta), kl_kind, float(epsilon_low),
                                  float(epsilon_low if epsilon_high is None else epsilon_high),
@@ -95,24 +108,33 @@ def clipped_policy_loss(hidden, weight, labels, *, advantages, mask=None, old_lo
         v.integer("num_sequences", num_sequences, minimum=1)
     scale_rows = row_scale(counts, loss_type, max_completion_length, num_items, length=bt[1],
                            num_sequences=num_sequences)
-    mflat = mf.reshape(1, -1)
-    ent_norm = counts.sum().clamp(min=1.0) if entropy_num_items is None else float(entropy_num_items)
-    w_ent = (mflat / ent_norm) * float(entropy_coef)
+    keep = None  # the entropy mask, when the caller's entropies give it before any pass
+    if top_entropy_quantile < 1.0 and entropies is not None:
+        from fastalign.ops import entropy_mask
+
+        keep = entropy_mask(entropies.detach().float().masked_fill(~m, 0.0), mf, quantile=top_entropy_quantile,
+                            group=entropy_group).float()
+    effective = mf if keep is None else mf * keep  # the trained tokens: the entropy bonus's
+    ent_norm = effective.sum().clamp(min=1.0) if entropy_num_items is None else float(entropy_num_items)
+    w_ent = (effective.reshape(1, -1) / ent_norm) * float(entropy_coef)
     use_ref = beta > 0
     # GSPO needs each row whole: chunks of whole rows when every row fits one chunk (one pass, 3 GEMMs a
-    # token), else a no-grad pass first; the entropy mask needs every token's entropy first, always.
+    # token), else a no-grad pass first; the entropy mask needs every token's entropy first: from the
+    # caller's ``entropies`` when given, else from that no-grad pass.
     whole_rows = importance_sampling_level != "token"
-    if top_entropy_quantile < 1.0 or (whole_rows and not chunked.whole_rows_fit(
+    if (top_entropy_quantile < 1.0 and keep is None) or (whole_rows and not chunked.whole_rows_fit(
             labels_eff, ignore_index, chunk_size, weight.shape[0], mem_budget)):
         return _whole_rows_policy_loss(
             hidden, weight, labels_eff, advantages, mf, old_logps, bias, ref_hidden if use_ref else None,
             ref_weight, ref_bias, ref_logps if use_ref else None, config, scale_rows, token_weights,
             top_entropy_quantile, entropy_group, float(entropy_coef), entropy_num_items, temperature,
-            ignore_index, chunk_size, mem_budget)
+            ignore_index, chunk_size, mem_budget, keep)
     length = bt[1]
     adv = advantages.detach().float()
     old = None if old_logps is None else old_logps.detach().float()
     tw = None if token_weights is None else token_weights.detach().float()
+    if keep is not None:  # the mask multiplies the surrogate as a token weight, as in the pre-pass path
+        tw = keep if tw is None else tw * keep
     if not whole_rows:  # the chunks cut across rows: one flat row, every row value per token
         adv = (adv.unsqueeze(1) if adv.dim() == 1 else adv).expand(bt)
         scale_rows = scale_rows[:, None].expand(bt)
@@ -158,8 +180,11 @@ def clipped_policy_loss(hidden, weight, labels, *, advantages, mask=None, old_lo
 
 def _whole_rows_policy_loss(hidden, weight, labels, advantages, mf, old_logps, bias, ref_hidden, ref_weight, ref_bias,
                             ref_logps, config, scale, token_weights, quantile, entropy_group, entropy_coef,
-                            entropy_num_items, temperature, ignore_index, chunk_size, mem_budget):
+                            entropy_num_items, temperature, ignore_index, chunk_size, mem_budget, keep=None):
     """The policy loss when a token's gradient depends on its whole row (GSPO) or on every token (entropy mask).
+
+    ``keep [B, T]`` float: the entropy mask already taken from the caller's entropies (else, with
+    ``quantile < 1``, it comes from this pass's).
 
     1. a no-grad pass: every log-prob and entropy (and the reference's, from ``ref_hidden``);
     2. the backend token pass over whole ``[B, T]`` rows, its gradient w.r.t. those log-probs
@@ -186,10 +211,11 @@ def _whole_rows_policy_loss(hidden, weight, labels, advantages, mf, old_logps, b
             ref = ref_logps.detach().float()
         weights = None if token_weights is None else token_weights.detach().float()
         effective = mf
-        if quantile < 1.0:
+        if keep is None and quantile < 1.0:
             from fastalign.ops import entropy_mask
 
             keep = entropy_mask(entropy, mf, quantile=quantile, group=entropy_group).float()
+        if keep is not None:
             weights = keep if weights is None else weights * keep
             effective = mf * keep
     old = logp if old_logps is None else old_logps.detach().float()
@@ -254,7 +280,10 @@ class FusedLinearGRPOLoss(torch.nn.Module):
     ``entropy_group`` when given), ``entropy_coef`` (bonus over the same tokens) and, in ``forward``,
     ``token_weights [B, T]`` (detached multipliers, e.g. :func:`fastalign.ops.rollout_is_weights`).
     Sequence levels and the entropy mask cost one extra no-grad logits GEMM per token (4 instead of
-    3): every row's log-probs must be known before any token's gradient. Metrics add
+    3): every row's log-probs must be known before any token's gradient. ``forward``'s ``entropies
+    [B, T]`` (the current policy's entropies at ``temperature`` from a forward the caller runs anyway,
+    e.g. the GRPO flow's rollout-time one) give the entropy mask without that pass: 3 GEMMs a token
+    again (GSPO too when its rows fit a chunk), with the same results. Metrics add
     ``clip_ratio/low_min`` and ``clip_ratio/high_max`` (``cispo_clip_ratio`` for cispo).
     """
 
@@ -286,7 +315,7 @@ class FusedLinearGRPOLoss(torch.nn.Module):
 
     def forward(self, hidden, weight, labels, *, advantages, mask=None, old_logps=None, bias=None, ref_hidden=None,
                 ref_weight=None, ref_bias=None, ref_logps=None, num_items=None, num_sequences=None, token_weights=None,
-                entropy_num_items=None):
+                entropy_num_items=None, entropies=None):
         return clipped_policy_loss(
             hidden, weight, labels, advantages=advantages, mask=mask, old_logps=old_logps, bias=bias,
             ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias, ref_logps=ref_logps,
@@ -296,7 +325,7 @@ class FusedLinearGRPOLoss(torch.nn.Module):
             max_completion_length=self.max_completion_length, temperature=self.temperature,
             entropy_coef=self.entropy_coef, ignore_index=self.ignore_index, chunk_size=self.chunk_size,
             mem_budget=self.mem_budget, token_weights=token_weights, entropy_num_items=entropy_num_items,
-            **self.options)
+            entropies=entropies, **self.options)
 
     def extra_repr(self) -> str:
         return (f"beta={self.beta}, loss_type={self.loss_type!r}, epsilon_low={self.epsilon_low}, "
@@ -312,7 +341,7 @@ def fused_linear_grpo_loss(hidden, weight, labels, *, advantages, mask=None, old
     """Functional form of :class:`FusedLinearGRPOLoss`; returns ``(loss, metrics)``.
 
     ``options``: ``importance_sampling_level``, ``delta``, ``ratio_clip_c``, ``kl_bias_correction``,
-    ``token_weights``, ``top_entropy_quantile``, ``entropy_group`` (see :func:`clipped_policy_loss`).
+    ``token_weights``, ``top_entropy_quantile``, ``entropy_group``, ``entropies`` (see :func:`clipped_policy_loss`).
     """
     return clipped_policy_loss(
         hidden, weight, labels, advantages=advantages, mask=mask, old_logps=old_logps, bias=bias,

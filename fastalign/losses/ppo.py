@@ -23,18 +23,20 @@ class FusedLinearPPOLoss(FusedLinearGRPOLoss):
     rewards for PPO, so ``beta`` defaults to 0; the value loss is :func:`fastalign.ops.value_loss`.
     ``forward`` takes the same arguments as GRPO's and returns ``(loss, metrics)`` with
     ``clip_ratio/*``, ``entropy``, ``approx_kl`` (``0.5·mean((logp − old_logp)²)``, TRL's
-    ``policy/approxkl``) and ``kl`` when ``beta > 0``.
+    ``policy/approxkl``) and ``kl`` when ``beta > 0``. ``entropies [B, T]`` give the entropy mask
+    (``top_entropy_quantile < 1``) without the no-grad pre-pass (see :func:`clipped_policy_loss`).
     """
 
     default_loss_type = "bnpo"
 
     def forward(self, hidden, weight, labels, *, advantages, mask=None, old_logps=None, bias=None, ref_hidden=None,
-                ref_weight=None, ref_bias=None, ref_logps=None, num_items=None, num_sequences=None, token_weights=None):
+                ref_weight=None, ref_bias=None, ref_logps=None, num_items=None, num_sequences=None, token_weights=None,
+                entropies=None):
         _check_token_advantages(advantages, labels)
         return super().forward(hidden, weight, labels, advantages=advantages, mask=mask, old_logps=old_logps,
                                bias=bias, ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias,
                                ref_logps=ref_logps, num_items=num_items, num_sequences=num_sequences,
-                               token_weights=token_weights)
+                               token_weights=token_weights, entropies=entropies)
 
 
 def fused_linear_ppo_loss(hidden, weight, labels, *, advantages, mask=None, old_logps=None, bias=None,
