@@ -126,7 +126,7 @@ def _cmd_experiment(args: argparse.Namespace) -> int:
     from fastalign.experiments.driver import run_experiment
 
     try:
-        run_experiment(args.name, quick=args.quick, seeds=args.seeds, threads=args.threads,
+        run_experiment(args.name, quick=args.quick, seeds=args.seeds, threads=args.threads, jobs=args.jobs,
                        output_dir=args.output_dir, overwrite=args.overwrite, report_only=args.report_only)
     except (ValueError, TypeError, OSError, ImportError) as e:
         print(f"fastalign experiment: error: {one_line(e)}", file=sys.stderr)
@@ -144,6 +144,9 @@ def _add_experiment_command(sub) -> None:
     p.add_argument("--quick", action="store_true", help="a few steps per run (smoke test)")
     p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 (default 3)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    p.add_argument("--jobs", type=int, default=0,
+                   help="seeds run at once, each in its own process (0 = cores / threads, e.g. 2 with --threads 1 "
+                        "on 2 cores; 1 when --threads is 0)")
     p.add_argument("--output_dir", default="runs/experiments", help="the experiment writes <output_dir>/<name>/")
     p.add_argument("--overwrite", action="store_true", help="replace an existing experiment folder")
     p.add_argument("--report_only", action="store_true",

@@ -94,6 +94,8 @@ def test_bad_arguments_and_an_existing_folder_are_refused(tmp_path, capsys):
     assert "invalid choice: 'nope'" in capsys.readouterr().err
     assert cli.main(["experiment", "selection", "--seeds", "0", "--output_dir", str(tmp_path)]) == 1
     assert "--seeds must be >= 1, got 0" in capsys.readouterr().err
+    assert cli.main(["experiment", "selection", "--jobs", "-1", "--output_dir", str(tmp_path)]) == 1
+    assert "--jobs must be >= 0" in capsys.readouterr().err
     (tmp_path / "selection").mkdir()
     (tmp_path / "selection" / "results.json").write_text("{}")
     assert cli.main(["experiment", "selection", "--quick", "--output_dir", str(tmp_path)]) == 1
@@ -127,3 +129,18 @@ def test_paradigms_counts_the_training_token_passes_of_every_trunk_and_nothing_o
     assert budget_steps(1000, 100) == 10 and budget_steps(1000, 300) == 3 and budget_steps(10, 300) == 1
     with pytest.raises(ValueError, match="cost_per_step must be > 0"):
         budget_steps(10, 0)
+
+
+def test_seeds_run_in_parallel_processes_measure_what_one_process_measures(tmp_path):
+    from fastalign.experiments.driver import parallel_jobs
+
+    assert parallel_jobs(0) == 1 and parallel_jobs(10**6) == 1
+    runs = {}
+    for jobs in (1, 2):
+        out = tmp_path / f"jobs{jobs}"
+        assert cli.main(["experiment", "instruction-tax", "--quick", "--seeds", "2", "--threads", "1", "--jobs",
+                         str(jobs), "--output_dir", str(out)]) == 0
+        runs[jobs] = json.loads((out / "instruction-tax" / "results.json").read_text())
+    assert runs[2]["jobs"] == 2 and runs[1]["jobs"] == 1
+    assert list(runs[2]["seeds"]) == ["seed0", "seed1"] and runs[2]["seeds"] == runs[1]["seeds"]
+    assert runs[2]["mean"] == runs[1]["mean"]

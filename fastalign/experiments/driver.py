@@ -169,10 +169,12 @@ def fmt(mean: float, sd: float) -> str:
     return f"{mean:.3f} ± {sd:.3f}"
 
 
-def run_experiment(name: str, *, quick: bool = False, seeds: int = 3, threads: int = 0,
+def run_experiment(name: str, *, quick: bool = False, seeds: int = 3, threads: int = 0, jobs: int = 0,
                    output_dir: str = "runs/experiments", overwrite: bool = False, report_only: bool = False) -> dict:
     """Run experiment ``name`` for seeds 0..seeds-1; returns what ``results.json`` holds plus ``"report"``.
 
+    ``jobs`` seeds run at once, each in its own process with ``threads`` torch threads (0 = as many as
+    :func:`parallel_jobs` fits on the machine's cores: with ``threads=1`` on 2 cores, two seeds at a time).
     ``report_only``: run nothing; write ``report.md`` and the plots from the seeds an existing ``results.json``
     holds (it is rewritten after every seed, so a stopped run keeps what it measured)."""
     import torch
@@ -182,6 +184,8 @@ def run_experiment(name: str, *, quick: bool = False, seeds: int = 3, threads: i
         raise ValueError(f"--seeds must be >= 1, got {seeds}")
     if threads < 0:
         raise ValueError(f"--threads must be >= 0, got {threads}")
+    if jobs < 0:
+        raise ValueError(f"--jobs must be >= 0 (0 = fit the cores), got {jobs}")
     pyplot()  # no plotting library: say so before minutes of training, not after
     root = Path(output_dir) / name
     if report_only:
@@ -197,14 +201,45 @@ def run_experiment(name: str, *, quick: bool = False, seeds: int = 3, threads: i
     if threads:
         torch.set_num_threads(threads)
 
-    saved = {"experiment": name, "quick": quick, "threads": threads, "machine": machine(), "seeds": {},
+    jobs = min(jobs or parallel_jobs(threads), seeds)
+    saved = {"experiment": name, "quick": quick, "threads": threads, "jobs": jobs, "machine": machine(), "seeds": {},
              "timings_s": {}}
-    for seed in range(seeds):
-        t = time.time()
-        saved["seeds"][f"seed{seed}"] = module.run_seed(SeedRun(seed=seed, quick=quick, threads=threads, root=root))
-        saved["timings_s"][f"seed{seed}"] = round(time.time() - t, 1)
+
+    def record(seed, measured, seconds):
+        saved["seeds"][f"seed{seed}"], saved["timings_s"][f"seed{seed}"] = measured, round(seconds, 1)
+        for key in ("seeds", "timings_s"):  # seed order, whichever finished first
+            saved[key] = dict(sorted(saved[key].items()))
         write_json(root / "results.json", saved)  # after every seed: a stopped run keeps what it measured
+
+    if jobs == 1:
+        for seed in range(seeds):
+            record(*_run_seed(name, seed, quick, threads, root))
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        # Spawned (not forked) workers: a fork of a process whose torch thread pool already ran can deadlock.
+        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = [pool.submit(_run_seed, name, seed, quick, threads, root) for seed in range(seeds)]
+            for future in as_completed(futures):
+                record(*future.result())
     return finish(root, name, module, saved)
+
+
+def parallel_jobs(threads: int) -> int:
+    """Seeds that fit the machine at once: its cores over each seed's threads (1 when torch picks the threads)."""
+    return max(1, (os.cpu_count() or 1) // threads) if threads else 1
+
+
+def _run_seed(name: str, seed: int, quick: bool, threads: int, root: Path) -> tuple[int, dict, float]:
+    """One seed of experiment ``name`` (in this process or a worker): ``(seed, its measurements, seconds)``."""
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    t = time.time()
+    measured = _experiment_module(name).run_seed(SeedRun(seed=seed, quick=quick, threads=threads, root=root))
+    return seed, measured, time.time() - t
 
 
 def _experiment_module(name: str):
