@@ -23,7 +23,7 @@ from fastalign.engine.generation import decode, generate
 from fastalign.icl.prompts import render_text
 from fastalign.models.loading import load_causal_lm, load_tokenizer
 
-from .driver import fmt, pyplot
+from .driver import fmt, pyplot, save_figure
 
 CLAIM = ("Alignment is a thin filter over the base model's behaviour: adversarial prompts (jailbreaks, "
          "role-play, few-shot priming) bring the behaviour alignment removed back.")
@@ -140,13 +140,8 @@ def plot(results, root) -> list:
         ax.grid(axis="y", alpha=0.3)
         if ax.get_legend_handles_labels()[1]:
             ax.legend(fontsize=7)
-    fig.suptitle("adversarial prefixes (left of the dashed line) and controls (right) against SFT, DPO and PPO",
-                 fontsize=10)
-    fig.tight_layout()
-    path = root / "brittleness.png"
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return [path]
+    return [save_figure(fig, root / "brittleness.png",
+                        "adversarial prefixes (left of the dashed line) and controls (right) against SFT, DPO and PPO")]
 
 
 def _seed_values(results, metric) -> list:

@@ -120,6 +120,16 @@ def pyplot():
     return plt
 
 
+def save_figure(fig, path, title: str) -> Path:
+    """Title, lay out, write (PNG, 90 dpi) and close a figure; returns its path."""
+    plt = pyplot()
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return Path(path)
+
+
 def line_plot(path: Path, panels: dict, results: dict, *, xlabel: str, title: str, logx: bool = False) -> Path:
     """``panels``: ``{panel title: {line label: metric}}``; each line is the metric's mean ± sd against its axis
     value, with each seed's value as a dot."""
@@ -138,11 +148,7 @@ def line_plot(path: Path, panels: dict, results: dict, *, xlabel: str, title: st
         ax.set_title(name, fontsize=9)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return Path(path)
+    return save_figure(fig, path, title)
 
 
 def bar_plot(path: Path, panels: dict, results: dict, *, title: str) -> Path:
@@ -158,11 +164,7 @@ def bar_plot(path: Path, panels: dict, results: dict, *, title: str) -> Path:
         ax.set_ylim(bottom=min(0.0, *(min(s[m] for s in results["seeds"].values()) for m in bars.values())))
         ax.set_title(name, fontsize=9)
         ax.grid(axis="y", alpha=0.3)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return Path(path)
+    return save_figure(fig, path, title)
 
 
 def fmt(mean: float, sd: float) -> str:

@@ -34,7 +34,7 @@ from fastalign.engine.generation import decode, sample
 from fastalign.models.loading import load_causal_lm, load_tokenizer
 from fastalign.rewards import ModelReward
 
-from .driver import fmt, pyplot, series
+from .driver import fmt, pyplot, save_figure, series
 
 CLAIM = ("Optimizing a learned reward model too hard overoptimizes it: the proxy reward keeps rising with the KL "
          "from the start policy while the true (gold) reward peaks and then falls (Gao et al., 2022).")
@@ -177,12 +177,8 @@ def plot(results, root) -> list:
         ax.set_title(title, fontsize=9)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle("best-of-n and PPO against the learned reward model: gold and proxy vs √KL", fontsize=10)
-    fig.tight_layout()
-    path = root / "overoptimization.png"
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return [path]
+    return [save_figure(fig, root / "overoptimization.png",
+                        "best-of-n and PPO against the learned reward model: gold and proxy vs √KL")]
 
 
 def gold_noise(results, gold) -> float:
