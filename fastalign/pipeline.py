@@ -104,7 +104,7 @@ def _stage_configs(name, output_dir, quick, seed, threads, overrides_file, overw
     file_overrides = _read_overrides(overrides_file)
     configs = {}
     for stage in STAGES:
-        values = _stage_values(stage, quick, file_overrides)
+        values = stage_values(stage, quick, file_overrides.get(stage))
         values.update(name=f"{name}/{stage}", output_dir=output_dir, seed=seed, threads=threads,
                       num_eval_examples=20 if quick else 200, progress=not quick, overwrite=overwrite)
         if stage == "ppo":  # the reward stage's model, trained before PPO runs
@@ -113,9 +113,10 @@ def _stage_configs(name, output_dir, quick, seed, threads, overrides_file, overw
     return configs
 
 
-def _stage_values(stage, quick, file_overrides) -> dict:
-    """The stage's keys on top of its flow's defaults: DEFAULTS, then QUICK (with ``--quick``), then the file."""
-    return dict(DEFAULTS[stage], **(QUICK[stage] if quick else {}), **(file_overrides.get(stage) or {}))
+def stage_values(stage, quick, overrides=None) -> dict:
+    """The stage's keys on top of its flow's defaults: DEFAULTS, then QUICK (with ``--quick``), then
+    ``overrides`` (the file's, or an experiment's); a later layer may repeat an earlier one's keys."""
+    return {**DEFAULTS[stage], **(QUICK[stage] if quick else {}), **(overrides or {})}
 
 
 def _read_overrides(path) -> dict:
@@ -321,7 +322,7 @@ def run_seed(*, name, output_dir, quick, seed, threads, config, overwrite) -> di
 
     # --- in-context alignment of the SFT model (nothing trained) -----------------------------------------
     t = time.time()
-    icl_values = _stage_values(ICL, quick, _read_overrides(config))
+    icl_values = stage_values(ICL, quick, _read_overrides(config).get(ICL))
     icl_rows = icl.pipeline_rows(sft_dir, tokenizer, n=min(n_eval, ICL_EVAL_PROMPTS), seed=seed, run_dir=root / ICL,
                                  **icl_values)
     for mode, metrics in icl_rows.items():

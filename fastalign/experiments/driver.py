@@ -60,7 +60,7 @@ class SeedRun:
         folder (the SFT model several experiments start from) is reused instead of trained again."""
         from fastalign import pipeline
 
-        values = {**pipeline.DEFAULTS[stage], **(pipeline.QUICK[stage] if self.quick else {}), **changes}
+        values = pipeline.stage_values(stage, self.quick, changes)
         flow = flow or pipeline.STAGE_FLOW.get(stage, stage)
         done = self.finished_run(flow, stage, values)
         if done is not None:

@@ -28,6 +28,7 @@ from fastalign.data import loading, tasks
 from fastalign.engine import evaluation
 from fastalign.engine.generation import decode, generate
 from fastalign.models.loading import load_causal_lm, load_tokenizer
+from fastalign.pipeline import stage_values
 
 from .driver import bar_plot, fmt
 
@@ -106,14 +107,14 @@ def run_seed(run) -> dict:
     # The flows' own final evaluations are not counted; a small one keeps their time down (ours follows).
     common = dict(init_from=sft_dir, num_eval_examples=4 if run.quick else 20)
     with count_token_passes() as reward_model_cost:  # trained here, not reused: its compute is RLHF's
-        _, rm_dir = run.flow("reward", "reward", _pipeline_values("reward", run.quick, **common))
+        _, rm_dir = run.flow("reward", "reward", stage_values("reward", run.quick, common))
     train = {
-        "dpo": lambda steps, stage: run.flow("dpo", stage, _pipeline_values("dpo", run.quick, **common,
-                                                                            max_steps=steps))[1],
-        "rlhf": lambda steps, stage: run.flow("ppo", stage, _pipeline_values("ppo", run.quick, **common,
-                                                                             reward_model=rm_dir, max_steps=steps))[1],
+        "dpo": lambda steps, stage: run.flow("dpo", stage, stage_values("dpo", run.quick,
+                                                                         dict(common, max_steps=steps)))[1],
+        "rlhf": lambda steps, stage: run.flow("ppo", stage, stage_values("ppo", run.quick, dict(
+            common, reward_model=rm_dir, max_steps=steps)))[1],
         "grpo": lambda steps, stage: run.flow("grpo", stage, {
-            **_pipeline_values("grpo", run.quick, **common), **GRPO, **(GRPO_QUICK if run.quick else {}),
+            **stage_values("grpo", run.quick, common), **GRPO, **(GRPO_QUICK if run.quick else {}),
             "max_steps": steps})[1],
     }
 
@@ -131,12 +132,6 @@ def run_seed(run) -> dict:
             folders[method] = train[method](steps, method)
         out[f"steps_{method}"], out[f"compute_{method}"] = steps, used.compute + before
     return dict(measure_methods(folders, n=size["prompts"], seed=run.seed), **out)
-
-
-def _pipeline_values(stage: str, quick: bool, **changes) -> dict:
-    from fastalign import pipeline
-
-    return {**pipeline.DEFAULTS[stage], **(pipeline.QUICK[stage] if quick else {}), **changes}
 
 
 def measure_methods(folders: dict, *, n: int, seed: int) -> dict:

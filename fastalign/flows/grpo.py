@@ -29,7 +29,7 @@ log-probs); ``advantage: reinforce_pp | reinforce_pp_baseline``; DAPO's ``dynami
 ``max_sampling_rounds``) and ``overlong_buffer``/``overlong_penalty``. Recipes: ``configs/grpo_{gspo,dapo,cispo}.yaml``.
 ``top_entropy_quantile < 1`` needs every token's entropy before any gradient, which costs the loss a no-grad
 pre-pass (one more logits GEMM a token); when the rollout already runs the policy's no-grad forward (rollout
-correction or off-policy mask on, or recomputed old log-probs) and ``num_iterations = 1`` (later iterations
+correction or off-policy mask on) and ``num_iterations = 1`` (later iterations
 train a changed policy: TRL takes the mask at each forward), that forward also returns the entropies, stored
 with the rollout (``GRPOBatch.entropies``), and the loss takes the mask from them in its one pass (the same
 weights and temperature as the loss's forward, in eval mode like the old log-probs; only float rounding
@@ -352,7 +352,7 @@ def make_rollout(policy, sampler, rewards, reference, tokenizer, cfg: GRPOConfig
     corrected = cfg.rollout_is_correction != "none" or cfg.off_policy_mask_threshold >= 0
     # The entropy mask from the rollout-time policy forward, when one runs and trains this very policy (one
     # iteration): the loss then skips its no-grad pre-pass. Later iterations' policies differ (TRL remasks).
-    store_entropies = cfg.top_entropy_quantile < 1 and (recompute_old or corrected) and cfg.num_iterations == 1
+    store_entropies = cfg.top_entropy_quantile < 1 and corrected and cfg.num_iterations == 1
 
     def sample_once(rows, generator):
         policy_module = unwrap(policy)
