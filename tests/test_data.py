@@ -1,6 +1,7 @@
 """Data: the character tokenizer, built-in tasks and verifiers, dataset formats, bad rows, packing."""
 
 import json
+import random
 
 import pytest
 import torch
@@ -33,7 +34,7 @@ def test_tiny_tokenizer_reloads_from_disk(tok, tmp_path):
     assert again.pad_token_id == 0 and again.bos_token_id == 1 and again.eos_token_id == 2
 
 
-@pytest.mark.parametrize("name", ["arith", "pronoun"])
+@pytest.mark.parametrize("name", ["arith", "arith_slips", "pronoun"])
 def test_tasks_are_deterministic_and_splits_disjoint(name):
     task = tasks.get_task(name)
     assert task.sft(50, seed=3) == task.sft(50, seed=3)
@@ -53,6 +54,29 @@ def test_arith_verifier_is_exact_match():
     for r in task.sft(200, seed=1):
         a, b = r["prompt"][:-1].split("+")
         assert int(r["completion"]) == int(a) + int(b)
+
+
+def test_arith_slips_demonstrations_forget_the_carry_and_nothing_else():
+    slips, plain = tasks.get_task("arith_slips"), tasks.get_task("arith")
+    seed = random.randrange(10**6)
+    rows = slips.sft(3000, seed=seed)
+    assert [r["prompt"] for r in rows] == [r["prompt"] for r in plain.sft(3000, seed=seed)]
+    carries = slipped = 0
+    for r in rows:
+        a, b = map(int, r["prompt"][:-1].split("+"))
+        if a % 10 + b % 10 < 10:
+            assert int(r["completion"]) == a + b
+            continue
+        carries += 1
+        assert int(r["completion"]) in (a + b, a + b - 10)
+        slipped += int(r["completion"]) == a + b - 10
+    assert abs(slipped / carries - slips.carry_slip) < 0.05
+    # Everything a verifier or a preference stage sees is arith's: the slip is in the demonstrations only.
+    for kind, split in (("prompts", "train"), ("prompts", "eval"), ("preferences", "train")):
+        assert getattr(slips, kind)(40, seed=seed, split=split) == getattr(plain, kind)(40, seed=seed, split=split)
+    row = slips.prompts(1, seed=seed)[0]
+    assert slips.reward(row, row["answer"]) == 1.0
+    assert tasks.task_rows("arith_slips*3+pronoun", "sft", 4, seed=seed)[0]["task"] == "arith_slips"
 
 
 def test_pronoun_base_data_is_stereotyped_and_tag_marks_neutral():

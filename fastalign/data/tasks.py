@@ -5,6 +5,10 @@ pairs (``prompt``/``chosen``/``rejected``) and prompt-only rows (``prompt`` plus
 needs). ``train`` and ``eval`` splits never share a problem, whatever the seed.
 
 * ``arith`` — two-digit addition ``"37+48="`` → ``"85"``; verifier: exact match.
+* ``arith_slips`` — ``arith`` written down by a demonstrator with a systematic bug: its SFT completions forget the
+  carry in 60 % of the problems whose units digits carry (``"37+48="`` → ``"75"``). Prompts, preference pairs,
+  held-out rows and the verifier are ``arith``'s: imitation learns the slip, a verifier-rewarded RL stage can
+  unlearn it (the pipeline's SFT data, so that its GRPO stage has something to fix on every seed).
 * ``pronoun`` — fill-in sentences about occupations (``"The nurse grabbed ___ bag. ___="``). The
   base SFT data carries the stereotyped his/her co-occurrence; the value behaviour is the
   gender-neutral ``"their"``, demonstrated where the prompt carries the instruction tag ``[neutral]``
@@ -101,6 +105,23 @@ class ArithTask:
         return {"exact_match": sum(hits) / max(len(hits), 1)}
 
 
+class ArithSlipsTask(ArithTask):
+    """``arith`` whose SFT demonstrations drop the carry in :attr:`carry_slip` of the carry problems."""
+
+    name = "arith_slips"
+    carry_slip = 0.6
+
+    def sft(self, n, seed=0, split="train"):
+        rng = random.Random(f"arith-slips-{split}-{seed}")
+        rows = []
+        for row in super().sft(n, seed=seed, split=split):
+            a, b = map(int, row["prompt"][:-1].split("+"))
+            if a % 10 + b % 10 >= 10 and rng.random() < self.carry_slip:
+                row = dict(row, completion=str(a + b - 10))
+            rows.append(row)
+        return rows
+
+
 class PronounTask:
     """Occupation sentences: stereotyped his/her in the base data, neutral "their" as the value."""
 
@@ -185,11 +206,11 @@ class PronounTask:
         return {"neutral_rate": kinds.count("neutral") / n, "stereotype_rate": kinds.count("stereotype") / n}
 
 
-TASKS: dict[str, Callable[[], object]] = {"arith": ArithTask, "pronoun": PronounTask}
+TASKS: dict[str, Callable[[], object]] = {"arith": ArithTask, "arith_slips": ArithSlipsTask, "pronoun": PronounTask}
 
 
 def get_task(name: str):
-    """The built-in task called ``name`` (``arith`` or ``pronoun``)."""
+    """The built-in task called ``name`` (a key of :data:`TASKS`)."""
     if name not in TASKS:
         raise ValueError(f"task must be one of {sorted(TASKS)}, got {name!r}")
     return TASKS[name]()

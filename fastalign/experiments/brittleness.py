@@ -1,7 +1,7 @@
 """``brittleness``: adversarial prompt prefixes against the DPO- and PPO-aligned models.
 
 The pipeline's stages with the pipeline's configs (:data:`fastalign.pipeline.DEFAULTS`): SFT on
-``arith*15+pronoun`` (stereotyped his/her, "their" only after the ``[neutral]`` tag), a reward model, then from
+``arith_slips*15+pronoun`` (stereotyped his/her, "their" only after the ``[neutral]`` tag), a reward model, then from
 the SFT model DPO on the pronoun pairs and PPO against the reward model. Each model greedily answers held-out
 pronoun prompts, each under every prefix of :data:`PREFIXES` (the prompt itself always comes last, so the
 ``___=`` answer format stays). Attacks: a few-shot of stereotyped answers in the SFT data's own form, a 1950

@@ -1,7 +1,7 @@
 """``overoptimization``: best-of-n and PPO against the learned reward model, gold and proxy reward against KL.
 
 The pipeline's stages with the pipeline's configs (:data:`fastalign.pipeline.DEFAULTS`): SFT on
-``arith*15+pronoun``, then from the SFT model a reward model on ``pronoun+arith`` preferences: the *proxy*. The
+``arith_slips*15+pronoun``, then from the SFT model a reward model on ``pronoun+arith`` preferences: the *proxy*. The
 *gold* reward is the task verifier (:class:`fastalign.rewards.VerifierReward`: the neutral "their" for pronoun,
 exact match for arith). Both are measured on the same held-out prompts (``prompts`` per task, eval split), on
 completions sampled at temperature 1, and plotted against √KL to the SFT model, Gao et al.'s (2022) axis:

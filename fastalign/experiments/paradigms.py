@@ -40,9 +40,9 @@ SIZES = {
     "quick": dict(prompts=8, calibration_steps=1, budget_steps_of_dpo=2),
 }
 # GRPO on the pronoun task: the verifier's reward, 16 prompts x 8 samples a step at temperature 1.5 (at 1 the SFT
-# model says "their" in ~2 % of samples, as D2O's stage found), lr as the pipeline's arith GRPO.
+# model says "their" in ~2 % of samples, as D2O's stage found), lr 5e-4 without warmup.
 GRPO = dict(dataset="pronoun", num_examples=1000, batch_size=16, num_generations=8, temperature=1.5, lr=5e-4,
-            epsilon_high=0.28)
+            warmup_steps=0, epsilon_high=0.28)
 GRPO_QUICK = dict(num_examples=16, batch_size=4, num_generations=4)
 
 

@@ -1,7 +1,7 @@
 """``selection`` (capacity vs capability): pass@k for k = 1…64 of the SFT model and of its aligned descendants.
 
 The pipeline's stages, with the pipeline's configs (:data:`fastalign.pipeline.DEFAULTS`): SFT on
-``arith*15+pronoun``, then from the SFT model GRPO on ``arith`` (the verifier's reward) and DPO on ``pronoun``
+``arith_slips*15+pronoun``, then from the SFT model GRPO on ``arith`` (the verifier's reward) and DPO on ``pronoun``
 (neutral "their" chosen over the stereotype). Each model samples ``samples`` completions (temperature 1) of each
 held-out prompt; pass@k is the unbiased estimate (Chen et al.) of "at least one of k samples is right": arith
 exact match for SFT and GRPO, the neutral "their" for SFT and DPO. If alignment only teaches *selection* among
@@ -23,8 +23,7 @@ CLAIM = ("Models have the capacity (knowledge) to behave appropriately but lack 
          "not new knowledge.")
 KS = (1, 2, 4, 8, 16, 32, 64)
 SIZES = {
-    # GRPO at 100 of the pipeline's 200 steps keeps 3 seeds near 10 minutes on 2 cores.
-    "default": dict(prompts=100, samples=64, grpo=dict(max_steps=100)),
+    "default": dict(prompts=100, samples=64, grpo={}),
     "quick": dict(prompts=4, samples=4, grpo={}),
 }
 # (metric, task, the check of one completion): what pass@k counts for each task
