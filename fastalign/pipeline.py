@@ -57,7 +57,7 @@ DEFAULTS = {
 }
 # Online stages (set from runs on the SFT model above; see README "Pipeline results").
 DEFAULTS.update({
-    # The SFT model samples the carried answer often (pass@8 ~0.93) but answers the slip greedily: 32 prompts x 8
+    # The SFT model samples the carried answer often (pass@8 0.85-0.95) but answers the slip greedily: 32 prompts x 8
     # for 60 steps fix it; lr 3e-4 collapsed the policy in 10-20 steps, 1e-4 gained less than 5e-5.
     "grpo": dict(dataset="arith", num_examples=2000, max_steps=60, batch_size=32, num_generations=8, lr=5e-5,
                  warmup_steps=10, temperature=1.0, epsilon_high=0.28),

@@ -23,8 +23,8 @@ CLAIM = ("Models have the capacity (knowledge) to behave appropriately but lack 
          "not new knowledge.")
 KS = (1, 2, 4, 8, 16, 32, 64)
 SIZES = {
-    "default": dict(prompts=100, samples=64, grpo={}),
-    "quick": dict(prompts=4, samples=4, grpo={}),
+    "default": dict(prompts=100, samples=64),
+    "quick": dict(prompts=4, samples=4),
 }
 # (metric, task, the check of one completion): what pass@k counts for each task
 CHECKS = {"arith": ("pass_arith", lambda task, row, text: task.reward(row, text) == 1.0),
@@ -34,7 +34,7 @@ CHECKS = {"arith": ("pass_arith", lambda task, row, text: task.reward(row, text)
 def run_seed(run) -> dict:
     size = SIZES["quick" if run.quick else "default"]
     _, sft_dir = run.pipeline_stage("sft")
-    _, grpo_dir = run.pipeline_stage("grpo", init_from=sft_dir, **size["grpo"])
+    _, grpo_dir = run.pipeline_stage("grpo", init_from=sft_dir)
     _, dpo_dir = run.pipeline_stage("dpo", init_from=sft_dir)
     tokenizer = load_tokenizer("tiny")
     out = {}
