@@ -143,10 +143,11 @@ def _add_experiment_command(sub) -> None:
     p.add_argument("name", choices=list(EXPERIMENTS), metavar="name", help="one of: " + ", ".join(EXPERIMENTS))
     p.add_argument("--quick", action="store_true", help="a few steps per run (smoke test)")
     p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 (default 3)")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads per seed (default 1; 0 = torch's default, and the seeds run one at a time)")
     p.add_argument("--jobs", type=int, default=0,
-                   help="seeds run at once, each in its own process (0 = cores / threads, e.g. 2 with --threads 1 "
-                        "on 2 cores; 1 when --threads is 0)")
+                   help="seeds run at once, each in its own process (0 = every seed, up to twice cores / threads: "
+                        "3 seeds on 2 cores share them; 1 when --threads is 0)")
     p.add_argument("--output_dir", default="runs/experiments", help="the experiment writes <output_dir>/<name>/")
     p.add_argument("--overwrite", action="store_true", help="replace an existing experiment folder")
     p.add_argument("--report_only", action="store_true",
@@ -199,7 +200,7 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
         return 2
     try:
         run_pipeline(name=args.name, output_dir=args.output_dir, quick=args.quick, seed=args.seed, seeds=args.seeds,
-                     threads=args.threads, config=args.config, overwrite=args.overwrite)
+                     threads=args.threads, config=args.config, overwrite=args.overwrite, jobs=args.jobs)
     except (ValueError, TypeError, OSError) as e:
         print(f"fastalign pipeline: error: {one_line(e)}", file=sys.stderr)
         return 1
@@ -224,6 +225,9 @@ def _add_flow_commands(sub) -> None:
     seeding.add_argument("--seeds", type=int, default=None,
                          help="run it for seeds 0..N-1 and report mean ± sd and each seed's value")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    p.add_argument("--jobs", type=int, default=0,
+                   help="with --seeds: seeds run at once, each in its own process (0 = every seed, up to twice cores "
+                        "/ threads: 3 seeds with --threads 1 on 2 cores share them; 1 when --threads is 0)")
     p.add_argument("--config", default=None, help="YAML of per-stage overrides: {sft: {max_steps: 300}, ...}")
     p.add_argument("--overwrite", action="store_true", help="replace the stages of an existing pipeline folder")
     p.set_defaults(func=_cmd_pipeline, takes_overrides=True)

@@ -32,6 +32,7 @@ from fastalign.engine import evaluation
 from fastalign.engine.config import ICLConfig, config_dict, load_config
 from fastalign.engine.generation import decode, generate
 from fastalign.engine.runs import write_json
+from fastalign.experiments.driver import parallel_jobs
 from fastalign.flows import FLOWS
 from fastalign.models.loading import load_causal_lm, load_tokenizer
 
@@ -171,14 +172,16 @@ def format_table(rows: dict) -> str:
 
 
 def run_pipeline(*, name="pipeline", output_dir="runs", quick=False, seed=0, seeds=None, threads=0, config=None,
-                 overwrite=False) -> dict:
+                 overwrite=False, jobs=0) -> dict:
     """Run every stage for each seed and write the reports; returns ``{"seeds": {"seed<s>": rows}, "mean": rows,
     "sd": rows, "report": path, "table": str}``.
 
     ``seeds=N`` runs seeds 0..N-1, else the one ``seed``; seed ``s`` runs in ``<output_dir>/<name>/seed<s>/`` (its
     stages, its own table and report.md) and ``<output_dir>/<name>/`` gets the table over seeds (mean ± sd and each
     seed's value), ``report.md`` and ``results.json``. An existing ``<output_dir>/<name>`` is refused unless
-    ``overwrite`` (each stage then replaces its own run)."""
+    ``overwrite`` (each stage then replaces its own run). ``jobs`` seeds run at once, each in its own process
+    (0 = as :func:`fastalign.experiments.driver.parallel_jobs` fits them: all three with ``threads=1`` on 2 cores,
+    one at a time when ``threads`` is 0); a seed's numbers do not depend on it."""
     import torch
 
     from fastalign.engine.runs import holds_run
@@ -197,11 +200,22 @@ def run_pipeline(*, name="pipeline", output_dir="runs", quick=False, seed=0, see
     root.mkdir(parents=True, exist_ok=True)
     _read_overrides(config)  # a bad file fails before the first stage runs
 
-    per_seed, timings = {}, {}
-    for s in seed_list:
-        result = run_seed(name=f"{name}/seed{s}", output_dir=output_dir, quick=quick, seed=s, threads=threads,
-                          config=config, overwrite=overwrite)
-        per_seed[f"seed{s}"], timings[f"seed{s}"] = result["rows"], result["timings_s"]
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 0:
+        raise ValueError(f"jobs must be a whole number >= 0 (0 = fit the cores), got {jobs!r}")
+    jobs = min(jobs or parallel_jobs(threads, len(seed_list)), len(seed_list))
+    kwargs = dict(output_dir=output_dir, quick=quick, threads=threads, config=config, overwrite=overwrite)
+    if jobs == 1:
+        results = {s: run_seed(name=f"{name}/seed{s}", seed=s, **kwargs) for s in seed_list}
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        # Spawned (not forked) workers: a fork of a process whose torch thread pool already ran can deadlock.
+        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = {s: pool.submit(_run_seed_worker, name=f"{name}/seed{s}", seed=s, **kwargs) for s in seed_list}
+            results = {s: f.result() for s, f in futures.items()}
+    per_seed = {f"seed{s}": r["rows"] for s, r in results.items()}
+    timings = {f"seed{s}": r["timings_s"] for s, r in results.items()}
     mean, sd = aggregate(per_seed)
     table = format_seed_table(per_seed, mean, sd)
     report = write_seed_report(root, table, per_seed, timings)
@@ -271,6 +285,15 @@ def seeded_init(folder: Path, seed: int) -> str:
     tiny.build_model(len(tokenizer), seed=seed).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return str(folder)
+
+
+def _run_seed_worker(**kwargs) -> dict:
+    """:func:`run_seed` in a worker process, with the parent's thread count."""
+    import torch
+
+    if kwargs["threads"]:
+        torch.set_num_threads(kwargs["threads"])
+    return run_seed(**kwargs)
 
 
 def run_seed(*, name, output_dir, quick, seed, threads, config, overwrite) -> dict:

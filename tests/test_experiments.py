@@ -3,6 +3,7 @@ aggregate is the seeds' mean; the pass@k estimate; bad arguments and an existing
 
 import json
 import math
+import os
 import statistics
 
 import pytest
@@ -134,7 +135,8 @@ def test_paradigms_counts_the_training_token_passes_of_every_trunk_and_nothing_o
 def test_seeds_run_in_parallel_processes_measure_what_one_process_measures(tmp_path):
     from fastalign.experiments.driver import parallel_jobs
 
-    assert parallel_jobs(0) == 1 and parallel_jobs(10**6) == 1
+    assert parallel_jobs(0, 3) == 1 and parallel_jobs(10**6, 3) == 1 and parallel_jobs(1, 1) == 1
+    assert parallel_jobs(1, 10**6) == 2 * (os.cpu_count() or 1)  # time-shared, capped for memory
     runs = {}
     for jobs in (1, 2):
         out = tmp_path / f"jobs{jobs}"

@@ -30,6 +30,11 @@ def test_quick_pipeline_over_two_seeds_writes_tables_and_reports(tmp_path, capsy
     assert not torch.equal(sft[0]["lm_head.weight"], sft[1]["lm_head.weight"])
     for seed in (0, 1):
         _check_one_seed(tmp_path / "p" / f"seed{seed}", seed, top["seeds"][f"seed{seed}"])
+    # The two seeds ran at once (--threads 1: one process each); seed 1 alone in this process measures the same.
+    assert cli.main(["pipeline", "--quick", "--seed", "1", "--output_dir", str(tmp_path), "--name", "alone",
+                     "--threads", "1", "--jobs", "1"]) == 0
+    alone = json.loads((tmp_path / "alone" / "results.json").read_text())
+    assert alone["seeds"]["seed1"] == top["seeds"]["seed1"]
 
 
 def _check_one_seed(root, seed, rows_in_top):
