@@ -35,6 +35,40 @@ def test_d2o_flow_end_to_end_starts_at_ln2(tmp_path):
     assert json.loads((tmp_path / "d2o" / "eval.json").read_text()) == report
 
 
+def test_d2o_sample_prefix_conditions_the_draw_not_the_score():
+    from transformers import AutoTokenizer
+
+    from fastalign.data import loading
+    from fastalign.flows import d2o
+    from fastalign.models.tiny import tiny_path
+
+    tok = AutoTokenizer.from_pretrained(tiny_path())
+    row = {"prompt": "The nurse fixed ___ car. ___=", "rejected": "her"}
+    e = d2o.encode_negative(tok, row, "[neutral] ")
+    assert e["prompt"] == loading.encode_prompt(tok, row["prompt"])
+    assert e["sample_prompt"] == loading.encode_prompt(tok, "[neutral] " + row["prompt"])
+    assert d2o.encode_negative(tok, row)["sample_prompt"] == e["prompt"]
+
+    class Recorder:  # the sampler's side of ReferenceSamples: which prompt each draw follows
+        def __init__(self):
+            self.prompts = []
+
+        def sample(self, prompts, **kw):
+            self.prompts += prompts
+            return type("Rollout", (), {"completions": lambda self: [[5]] * kw["num_samples"]})()
+
+    rec = Recorder()
+    cfg = D2OConfig(num_samples=2, max_new_tokens=4)
+    rows = d2o.collate_groups([e], torch.tensor([0]), tok.pad_token_id, 48, d2o.ReferenceSamples(rec, cfg))
+    assert rec.prompts == [e["sample_prompt"]]
+    # every row of the group (2 samples, then the negative) is scored after the plain prompt
+    for ids in rows.input_ids.tolist():
+        assert ids[:len(e["prompt"])] == e["prompt"]
+    chat = [{"role": "user", "content": "hi"}]
+    assert d2o.with_prefix(chat, "[neutral] ")[0] == {"role": "system", "content": "[neutral]"}
+    assert d2o.with_prefix([{"role": "system", "content": "be kind"}, *chat], "x ")[0]["content"] == "x be kind"
+
+
 def test_d2o_gradient_ascent_baseline(tmp_path):
     from fastalign.flows import d2o
 

@@ -227,6 +227,8 @@ class D2OConfig(ReferenceOptions, TrainConfig):
     max_new_tokens: int = knob(0, "sample length limit (0 = the tasks' own limit; 16 for files)", minimum=0)
     temperature: float = knob(1.0, "sampling temperature", minimum=0)
     top_p: float = knob(1.0, "nucleus sampling mass", minimum=0, maximum=1)
+    sample_prefix: str = knob("", "text put before each prompt when (only when) the K samples are drawn, e.g. a value "
+                                  "instruction; the loss scores them after the plain prompt ('' = the paper's)")
     batch_size: int = knob(16, "prompts per step (x (K + 1) sequences)", minimum=1)
     lr: float = knob(5e-4, "peak learning rate", minimum=0)
 

@@ -3,7 +3,10 @@
 Each prompt comes with a human negative ``y_l`` only (TRL's ``prompt``/``rejected`` columns, or
 the negatives of the built-in tasks; chosen answers are never read). K responses sampled from the
 reference policy (the starting model) stand in for the positive:
-``L = −log σ((β/K)·Σ_k log π/π_ref (y_k) − α·log π/π_ref (y_l))``. ``objective: ga`` trains the
+``L = −log σ((β/K)·Σ_k log π/π_ref (y_k) − α·log π/π_ref (y_l))``. The paper assumes a model whose own
+answers are mostly acceptable; ``sample_prefix`` (e.g. a value instruction) draws the K samples from the
+instruction-prompted starting model instead, for a model that gives the negative unless asked not to; every
+log-prob is still taken after the plain prompt. ``objective: ga`` trains the
 paper's gradient-ascent baseline instead: minimize ``log π(y_l)`` (no samples, no reference).
 
 Supports: the reference strategies ``frozen_copy``, ``adapter``, ``shared_trunk``; samples drawn
@@ -63,6 +66,7 @@ class ReferenceSamples:
         return None
 
     def get(self, row: int, prompt_ids: list[int]) -> list[list[int]]:
+        """Row ``row``'s K completions, drawn after ``prompt_ids`` (the prompt as the samples see it)."""
         r = self.round()
         hit = self.cache.get(row)
         if hit is None or hit[0] != r:
@@ -76,16 +80,29 @@ class ReferenceSamples:
         return hit[1]
 
 
-def encode_negative(tokenizer, row):
-    return {"prompt": loading.encode_prompt(tokenizer, row["prompt"]),
-            "rejected": loading.encode_completion(tokenizer, row["rejected"])}
+def with_prefix(prompt, prefix: str):
+    """``prefix`` before a plain prompt; before a conversation's system message (or as one)."""
+    if isinstance(prompt, str):
+        return prefix + prompt
+    if prompt and prompt[0].get("role") == "system":
+        return [{**prompt[0], "content": prefix + prompt[0]["content"]}, *prompt[1:]]
+    return [{"role": "system", "content": prefix.strip()}, *prompt]
+
+
+def encode_negative(tokenizer, row, sample_prefix=""):
+    """The prompt, its negative, and the prompt the K samples are drawn after (``sample_prefix`` + prompt)."""
+    prompt = loading.encode_prompt(tokenizer, row["prompt"])
+    sample_prompt = (loading.encode_prompt(tokenizer, with_prefix(row["prompt"], sample_prefix)) if sample_prefix
+                     else prompt)
+    return {"prompt": prompt, "rejected": loading.encode_completion(tokenizer, row["rejected"]),
+            "sample_prompt": sample_prompt}
 
 
 def collate_groups(examples, index, pad_id, max_length, samples: ReferenceSamples | None):
     """Per prompt: its K samples (none for ``ga``), then its negative — FusedLinearD2OLoss's layout."""
     rows = []
     for e, i in zip(examples, index):
-        completions = samples.get(int(i), e["prompt"]) if samples is not None else []
+        completions = samples.get(int(i), e["sample_prompt"]) if samples is not None else []
         for c in [*completions, e["rejected"]]:
             p, c = loading._fit(e["prompt"], c, max_length)
             rows.append({"input_ids": p + c, "labels": [loading.IGNORE_INDEX] * len(p) + c})
@@ -113,7 +130,7 @@ def run(cfg: D2OConfig) -> dict:
 
     # --- data: prompts and their negatives only ---------------------------------------------------
     rows = loading.load_rows(cfg.dataset, "negatives", n=cfg.num_examples, seed=cfg.seed)
-    examples = [encode_negative(tokenizer, r) for r in rows]
+    examples = [encode_negative(tokenizer, r, cfg.sample_prefix) for r in rows]
     collate_fn = lambda ex, idx: collate_groups(ex, idx, tokenizer.pad_token_id, cfg.max_length, samples)
     stream = BatchStream(examples, collate_fn, batch_size=cfg.batch_size, micro_batch_size=cfg.micro_batch_size,
                          state=state, seed=cfg.seed)
