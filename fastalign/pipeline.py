@@ -48,8 +48,10 @@ DEFAULTS = {
     # crossed it by step 400 on one seed of three, lr 1e-3 by step 700 on all three (README "Pipeline results").
     # The demonstrations forget the carry in 60 % of the carry problems (arith_slips), which SFT imitates and the
     # GRPO stage unlearns; pronoun needs few rows (16 occupations): 1 row in 16.
+    # Packed, one micro-batch a step: the short arith rows share rows as long as a pronoun row (0.17 s a step on one
+    # core against 0.23 s padded in micro-batches of 16; the same loss).
     "sft": dict(dataset="arith_slips*15+pronoun", num_examples=600, max_steps=700, batch_size=128,
-                micro_batch_size=16, lr=1e-3, warmup_steps=20, min_lr_ratio=0.1),
+                micro_batch_size=128, packed=True, lr=1e-3, warmup_steps=20, min_lr_ratio=0.1),
     # Gentle preference stages: enough to move the pronoun behaviour, little drift elsewhere (KL column).
     "reward": dict(dataset="pronoun+arith", num_examples=1000, max_steps=30, batch_size=32, lr=1e-3, warmup_steps=5),
     "dpo": dict(dataset="pronoun", num_examples=1000, max_steps=30, batch_size=32, lr=1e-4, beta=0.1, warmup_steps=5),
@@ -71,10 +73,11 @@ DEFAULTS[ICL] = dict(timing_batch_sizes=[], alphas=["1", "2"], alpha=2.0, picle_
                      picle_num_statements=32, reflect_rounds=2, reflect_generated=4, reflect_mutations=6,
                      reflect_probes=16, progress=False)
 DEFAULTS.update({
-    # Samples at temperature 1.5: at 1 the SFT model says "their" in ~2 % of them, too rarely for D²O to lift it
-    # (README, "Learning from negatives"); GA gets the same lr and steps.
-    "d2o": dict(dataset="pronoun", num_examples=1000, max_steps=30, batch_size=16, num_samples=11, lr=3e-4, beta=0.1,
-                alpha=0.1, temperature=1.5, warmup_steps=5),
+    # The SFT model says "their" unprompted in 1-6 % of its samples, too rarely for D²O to lift it on every seed
+    # (plain samples at temperature 1.5: +100, +100, +24.5 points); its samples are drawn after the value instruction
+    # instead, and scored after the plain prompt (README, "Learning from negatives"). GA: the same steps, lr 3e-4.
+    "d2o": dict(dataset="pronoun", num_examples=1000, max_steps=30, batch_size=16, num_samples=11, lr=1e-4, beta=0.1,
+                alpha=0.1, temperature=1.0, sample_prefix=tasks.NEUTRAL_TAG, warmup_steps=5),
     "d2o_ga": dict(dataset="pronoun", num_examples=1000, max_steps=30, batch_size=16, objective="ga", lr=3e-4,
                    warmup_steps=5),
     "kto": dict(dataset="pronoun", num_examples=1000, max_steps=30, batch_size=32, lr=1e-4, beta=0.1, warmup_steps=5),
