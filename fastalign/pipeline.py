@@ -42,7 +42,8 @@ from fastalign.models.loading import load_causal_lm, load_tokenizer
 STAGES = ("sft", "reward", "dpo", "simpo", "d2o", "d2o_ga", "kto", "orpo", "grpo", "ppo")
 STAGE_FLOW = {"d2o_ga": "d2o"}  # a stage runs the flow of its name unless named here
 ICL = "icl"  # not a training stage: its values are ICLConfig keys for fastalign.flows.icl.pipeline_rows
-# About 10 minutes a seed on one core of a loaded 2-core machine, SFT 40 % of it; QUICK smoke-tests the same path.
+# About 6.5 minutes a seed on one core (three seeds sharing 2 cores: 9.7 minutes), SFT a third of it; QUICK
+# smoke-tests the same path.
 DEFAULTS = {
     # The units digit of 2-digit addition is learned in a phase transition whose step depends on the seed: lr 3e-3
     # crossed it by step 400 on one seed of three, lr 1e-3 by step 700 on all three (README "Pipeline results").
