@@ -194,6 +194,8 @@ def run_pipeline(*, name="pipeline", output_dir="runs", quick=False, seed=0, see
         raise ValueError(f"seeds must be a whole number >= 1, got {seeds!r}")
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed must be a whole number >= 0, got {seed!r}")
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 0:
+        raise ValueError(f"jobs must be a whole number >= 0 (0 = fit the cores), got {jobs!r}")
     seed_list = list(range(seeds)) if seeds is not None else [seed]
     if threads:
         torch.set_num_threads(threads)
@@ -204,8 +206,6 @@ def run_pipeline(*, name="pipeline", output_dir="runs", quick=False, seed=0, see
     root.mkdir(parents=True, exist_ok=True)
     _read_overrides(config)  # a bad file fails before the first stage runs
 
-    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 0:
-        raise ValueError(f"jobs must be a whole number >= 0 (0 = fit the cores), got {jobs!r}")
     jobs = min(jobs or parallel_jobs(threads, len(seed_list)), len(seed_list))
     kwargs = dict(output_dir=output_dir, quick=quick, threads=threads, config=config, overwrite=overwrite)
     if jobs == 1:

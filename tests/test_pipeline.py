@@ -97,6 +97,9 @@ def test_seed_and_seeds_are_exclusive_and_seeds_must_be_positive(tmp_path, capsy
     assert "not allowed with argument" in capsys.readouterr().err
     assert cli.main(["pipeline", "--seeds", "0", "--output_dir", str(tmp_path)]) == 1
     assert "seeds must be a whole number >= 1, got 0" in capsys.readouterr().err
+    assert cli.main(["pipeline", "--seeds", "2", "--jobs", "-1", "--output_dir", str(tmp_path)]) == 1
+    assert "jobs must be a whole number >= 0 (0 = fit the cores), got -1" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())  # refused before any folder is made
 
 
 def test_table_marks_missing_values():
