@@ -55,6 +55,10 @@ def test_bad_override_syntax_and_missing_file():
         load_config(SFTConfig, "/nonexistent/cfg.yaml")
     with pytest.raises(ValueError, match="unknown config key 'beta'"):
         load_config(SFTConfig, overrides=["--beta", "1"])  # a DPO key is not an SFT key
+    with pytest.raises(TypeError, match="cls must be a config class such as SFTConfig, got an instance of SFTConfig"):
+        load_config(SFTConfig(), overrides={"lr": 1e-3})
+    with pytest.raises(TypeError, match="got 'sft'"):
+        load_config("sft")
 
 
 def test_lr_schedule_warmup_then_cosine_to_floor():

@@ -632,6 +632,10 @@ def parse_overrides(argv):
 
 def load_config(cls, path=None, overrides=None, **values):
     """A validated ``cls`` from an optional YAML file, then ``overrides`` (argv list or dict), then ``values``."""
+    if not (isinstance(cls, type) and dataclasses.is_dataclass(cls)):
+        got = f"an instance of {type(cls).__name__}" if dataclasses.is_dataclass(cls) else repr(cls)
+        raise TypeError(f"load_config: cls must be a config class such as SFTConfig, got {got} (pass the class; "
+                        f"an existing config is changed with dataclasses.replace)")
     resolved: dict = {}
     if path:
         p = Path(path)
