@@ -102,15 +102,19 @@ def check_parity(kind, path, spy, tol=TOL, **kw):
 
 
 def trl_self_drift(kind, path, **kw):
-    """TRL against itself with another vocabulary tile width (another fp32 summation order): the
-    float32 noise floor of a 5-step run."""
+    """TRL against itself with other vocabulary tile widths (other fp32 summation orders): the float32 noise
+    floor of a 5-step run, the largest over two widths (one width alone can land near 0 on some CPUs: on an
+    Intel Xeon, width 16 drifted 1.7e-6 and width 64 9.7e-6 in the DiscoPOP grad norm)."""
     from trl.trainer import utils
 
     want = train(kind, path, False, **kw)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(utils, "_CHUNKED_LOGPROB_CHUNK_SIZE", 16)
-        got = train(kind, path, False, **kw)
-    return want, max(log_errors(want, got, "TRL vs TRL", "TRL"))[0]
+    floor = 0.0
+    for width in (16, 64):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(utils, "_CHUNKED_LOGPROB_CHUNK_SIZE", width)
+            got = train(kind, path, False, **kw)
+        floor = max(floor, max(log_errors(want, got, "TRL vs TRL", "TRL"))[0])
+    return want, floor
 
 
 # ------------------------------------------------------------------------------------------- trainers
