@@ -64,9 +64,10 @@ def test_d2o_sample_prefix_conditions_the_draw_not_the_score():
     # every row of the group (2 samples, then the negative) is scored after the plain prompt
     for ids in rows.input_ids.tolist():
         assert ids[:len(e["prompt"])] == e["prompt"]
-    chat = [{"role": "user", "content": "hi"}]
-    assert d2o.with_prefix(chat, "[neutral] ")[0] == {"role": "system", "content": "[neutral]"}
-    assert d2o.with_prefix([{"role": "system", "content": "be kind"}, *chat], "x ")[0]["content"] == "x be kind"
+    # a conversation gets the prefix as its system message, as the ICL flow gives its instruction
+    chat = {"prompt": [{"role": "user", "content": "hi"}], "rejected": "her"}
+    assert d2o.encode_negative(tok, chat, "[neutral] ")["sample_prompt"] == loading.encode_prompt(
+        tok, [{"role": "system", "content": "[neutral] "}, {"role": "user", "content": "hi"}])
 
 
 def test_d2o_gradient_ascent_baseline(tmp_path):

@@ -36,6 +36,7 @@ from fastalign.engine.generation import make_sampler
 from fastalign.engine.optim import build_optimizer, build_scheduler
 from fastalign.engine.runs import start_run, write_json
 from fastalign.engine.trainer import BatchStream, train
+from fastalign.icl import prompts as icl_prompts
 from fastalign.models.heads import CausalLMLogprobs, target_mask
 from fastalign.models.loading import load_causal_lm, load_from_config, load_tokenizer, save_pretrained
 from fastalign.models.reference import build_reference, sequence_logps
@@ -80,20 +81,11 @@ class ReferenceSamples:
         return hit[1]
 
 
-def with_prefix(prompt, prefix: str):
-    """``prefix`` before a plain prompt; before a conversation's system message (or as one)."""
-    if isinstance(prompt, str):
-        return prefix + prompt
-    if prompt and prompt[0].get("role") == "system":
-        return [{**prompt[0], "content": prefix + prompt[0]["content"]}, *prompt[1:]]
-    return [{"role": "system", "content": prefix.strip()}, *prompt]
-
-
 def encode_negative(tokenizer, row, sample_prefix=""):
-    """The prompt, its negative, and the prompt the K samples are drawn after (``sample_prefix`` + prompt)."""
+    """The prompt, its negative, and the prompt the K samples are drawn after: ``sample_prefix`` as the ICL flow
+    puts a value instruction (before a plain prompt; a system message before a conversation)."""
     prompt = loading.encode_prompt(tokenizer, row["prompt"])
-    sample_prompt = (loading.encode_prompt(tokenizer, with_prefix(row["prompt"], sample_prefix)) if sample_prefix
-                     else prompt)
+    sample_prompt = icl_prompts.encode(tokenizer, row["prompt"], instruction=sample_prefix) if sample_prefix else prompt
     return {"prompt": prompt, "rejected": loading.encode_completion(tokenizer, row["rejected"]),
             "sample_prompt": sample_prompt}
 
