@@ -32,7 +32,7 @@ from fastalign.engine import evaluation
 from fastalign.engine.config import ICLConfig, config_dict, load_config
 from fastalign.engine.generation import decode, generate
 from fastalign.engine.runs import write_json
-from fastalign.experiments.driver import parallel_jobs
+from fastalign.experiments.driver import parallel_jobs, run_seeds
 from fastalign.flows import FLOWS
 from fastalign.models.loading import load_causal_lm, load_tokenizer
 
@@ -207,17 +207,9 @@ def run_pipeline(*, name="pipeline", output_dir="runs", quick=False, seed=0, see
     _read_overrides(config)  # a bad file fails before the first stage runs
 
     jobs = min(jobs or parallel_jobs(threads, len(seed_list)), len(seed_list))
-    kwargs = dict(output_dir=output_dir, quick=quick, threads=threads, config=config, overwrite=overwrite)
-    if jobs == 1:
-        results = {s: run_seed(name=f"{name}/seed{s}", seed=s, **kwargs) for s in seed_list}
-    else:
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
-
-        # Spawned (not forked) workers: a fork of a process whose torch thread pool already ran can deadlock.
-        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-            futures = {s: pool.submit(_run_seed_worker, name=f"{name}/seed{s}", seed=s, **kwargs) for s in seed_list}
-            results = {s: f.result() for s, f in futures.items()}
+    calls = {s: dict(name=f"{name}/seed{s}", output_dir=output_dir, quick=quick, seed=s, threads=threads,
+                     config=config, overwrite=overwrite) for s in seed_list}
+    results = dict(sorted(run_seeds(run_seed, calls, jobs)))
     per_seed = {f"seed{s}": r["rows"] for s, r in results.items()}
     timings = {f"seed{s}": r["timings_s"] for s, r in results.items()}
     mean, sd = aggregate(per_seed)
@@ -289,15 +281,6 @@ def seeded_init(folder: Path, seed: int) -> str:
     tiny.build_model(len(tokenizer), seed=seed).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return str(folder)
-
-
-def _run_seed_worker(**kwargs) -> dict:
-    """:func:`run_seed` in a worker process, with the parent's thread count."""
-    import torch
-
-    if kwargs["threads"]:
-        torch.set_num_threads(kwargs["threads"])
-    return run_seed(**kwargs)
 
 
 def run_seed(*, name, output_dir, quick, seed, threads, config, overwrite) -> dict:

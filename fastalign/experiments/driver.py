@@ -213,18 +213,9 @@ def run_experiment(name: str, *, quick: bool = False, seeds: int = 3, threads: i
             saved[key] = dict(sorted(saved[key].items()))
         write_json(root / "results.json", saved)  # after every seed: a stopped run keeps what it measured
 
-    if jobs == 1:
-        for seed in range(seeds):
-            record(*_run_seed(name, seed, quick, threads, root))
-    else:
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor, as_completed
-
-        # Spawned (not forked) workers: a fork of a process whose torch thread pool already ran can deadlock.
-        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-            futures = [pool.submit(_run_seed, name, seed, quick, threads, root) for seed in range(seeds)]
-            for future in as_completed(futures):
-                record(*future.result())
+    calls = {seed: dict(name=name, seed=seed, quick=quick, threads=threads, root=root) for seed in range(seeds)}
+    for seed, (measured, seconds) in run_seeds(_run_seed, calls, jobs):
+        record(seed, measured, seconds)
     return finish(root, name, module, saved)
 
 
@@ -240,15 +231,36 @@ def parallel_jobs(threads: int, seeds: int) -> int:
     return max(1, min(seeds, OVERSUBSCRIPTION * ((os.cpu_count() or 1) // threads)))
 
 
-def _run_seed(name: str, seed: int, quick: bool, threads: int, root: Path) -> tuple[int, dict, float]:
-    """One seed of experiment ``name`` (in this process or a worker): ``(seed, its measurements, seconds)``."""
+def run_seeds(fn, calls: dict, jobs: int):
+    """Yield ``(seed, fn(**calls[seed]))`` for every seed, each as it finishes: one after another in this process
+    when ``jobs`` is 1, else in ``jobs`` worker processes, each with the torch threads of its call's ``threads``."""
+    if jobs == 1:
+        for seed, kwargs in calls.items():
+            yield seed, fn(**kwargs)
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    # Spawned (not forked) workers: a fork of a process whose torch thread pool already ran can deadlock.
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {pool.submit(_with_threads, fn, kwargs): seed for seed, kwargs in calls.items()}
+        for future in as_completed(futures):
+            yield futures[future], future.result()
+
+
+def _with_threads(fn, kwargs: dict):
     import torch
 
-    if threads:
-        torch.set_num_threads(threads)
+    if kwargs.get("threads"):
+        torch.set_num_threads(kwargs["threads"])
+    return fn(**kwargs)
+
+
+def _run_seed(*, name: str, seed: int, quick: bool, threads: int, root: Path) -> tuple[dict, float]:
+    """One seed of experiment ``name``: ``(its measurements, seconds)``."""
     t = time.time()
     measured = _experiment_module(name).run_seed(SeedRun(seed=seed, quick=quick, threads=threads, root=root))
-    return seed, measured, time.time() - t
+    return measured, time.time() - t
 
 
 def _experiment_module(name: str):
